@@ -1,0 +1,18 @@
+from setuptools import setup
+
+# export/ and kernels/ sit at the top level (the design card's layout) but install as
+# edgevl.export and edgevl.kernels, so site-packages gets no generic top-level names.
+setup(
+    name="edgevl",
+    version="0.1.0",
+    description="Mini-InternVL vision-language models on edge hardware (PyTorch, ONNX Runtime, TensorRT)",
+    python_requires=">=3.10",
+    packages=["edgevl", "edgevl.backends", "edgevl.testing", "edgevl.export", "edgevl.kernels"],
+    package_dir={"edgevl": "edgevl", "edgevl.export": "export", "edgevl.kernels": "kernels"},
+    install_requires=["numpy>=1.24", "pillow>=10", "tokenizers>=0.19", "sentencepiece>=0.2"],
+    extras_require={
+        "torch": ["torch>=2.1"],
+        "dev": ["pytest>=8", "torch>=2.1", "transformers>=5,<6", "opencv-python-headless>=4.8"],
+    },
+    entry_points={"console_scripts": ["edgevl=edgevl.cli:main"]},
+)
