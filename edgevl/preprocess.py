@@ -1,0 +1,184 @@
+"""CPU image preprocessing: InternVL dynamic tiling plus ImageNet normalisation.
+
+Matches InternVL's reference ``load_image`` (``dynamic_preprocess`` + ``build_transform``) value for
+value: the resize is Pillow's own BICUBIC (the reference's resize, and fast C), tiles are cut with a
+numpy reshape, and normalisation is a per-channel 256-entry float32 table built with the same float32
+ops as torchvision's ToTensor + Normalize, written straight into one [T, 3, S, S] array.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHANNEL_ORDERS = ("RGB", "BGR")
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageError",
+    "TilingConfig",
+    "load_image",
+    "num_tiles",
+    "preprocess_image",
+    "tile_grid",
+]
+
+
+class ImageError(ValueError):
+    """An input image that cannot be read, or an array of the wrong shape or dtype."""
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Dynamic tiling parameters (config.json: force_image_size, min/max_dynamic_patch, use_thumbnail)."""
+
+    image_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0:
+            raise ValueError(f"TilingConfig.image_size must be positive, got {self.image_size}")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ValueError(
+                f"TilingConfig needs 1 <= min_tiles <= max_tiles, got min_tiles={self.min_tiles}, "
+                f"max_tiles={self.max_tiles}"
+            )
+
+
+@lru_cache(maxsize=32)
+def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    # Built exactly like the reference: grids of equal area keep the set's iteration order through
+    # the stable sort, and that order decides which of two equidistant equal-area grids is seen first.
+    grids = set(
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if i * j <= max_tiles and i * j >= min_tiles
+    )
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
+
+
+def tile_grid(width: int, height: int, config: TilingConfig) -> tuple[int, int]:
+    """(cols, rows) of the grid whose aspect ratio is closest to the image's, as InternVL picks it."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for grid in _candidate_grids(config.min_tiles, config.max_tiles):
+        diff = abs(aspect - grid[0] / grid[1])
+        if diff < best_diff:
+            best, best_diff = grid, diff
+        # Reference tie-break: a later (larger) grid with the same ratio wins once the image covers
+        # more than half of that grid's pixels. Same float expression order as the reference.
+        elif diff == best_diff and area > 0.5 * config.image_size * config.image_size * grid[0] * grid[1]:
+            best = grid
+    return best
+
+
+def num_tiles(width: int, height: int, config: TilingConfig) -> int:
+    """Tiles preprocess_image returns for this size: the grid, plus a thumbnail when it has 2+ cells."""
+    cols, rows = tile_grid(width, height, config)
+    return cols * rows + int(config.use_thumbnail and cols * rows > 1)
+
+
+def load_image(image, channel_order: str = "RGB") -> Image.Image:
+    """An RGB PIL image from a path, a PIL image (any mode) or an HxWx3 / HxW uint8 array.
+
+    An RGB PIL image is returned as is (never modified); arrays are copied, never mutated.
+    """
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+    if isinstance(image, (str, os.PathLike)):
+        return _open_path(os.fspath(image))
+    if isinstance(image, Image.Image):
+        return _from_pil(image)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, channel_order)
+    raise ImageError(f"expected an image path, PIL image or numpy array, got {type(image).__name__}")
+
+
+def _open_path(path: str) -> Image.Image:
+    # The reference reads images as Image.open(path).convert('RGB'): no EXIF rotation, alpha dropped.
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {path}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read image file {path}: {e}") from e
+
+
+def _from_pil(image: Image.Image) -> Image.Image:
+    # load() surfaces a lazily opened file's decode errors here rather than inside resize().
+    try:
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ImageError(f"cannot read PIL image (mode {image.mode}, size {image.size}) as RGB: {e}") from e
+
+
+def _from_array(array: np.ndarray, channel_order: str) -> Image.Image:
+    is_gray = array.ndim == 2
+    is_color = array.ndim == 3 and array.shape[2] == 3
+    if array.dtype != np.uint8 or not (is_gray or is_color) or array.size == 0:
+        raise ImageError(
+            f"expected a non-empty HxWx3 or HxW uint8 image array, got shape {array.shape} dtype {array.dtype}"
+        )
+    if is_gray:
+        return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+    if channel_order == "BGR":
+        array = array[..., ::-1]
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _normalization_table() -> np.ndarray:
+    # ToTensor is uint8 -> float32 / 255, Normalize is (x - mean) / std with float32 mean and std.
+    # The same float32 ops on all 256 values give a table bit-identical to that pipeline.
+    values = np.arange(256, dtype=np.float32) / np.float32(255)
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None]
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None]
+    table = (values[None, :] - mean) / std
+    table.flags.writeable = False
+    return table
+
+
+_NORMALIZATION_TABLE = _normalization_table()  # [3, 256] float32
+
+
+def _normalize_into(pixels: np.ndarray, out: np.ndarray) -> None:
+    """out[..., c, :, :] = table[c][pixels[..., c, :, :]] for uint8 ``pixels`` of out's shape."""
+    for c in range(3):
+        # mode="clip" skips bounds checks (uint8 always indexes 0..255) and lets take write strided out.
+        np.take(_NORMALIZATION_TABLE[c], pixels[..., c, :, :], out=out[..., c, :, :], mode="clip")
+
+
+def preprocess_image(image, config: TilingConfig = TilingConfig(), channel_order: str = "RGB") -> np.ndarray:
+    """pixel_values [T, 3, S, S] float32 for one image: row-major grid tiles, then the thumbnail."""
+    rgb = load_image(image, channel_order)
+    size = config.image_size
+    cols, rows = tile_grid(rgb.width, rgb.height, config)
+    grid_tiles = cols * rows
+    with_thumbnail = config.use_thumbnail and grid_tiles > 1
+    out = np.empty((grid_tiles + int(with_thumbnail), 3, size, size), dtype=np.float32)
+
+    # Pillow returns a plain copy when the size already matches, as the reference's resize does.
+    # The reference's second resize (build_transform's Resize to S on each SxS crop) is a no-op.
+    grid = np.asarray(rgb.resize((cols * size, rows * size), Image.BICUBIC))
+    tiles = grid.reshape(rows, size, cols, size, 3).transpose(0, 2, 4, 1, 3)  # [rows, cols, 3, S, S]
+    _normalize_into(tiles, out[:grid_tiles].reshape(rows, cols, 3, size, size))
+    if with_thumbnail:
+        # The thumbnail is the whole original image squeezed to SxS, not a downscale of the grid.
+        thumbnail = np.asarray(rgb.resize((size, size), Image.BICUBIC))
+        _normalize_into(thumbnail.transpose(2, 0, 1), out[grid_tiles])
+    return out
