@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=["edgevl", "edgevl.backends", "edgevl.testing", "edgevl.export", "edgevl.kernels"],
     package_dir={"edgevl": "edgevl", "edgevl.export": "export", "edgevl.kernels": "kernels"},
-    install_requires=["numpy>=1.24", "pillow>=10", "tokenizers>=0.19", "sentencepiece>=0.2"],
+    install_requires=["numpy>=1.24", "ml_dtypes>=0.3", "pillow>=10", "tokenizers>=0.19", "sentencepiece>=0.2"],
     extras_require={
         "torch": ["torch>=2.1"],
         "dev": ["pytest>=8", "torch>=2.1", "transformers>=5,<6", "opencv-python-headless>=4.8"],

@@ -102,8 +102,9 @@ def load_checkpoint(model_dir) -> Checkpoint:
     fmt = checkpoint_format(config, model_dir)
     spec = spec_from_config(config, model_dir)
     stored = _read_all(_weight_files(model_dir), normalize_hf_name if fmt == "hf" else (lambda n: n))
-    weights, used = {}, set()
+    weights, used, sources = {}, set(), {}
     for entry in weight_entries(spec, fmt):
+        sources[entry.ours] = " + ".join(entry.sources)
         if entry.ours == "decoder.lm_head.weight" and entry.sources[0] not in stored and _tied(config, fmt):
             weights[entry.ours] = weights["decoder.embed.weight"]
             continue
@@ -120,7 +121,7 @@ def load_checkpoint(model_dir) -> Checkpoint:
     if unexpected:
         raise CheckpointError(f"{stored[unexpected[0]][1]}: unexpected weight {unexpected[0]!r} "
                               f"({len(unexpected)} unexpected in all); the config does not describe this checkpoint")
-    _check_shapes(weights, spec, model_dir)
+    _check_shapes(weights, sources, spec, model_dir)
     return Checkpoint(model_dir, fmt, config, spec, weights)
 
 
@@ -129,9 +130,9 @@ def _tied(config: dict, fmt: str) -> bool:
     return bool(llm.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
 
 
-def _check_shapes(weights: dict[str, np.ndarray], spec: ModelSpec, model_dir: Path) -> None:
+def _check_shapes(weights: dict[str, np.ndarray], sources: dict[str, str], spec: ModelSpec, model_dir: Path):
     for name, shape in expected_shapes(spec).items():
         got = tuple(weights[name].shape)
         if got != shape:
-            raise CheckpointError(f"{model_dir}: weight for {name} has shape {list(got)}, but config.json "
-                                  f"implies {list(shape)}")
+            raise CheckpointError(f"{model_dir}: weight {sources[name]!r} has shape {list(got)}, but config.json "
+                                  f"implies {list(shape)} (for {name})")

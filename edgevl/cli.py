@@ -1,0 +1,115 @@
+"""`edgevl` command line: a thin shell over the Python API (each command calls one public function)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None = None,
+                         default_max_new_tokens: int = 128) -> None:
+    p.add_argument("--prompt", required=default_prompt is None, default=default_prompt,
+                   help="the question; '<image>' marks where each image goes (added in front when absent)")
+    p.add_argument("--image", action="append", default=[], metavar="IMG",
+                   help="image file; repeat for several images (prompted as 'Image-1: <image>' ...)")
+    p.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 disables")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stream", action="store_true", help="print text as it is decoded")
+
+
+def _generation_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _print_result(result, streamed: bool) -> None:
+    if not streamed:
+        print(result.text)
+    t = result.timings
+    print(f"\n[{result.prompt_tokens} prompt tokens, tiles per image {result.tiles_per_image}, "
+          f"{len(result.token_ids)} new tokens, stop: {result.stop_reason}]", file=sys.stderr)
+    print(f"[preprocess {t.preprocess_ms:.1f} ms | vision {t.vision_ms:.1f} ms | prefill {t.prefill_ms:.1f} ms | "
+          f"first token {t.time_to_first_token_ms:.1f} ms | decode {t.decode_tokens_per_s:.1f} tokens/s]",
+          file=sys.stderr)
+
+
+def _run(model, args) -> None:
+    kwargs = _generation_kwargs(args)
+    if args.stream:
+        for piece in model.stream(args.prompt, args.image or None, **kwargs):
+            print(piece, end="", flush=True)
+        print()
+        _print_result(model.last_result, streamed=True)
+    else:
+        _print_result(model.generate(args.prompt, args.image or None, **kwargs), streamed=False)
+
+
+def cmd_generate(args) -> None:
+    from . import EdgeVL
+
+    model = EdgeVL.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                                   max_seq=args.max_seq)
+    _run(model, args)
+
+
+def cmd_demo(args) -> None:
+    from . import EdgeVL
+    from .testing.checkpoints import write_tiny_checkpoint
+    from .testing.images import write_demo_image
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="edgevl-demo-"))
+    print(f"edgevl demo: TINY RANDOM-WEIGHT {args.family} InternVL checkpoint (not a trained model: the "
+          f"text below is meaningless; it shows the pipeline runs end to end)\n  checkpoint: {work / 'model'}")
+    write_tiny_checkpoint(work / "model", family=args.family)
+    args.image = args.image or [str(write_demo_image(work / "demo.png"))]
+    print(f"  image: {args.image[0]}\n  stages: tiling -> vision encoder -> prompt -> KV-cached decode\n")
+    model = EdgeVL.from_pretrained(work / "model", backend="torch")
+    _run(model, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgevl", description="Run Mini-InternVL vision-language models on "
+                                     "edge hardware. Checkpoints are local directories; nothing is downloaded.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer a prompt about images with a local checkpoint",
+                         description="Load a local InternVL checkpoint (original InternVLChatModel or -hf "
+                         "format) and answer a prompt about one or more images.")
+    gen.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    gen.add_argument("--backend", default="torch", choices=["torch"])
+    gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: the model's context)")
+    _add_generation_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny RANDOM-weight model",
+                          description="Write a tiny random-weight InternVL checkpoint and a synthetic image, then "
+                          "run tiling -> vision -> prompt -> decode and print text and timings. The weights are "
+                          "random: the text is meaningless; the point is that every stage runs.")
+    demo.add_argument("--family", default="qwen2", choices=["qwen2", "internlm2", "phi3"],
+                      help="LLM family of the tiny model (qwen2 = InternVL2-1B's)")
+    demo.add_argument("--keep", metavar="DIR", help="write the checkpoint and image here instead of a temp dir")
+    _add_generation_args(demo, default_prompt="Describe this image.", default_max_new_tokens=32)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"edgevl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
