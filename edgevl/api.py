@@ -10,7 +10,8 @@ import numpy as np
 
 from .generation import DecodeRun, GenerationConfig
 from .preprocess import preprocess_image
-from .prompts import IMG_CONTEXT, PromptError, build_query, get_template, render_prompt, tokenize_prompt
+from .prompts import (IMG_CONTEXT, PromptError, build_query, checkpoint_system_message, get_template, render_prompt,
+                      tokenize_prompt)
 from .specs import ModelSpec
 from .tokenizer import Tokenizer
 
@@ -94,6 +95,8 @@ class EdgeVL:
         except ImportError as e:
             raise ImportError(f"backend='torch' needs PyTorch ({e}): pip install 'edgevl[torch]'") from None
         runtime = TorchBackend(checkpoint, device=device, dtype=dtype, max_seq=max_seq)
+        template = template or checkpoint.spec.template
+        system_message = system_message or checkpoint_system_message(path, template)
         return cls(runtime, checkpoint.spec, tokenizer, template, system_message)
 
     # -- one call ----------------------------------------------------------------------------------------

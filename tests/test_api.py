@@ -63,6 +63,29 @@ def test_chat_keeps_history_and_does_not_reencode_images(model):
     assert model.history == []
 
 
+@pytest.mark.parametrize("family", ["internlm2", "phi3"])
+def test_sentencepiece_tokenizer_checkpoints_run(tiny_checkpoint, family):
+    """InternVL2-2B/4B ship tokenizer.model (sentencepiece), not tokenizer.json."""
+    spm = EdgeVL.from_pretrained(tiny_checkpoint(family, tokenizer_format="sentencepiece"))
+    assert spm.tokenizer.format == "tokenizer.model"
+    result = spm.generate("Describe this image.", synthetic_image(448, 448), max_new_tokens=6)
+    assert result.prompt_tokens > 256 and result.token_ids
+
+
+def test_checkpoint_system_message_is_used(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    d = shutil.copytree(tiny_checkpoint("qwen2"), tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "system_message": "You are a driving assistant."}))
+    ids = EdgeVL.from_pretrained(d).generate("Hi", max_new_tokens=1)
+    model = EdgeVL.from_pretrained(d)
+    assert model.system_message == "You are a driving assistant."
+    assert ids.prompt_tokens != EdgeVL.from_pretrained(tiny_checkpoint("qwen2")).generate(
+        "Hi", max_new_tokens=1).prompt_tokens
+
+
 def test_multiple_images_in_one_prompt(model):
     result = model.generate("Compare them.", [synthetic_image(448, 448), synthetic_image(1000, 300)],
                             max_new_tokens=4)
