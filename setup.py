@@ -9,10 +9,15 @@ setup(
     python_requires=">=3.10",
     packages=["edgevl", "edgevl.backends", "edgevl.testing", "edgevl.export", "edgevl.kernels"],
     package_dir={"edgevl": "edgevl", "edgevl.export": "export", "edgevl.kernels": "kernels"},
-    install_requires=["numpy>=1.24", "ml_dtypes>=0.3", "pillow>=10", "tokenizers>=0.19", "sentencepiece>=0.2"],
+    # CUDA sources are compiled by NVRTC at first use; the .cpp is the host-emulation build for `edgevl selftest`.
+    package_data={"edgevl.kernels": ["*.cu", "*.cuh", "*.cpp"]},
+    install_requires=["numpy>=1.24", "ml_dtypes>=0.3", "pillow>=10", "tokenizers>=0.19", "sentencepiece>=0.2",
+                      "onnxruntime>=1.20"],
     extras_require={
         "torch": ["torch>=2.1"],
-        "dev": ["pytest>=8", "torch>=2.1", "transformers>=5,<6", "opencv-python-headless>=4.8"],
+        "export": ["torch>=2.1", "onnx>=1.16", "onnxscript>=0.2"],
+        "dev": ["pytest>=8", "torch>=2.1", "transformers>=5,<6", "opencv-python-headless>=4.8", "onnx>=1.16",
+                "onnxscript>=0.2"],
     },
     entry_points={"console_scripts": ["edgevl=edgevl.cli:main"]},
 )

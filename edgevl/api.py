@@ -1,8 +1,9 @@
 """EdgeVL: the user-facing pipeline. tiling -> vision -> prompt -> splice -> decode, on any backend."""
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +16,7 @@ from .prompts import (IMG_CONTEXT, PromptError, build_query, checkpoint_system_m
 from .specs import ModelSpec
 from .tokenizer import Tokenizer
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Timings:
     time_to_first_token_ms: float = 0.0  # from the call to the first token, everything included
     decode_ms: float = 0.0
     decode_tokens_per_s: float = 0.0
+    vision_cache_hits: int = 0  # images of the prompt whose embeddings were reused (chat), not encoded again
+    images_encoded: int = 0
 
 
 @dataclass
@@ -43,6 +46,7 @@ class _Turn:
     query: str  # with <image> placeholders
     answer: str
     image_embeds: list[np.ndarray]  # [tiles, 256, H] per image of this turn
+    image_keys: list[str] = field(default_factory=list)  # content hash per image, for the chat's embedding cache
 
 
 @dataclass
@@ -53,6 +57,7 @@ class _Prepared:
     prompt_ids: np.ndarray
     inputs_embeds: np.ndarray
     image_embeds: list[np.ndarray]
+    image_keys: list[str]
     tiles_per_image: list[int]
     timings: Timings
     history: list[_Turn] | tuple
@@ -79,45 +84,77 @@ class EdgeVL:
         self.stop_token_ids = tuple(dict.fromkeys(stops))
 
     @classmethod
-    def from_pretrained(cls, path, backend: str = "torch", device: str = "cpu", dtype: str = "float32",
+    def from_pretrained(cls, path, backend: str | None = None, device: str = "cpu", dtype: str = "float32",
                         max_seq: int | None = None, template: str | None = None,
-                        system_message: str | None = None) -> "EdgeVL":
-        """Load a local checkpoint directory (InternVL's original format or transformers' -hf format)."""
-        from .checkpoint import load_checkpoint
+                        system_message: str | None = None, num_threads: int | None = None,
+                        verify_checksums: bool = True) -> "EdgeVL":
+        """Load a local directory: an InternVL checkpoint (original or -hf format; backend "torch") or an
+        `edgevl export` directory (backend "onnxruntime", chosen by default when manifest.json is present).
+
+        device: "cpu" or "cuda". dtype: torch backend only. num_threads: onnxruntime intra-op threads."""
+        from .manifest import is_export_dir
         from .tokenizer import load_tokenizer
 
+        path = Path(path)
+        exported = is_export_dir(path)
+        backend = backend or ("onnxruntime" if exported else "torch")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-        checkpoint = load_checkpoint(path)
-        tokenizer = load_tokenizer(Path(path))
-        try:
-            from .backends.torch_backend import TorchBackend
-        except ImportError as e:
-            raise ImportError(f"backend='torch' needs PyTorch ({e}): pip install 'edgevl[torch]'") from None
-        runtime = TorchBackend(checkpoint, device=device, dtype=dtype, max_seq=max_seq)
-        template = template or checkpoint.spec.template
-        system_message = system_message or checkpoint_system_message(path, template)
-        return cls(runtime, checkpoint.spec, tokenizer, template, system_message)
+        if exported != (backend != "torch"):
+            raise ValueError(f"{path}: backend={backend!r} runs " + (
+                "checkpoint directories; this is an `edgevl export` directory (use backend='onnxruntime')"
+                if exported else "`edgevl export` directories; this is a checkpoint (export it first, or use "
+                "backend='torch')"))
+        if exported:
+            from .backends.onnxruntime_backend import OnnxRuntimeBackend
+            from .manifest import read_manifest
+            from .specs import spec_from_dict
+
+            manifest = read_manifest(path, verify_checksums=verify_checksums)
+            spec = spec_from_dict(manifest["spec"])
+            runtime = OnnxRuntimeBackend(path, manifest, device=device, num_threads=num_threads, max_seq=max_seq)
+            stored_message = manifest.get("system_message")
+        else:
+            from .checkpoint import load_checkpoint
+
+            checkpoint = load_checkpoint(path)
+            try:
+                from .backends.torch_backend import TorchBackend
+            except ImportError as e:
+                raise ImportError(f"backend='torch' needs PyTorch ({e}): pip install 'edgevl[torch]'") from None
+            runtime = TorchBackend(checkpoint, device=device, dtype=dtype, max_seq=max_seq)
+            spec = checkpoint.spec
+            stored_message = checkpoint_system_message(path, template or spec.template)
+        return cls(runtime, spec, load_tokenizer(path), template, system_message or stored_message)
 
     # -- one call ----------------------------------------------------------------------------------------
 
-    def generate(self, prompt: str, images=None, *, channel_order: str = "RGB", **generation) -> GenerationResult:
-        """Answer `prompt` about `images` (a path, PIL image, HWC uint8 array, or a list of them).
+    def generate(self, prompt: str, images=None, *, channel_order: str = "RGB", video=None, num_frames: int = 8,
+                 **generation) -> GenerationResult:
+        """Answer `prompt` about `images`: a path, PIL image, HWC uint8 array, or a list of them; or a dict
+        {camera: image} of the six driving cameras (assembled into one 2688x896 image, 12 tiles + thumbnail,
+        camera names in the prompt); or `video` (a file read with OpenCV, `num_frames` frames sampled
+        uniformly, one tile each, prompted `Frame1: <image>` ...).
 
         generation: GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p,
         repetition_penalty, seed, stop_token_ids, stop_strings)."""
-        for _ in self._decode(self._prepare(prompt, images, channel_order, generation, history=())):
+        visual = (images, channel_order, video, num_frames)
+        for _ in self._decode(self._prepare(prompt, visual, generation, history=())):
             pass
         return self.last_result
 
-    def stream(self, prompt: str, images=None, *, channel_order: str = "RGB", **generation) -> Iterator[str]:
+    def stream(self, prompt: str, images=None, *, channel_order: str = "RGB", video=None, num_frames: int = 8,
+               **generation) -> Iterator[str]:
         """Like generate(), yielding text as it is decoded; `last_result` holds the result afterwards.
         Bad input raises here, before the first piece is asked for."""
-        return self._decode(self._prepare(prompt, images, channel_order, generation, history=()))
+        return self._decode(self._prepare(prompt, (images, channel_order, video, num_frames), generation, history=()))
 
-    def chat(self, prompt: str, images=None, *, channel_order: str = "RGB", **generation) -> GenerationResult:
-        """generate() with the conversation so far as history; images of earlier turns are not re-encoded."""
-        for _ in self._decode(self._prepare(prompt, images, channel_order, generation, history=self.history)):
+    def chat(self, prompt: str, images=None, *, channel_order: str = "RGB", video=None, num_frames: int = 8,
+             **generation) -> GenerationResult:
+        """generate() with the conversation so far as history. Images of earlier turns are not re-encoded,
+        nor is an image identical to one already encoded in this chat (timings.vision_cache_hits counts both)."""
+        visual = (images, channel_order, video, num_frames)
+        for _ in self._decode(self._prepare(prompt, visual, generation, history=self.history)):
             pass
         return self.last_result
 
@@ -126,12 +163,10 @@ class EdgeVL:
 
     # -- the pipeline ------------------------------------------------------------------------------------
 
-    def _prepare(self, prompt, images, channel_order, generation, history) -> "_Prepared":
+    def _prepare(self, prompt, visual, generation, history) -> "_Prepared":
         start = time.perf_counter()
         config = self._generation_config(generation)
-        images = _as_list(images)
-        query = build_query(prompt, len(images))
-        pixel_values = [preprocess_image(im, self.spec.tiling, channel_order) for im in images]
+        query, pixel_values = self._visual_inputs(prompt, *visual, max_new_tokens=config.max_new_tokens)
         past_embeds = [e for turn in history for e in turn.image_embeds]
         tiles = [e.shape[0] for e in past_embeds] + [p.shape[0] for p in pixel_values]
         text = render_prompt(self.template, query, [(t.query, t.answer) for t in history], self.system_message)
@@ -139,13 +174,46 @@ class EdgeVL:
         if len(prompt_ids) >= self.backend.max_seq:
             raise PromptError(f"the prompt is {len(prompt_ids)} tokens ({sum(tiles)} image tiles), but the model "
                               f"holds {self.backend.max_seq}: use fewer or smaller images, or a larger max_seq")
+        # Only a chat keeps embeddings; within it, an image seen before (same pixels, same tiling) is reused.
+        keys = [_content_key(p) for p in pixel_values] if history is self.history else [None] * len(pixel_values)
+        cache = {k: e for turn in history for k, e in zip(turn.image_keys, turn.image_embeds)}
         timings = Timings(preprocess_ms=_ms_since(start))
         t = time.perf_counter()
-        new_embeds = [self.backend.encode_images(p) for p in pixel_values]
+        new_embeds = [self._encode(p, key, cache, timings) for p, key in zip(pixel_values, keys)]
         timings.vision_ms = _ms_since(t)
+        timings.vision_cache_hits = len(past_embeds) + len(pixel_values) - timings.images_encoded
         inputs_embeds = self._splice(prompt_ids, past_embeds + new_embeds)
-        return _Prepared(start, config, query, prompt_ids, inputs_embeds, new_embeds,
+        return _Prepared(start, config, query, prompt_ids, inputs_embeds, new_embeds, keys,
                          [p.shape[0] for p in pixel_values], timings, history)
+
+    def _encode(self, pixel_values: np.ndarray, key: str | None, cache: dict, timings: Timings) -> np.ndarray:
+        if key is not None and key in cache:
+            return cache[key]
+        timings.images_encoded += 1
+        embeds = self.backend.encode_images(pixel_values)
+        if key is not None:
+            cache[key] = embeds
+        return embeds
+
+    def _visual_inputs(self, prompt, images, channel_order, video, num_frames, max_new_tokens):
+        """(query with one <image> per image, pixel_values per image) for plain, multi-view and video input."""
+        from .formats import driving, video as video_format
+
+        if video is not None:
+            if images is not None:
+                raise ValueError("pass either images= or video=, not both")
+            video_format.check_frame_budget(num_frames, self.backend.max_seq, self.spec.image_tokens_per_tile,
+                                            max_new_tokens)
+            frames = video_format.read_video_frames(video, num_frames)
+            one_tile = replace(self.spec.tiling, min_tiles=1, max_tiles=1, use_thumbnail=False)
+            return video_format.video_query(prompt, len(frames)), [preprocess_image(f, one_tile) for f in frames]
+        if isinstance(images, dict):
+            assembled = driving.assemble_views(images, channel_order, draw_labels=True)
+            twelve = replace(self.spec.tiling, min_tiles=min(self.spec.tiling.min_tiles, 12), max_tiles=12)
+            return build_query(driving.driving_query(prompt), 1), [preprocess_image(assembled, twelve)]
+        images = _as_list(images)
+        query = build_query(prompt, len(images))
+        return query, [preprocess_image(im, self.spec.tiling, channel_order) for im in images]
 
     def _decode(self, prep: "_Prepared") -> Iterator[str]:
         before_decode_ms = _ms_since(prep.start)
@@ -158,7 +226,7 @@ class EdgeVL:
         self.last_result = GenerationResult(run.text, list(run.token_ids), run.stop_reason, len(prep.prompt_ids),
                                             prep.tiles_per_image, timings)
         if prep.history is self.history:
-            self.history.append(_Turn(prep.query, run.text, prep.image_embeds))
+            self.history.append(_Turn(prep.query, run.text, prep.image_embeds, prep.image_keys))
 
     def _generation_config(self, generation: dict) -> GenerationConfig:
         stops = tuple(generation.pop("stop_token_ids", ())) + self.stop_token_ids
@@ -174,6 +242,13 @@ class EdgeVL:
             raise AssertionError(f"{slots.sum()} image slots in the prompt but {len(features)} image features")
         embeds[slots] = features
         return embeds
+
+
+def _content_key(pixel_values: np.ndarray) -> str:
+    # The normalised tiles, not the source, so one picture given as a path and as an array shares an entry.
+    digest = hashlib.blake2b(np.ascontiguousarray(pixel_values).view(np.uint8), digest_size=16)
+    digest.update(str(pixel_values.shape).encode())
+    return digest.hexdigest()
 
 
 def _ms_since(t: float) -> float:

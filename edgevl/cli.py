@@ -21,6 +21,11 @@ def _add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None 
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stream", action="store_true", help="print text as it is decoded")
+    p.add_argument("--video", metavar="FILE", help="a video file instead of images: frames sampled uniformly, "
+                   "one tile each, prompted 'Frame1: <image>' ...")
+    p.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
+    p.add_argument("--draw", metavar="OUT", help="draw the answer's grounding boxes (<ref>..</ref><box>[[..]]</box>) "
+                   "on the first image and save it to OUT")
 
 
 def _generation_kwargs(args) -> dict:
@@ -41,6 +46,10 @@ def _print_result(result, streamed: bool) -> None:
 
 def _run(model, args) -> None:
     kwargs = _generation_kwargs(args)
+    if args.video:
+        kwargs.update(video=args.video, num_frames=args.num_frames)
+    if args.draw and not args.image:
+        raise ValueError("--draw needs an --image to draw the boxes on")
     if args.stream:
         for piece in model.stream(args.prompt, args.image or None, **kwargs):
             print(piece, end="", flush=True)
@@ -48,14 +57,38 @@ def _run(model, args) -> None:
         _print_result(model.last_result, streamed=True)
     else:
         _print_result(model.generate(args.prompt, args.image or None, **kwargs), streamed=False)
+    if args.draw:
+        _draw(model.last_result.text, args.image[0], args.draw)
+
+
+def _draw(answer: str, image_path: str, out: str) -> None:
+    from .formats.grounding import draw_boxes, parse_boxes
+    from .preprocess import load_image
+
+    image = load_image(image_path)
+    parsed = parse_boxes(answer, image.width, image.height)
+    draw_boxes(image, parsed.boxes).save(out)
+    print(f"[drew {len(parsed.boxes)} box(es) on {image_path} -> {out}]", file=sys.stderr)
+    for problem in parsed.problems:
+        print(f"[grounding: {problem}]", file=sys.stderr)
 
 
 def cmd_generate(args) -> None:
     from . import EdgeVL
 
     model = EdgeVL.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                   max_seq=args.max_seq)
+                                   max_seq=args.max_seq, num_threads=args.threads)
     _run(model, args)
+
+
+def cmd_export(args) -> None:
+    try:
+        from .export import export_model
+    except ImportError as e:
+        raise ImportError(f"edgevl export needs torch and onnx ({e}): pip install 'edgevl[export]'") from None
+    manifest = export_model(args.model, args.out, precision=args.precision, max_tiles=args.max_tiles,
+                            max_seq=args.max_seq, calib_images=args.calib_images)
+    print(f"exported to {manifest.parent} (run it: edgevl generate --model {manifest.parent} ...)")
 
 
 def cmd_demo(args) -> None:
@@ -67,8 +100,9 @@ def cmd_demo(args) -> None:
     print(f"edgevl demo: TINY RANDOM-WEIGHT {args.family} InternVL checkpoint (not a trained model: the "
           f"text below is meaningless; it shows the pipeline runs end to end)\n  checkpoint: {work / 'model'}")
     write_tiny_checkpoint(work / "model", family=args.family)
-    args.image = args.image or [str(write_demo_image(work / "demo.png"))]
-    print(f"  image: {args.image[0]}\n  stages: tiling -> vision encoder -> prompt -> KV-cached decode\n")
+    if not args.video:
+        args.image = args.image or [str(write_demo_image(work / "demo.png"))]
+    print(f"  input: {args.video or args.image[0]}\n  stages: tiling -> vision encoder -> prompt -> KV-cached decode\n")
     model = EdgeVL.from_pretrained(work / "model", backend="torch")
     _run(model, args)
 
@@ -82,12 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Load a local InternVL checkpoint (original InternVLChatModel or -hf "
                          "format) and answer a prompt about one or more images.")
     gen.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
-    gen.add_argument("--backend", default="torch", choices=["torch"])
+    gen.add_argument("--backend", default=None, choices=["torch", "onnxruntime"],
+                     help="default: onnxruntime for an `edgevl export` directory, torch for a checkpoint")
+    gen.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: cores)")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: the model's context)")
     _add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="export a checkpoint to ONNX for ONNX Runtime / TensorRT",
+                         description="Export a local checkpoint to vision.onnx + decoder.onnx (KV cache) + "
+                         "manifest.json. int8: static int8 vision (calibrated) + weight-only int8 decoder; "
+                         "int4: int8 vision + int4 decoder; both print their drift against fp32.")
+    exp.add_argument("--model", required=True, help="checkpoint directory")
+    exp.add_argument("--out", required=True, help="output directory (empty, or an earlier export to replace)")
+    exp.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"])
+    exp.add_argument("--max-tiles", type=int, default=13, help="largest tile batch for vision (13 = 12 + "
+                     "thumbnail; ~40 for video)")
+    exp.add_argument("--max-seq", type=int, default=4096, help="longest sequence (prompt + answer) the KV cache "
+                     "holds")
+    exp.add_argument("--calib-images", default=None, metavar="DIR",
+                     help="images to calibrate int8 vision on (default: generated synthetic images)")
+    exp.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny RANDOM-weight model",
                           description="Write a tiny random-weight InternVL checkpoint and a synthetic image, then "

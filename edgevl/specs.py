@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .preprocess import TilingConfig
@@ -259,3 +259,18 @@ def _vision_spec(vcfg: dict, config: dict, fmt: str, where: str) -> VisionSpec:
         layer_norm_eps=float(vcfg.get("layer_norm_eps", 1e-6)),
         qkv_bias=qkv_bias,
     )
+
+
+def spec_to_dict(spec: ModelSpec) -> dict:
+    return asdict(spec)
+
+
+def spec_from_dict(d: dict) -> ModelSpec:
+    """Inverse of spec_to_dict (an export manifest's `spec`)."""
+    decoder = dict(d["decoder"])
+    if decoder.get("long_rope"):
+        lr = decoder["long_rope"]
+        decoder["long_rope"] = LongRope(tuple(lr["short_factor"]), tuple(lr["long_factor"]),
+                                        lr["original_max_position_embeddings"], lr["attention_factor"])
+    return ModelSpec(VisionSpec(**d["vision"]), ProjectorSpec(**d["projector"]), DecoderSpec(**decoder),
+                     d["template"], TilingConfig(**d["tiling"]))

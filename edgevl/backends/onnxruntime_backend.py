@@ -1,0 +1,88 @@
+"""ONNX Runtime backend for an exported directory (CPU or CUDA). Never imports torch.
+
+The decoder runs through IOBinding: each step's `present.*` OrtValues are bound as the next step's
+`past_key_values.*` without a round trip through numpy, so on CUDA the KV cache stays on the device and on CPU
+it is not copied beyond the Concat inside the graph. Only the logits come back to the host.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+_DEVICE_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("the onnxruntime backend needs ONNX Runtime: pip install onnxruntime "
+                          "(or onnxruntime-gpu for CUDA)") from None
+    return onnxruntime
+
+
+class OnnxRuntimeBackend:
+    def __init__(self, export_dir, manifest: dict, device: str = "cpu", num_threads: int | None = None,
+                 max_seq: int | None = None):
+        ort = _ort()
+        export_dir = Path(export_dir)
+        if device not in _DEVICE_PROVIDERS:
+            raise ValueError(f"device={device!r}: expected one of {tuple(_DEVICE_PROVIDERS)}")
+        provider = _DEVICE_PROVIDERS[device]
+        if provider not in ort.get_available_providers():
+            raise RuntimeError(f"device={device!r} needs {provider}, but this onnxruntime has "
+                               f"{ort.get_available_providers()} (install onnxruntime-gpu for CUDA)")
+        self.device = device
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads or 0  # 0: one per physical core
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        files = manifest["graphs"]
+        self.vision = ort.InferenceSession(str(export_dir / files["vision"]), options, providers=[provider])
+        self.decoder = ort.InferenceSession(str(export_dir / files["decoder"]), options, providers=[provider])
+        self.embed_table = np.load(export_dir / files["embed_tokens"], mmap_mode="r")
+        limits, spec = manifest["limits"], manifest["spec"]["decoder"]
+        if max_seq is not None and not 0 < max_seq <= limits["max_seq"]:
+            raise ValueError(f"max_seq={max_seq}: this export was made for at most {limits['max_seq']} "
+                             "positions (re-export with a larger --max-seq)")
+        self.max_seq, self.max_tiles = max_seq or limits["max_seq"], limits["max_tiles"]
+        self._kv_shape = (1, spec["num_kv_heads"], 0, spec["hidden_size"] // spec["num_heads"])
+        self._kv_dtype = np.dtype(manifest["kv_cache"]["dtype"])
+        names = [i.name for i in self.decoder.get_inputs()]
+        self._past_names = [n for n in names if n.startswith("past_key_values.")]
+        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        self._past, self._pos = [], 0
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        chunks = [self.vision.run(None, {"pixel_values": pixel_values[i:i + self.max_tiles]})[0]
+                  for i in range(0, len(pixel_values), self.max_tiles)]
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.embed_table[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
+
+    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        ort = _ort()
+        empty = [ort.OrtValue.ortvalue_from_shape_and_type(self._kv_shape, self._kv_dtype, self.device, 0)
+                 for _ in self._past_names]
+        self._past, self._pos = empty, 0
+        return self._step(inputs_embeds)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._step(self.embed_tokens(np.array([token_id])))
+
+    def _step(self, embeds: np.ndarray) -> np.ndarray:
+        n = len(embeds)
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], dtype=self._kv_dtype))
+        binding.bind_cpu_input("position_ids", np.arange(self._pos, self._pos + n, dtype=np.int64)[None])
+        for name, value in zip(self._past_names, self._past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self.device)
+        self.decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self._past, self._pos = outputs[1:], self._pos + n
+        return outputs[0].numpy()[0, -1].astype(np.float32, copy=False)

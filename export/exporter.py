@@ -1,0 +1,144 @@
+"""`edgevl export`: a checkpoint directory -> an exported directory that ONNX Runtime (and later TensorRT) runs.
+
+OUT/
+  vision.onnx        pixel_values [tiles, 3, 448, 448] -> image_embeds [tiles, 256, H]
+  decoder.onnx       inputs_embeds + position_ids + past KV -> logits (last position) + present KV
+  embed_tokens.npy   the token embedding table (a gather on the host is cheaper than a graph call)
+  tokenizer files    copied from the checkpoint
+  manifest.json      the contract: spec, token ids, precisions, limits, KV layout, versions, checksums, drift
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from edgevl import __version__
+from edgevl.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from edgevl.prompts import IMG_CONTEXT, IMG_END, IMG_START, checkpoint_system_message
+from edgevl.specs import spec_to_dict
+
+# --precision -> (vision, decoder)
+PRECISIONS = {"fp32": ("fp32", "fp32"), "int8": ("int8", "int8"), "int4": ("int8", "int4")}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+DEFAULT_MAX_TILES = 13  # 12 + thumbnail
+DEFAULT_MAX_SEQ = 4096
+
+
+@contextmanager
+def _stage(log, name: str):
+    log(f"[export] {name} ...")
+    start = time.perf_counter()
+    yield
+    log(f"[export] {name} done in {time.perf_counter() - start:.1f} s")
+
+
+def export_model(model_dir, out_dir, precision: str = "fp32", max_tiles: int = DEFAULT_MAX_TILES,
+                 max_seq: int = DEFAULT_MAX_SEQ, calib_images=None, log=print) -> Path:
+    """Export `model_dir` to `out_dir`; returns the manifest path. int8/int4 also measure drift against fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {tuple(PRECISIONS)}")
+    if not 1 <= max_tiles <= 64:
+        raise ValueError(f"max_tiles={max_tiles}: expected 1..64 (13 = 12 tiles + thumbnail; ~40 for video)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise ValueError(f"{out_dir}: exists, is not empty and is not an edgevl export; choose an empty directory")
+    vision_precision, decoder_precision = PRECISIONS[precision]
+    if precision == "fp32":
+        _export_fp32(Path(model_dir), out_dir, max_tiles, max_seq, log)
+        return out_dir / MANIFEST_NAME
+    with tempfile.TemporaryDirectory(prefix="edgevl-fp32-") as tmp:
+        reference_dir = Path(tmp)
+        _export_fp32(Path(model_dir), reference_dir, max_tiles, max_seq, log)
+        _quantize(reference_dir, out_dir, vision_precision, decoder_precision, calib_images, log)
+    return out_dir / MANIFEST_NAME
+
+
+def _export_fp32(model_dir: Path, out_dir: Path, max_tiles: int, max_seq: int, log) -> None:
+    from edgevl.backends.torch_backend import TorchBackend
+    from edgevl.checkpoint import load_checkpoint
+    from edgevl.tokenizer import load_tokenizer
+
+    from .graphs import OPSET, export_decoder, export_vision
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    with _stage(log, f"load checkpoint {model_dir}"):
+        checkpoint = load_checkpoint(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        model = TorchBackend(checkpoint, dtype="float32")
+    spec = checkpoint.spec
+    if max_seq > spec.decoder.max_position_embeddings:
+        raise ValueError(f"max_seq={max_seq} exceeds the model's context ({spec.decoder.max_position_embeddings})")
+    with _stage(log, f"vision.onnx (tiles 1..{max_tiles})"):
+        export_vision(model.vision, out_dir / "vision.onnx", max_tiles)
+    with _stage(log, f"decoder.onnx (max_seq {max_seq}, {spec.decoder.num_layers} layers)"):
+        export_decoder(model.lm, out_dir / "decoder.onnx", max_seq)
+    np.save(out_dir / "embed_tokens.npy", model.lm.embed.weight.detach().float().numpy())
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+    template = spec.template
+    manifest = {
+        "edgevl_version": __version__,
+        "source": {"path": str(model_dir), "format": checkpoint.format, "dtype": checkpoint.dtype},
+        "spec": spec_to_dict(spec),
+        "template": template,
+        "system_message": checkpoint_system_message(model_dir, template),
+        "tokens": {name: tokenizer.token_to_id(tok) for name, tok in
+                   (("img_start", IMG_START), ("img_end", IMG_END), ("img_context", IMG_CONTEXT))},
+        "precision": {"vision": "fp32", "decoder": "fp32"},
+        "limits": {"max_tiles": max_tiles, "max_seq": max_seq},
+        "graphs": {"vision": "vision.onnx", "decoder": "decoder.onnx", "embed_tokens": "embed_tokens.npy"},
+        "kv_cache": {"layout": "concat", "dtype": "float32",
+                     "inputs": "past_key_values.{layer}.{key|value} [1, kv_heads, past, head_dim]",
+                     "outputs": "present.{layer}.{key|value} [1, kv_heads, past + seq, head_dim]"},
+        "opset": OPSET,
+        "versions": _versions(),
+    }
+    write_manifest(out_dir, manifest)
+
+
+def _quantize(reference_dir: Path, out_dir: Path, vision: str, decoder: str, calib_images, log) -> None:
+    from edgevl import EdgeVL
+    from edgevl.specs import spec_from_dict
+
+    from .quantize import (BLOCK_SIZE, calibration_tiles, measure_drift, quantize_decoder_weights,
+                           quantize_vision_int8)
+
+    manifest = read_manifest(reference_dir, verify_checksums=False)
+    spec = spec_from_dict(manifest["spec"])
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(reference_dir, out_dir)
+    with _stage(log, f"vision int8 (static Q/DQ, calibrated on {calib_images or 'generated images'})"):
+        quantize_vision_int8(reference_dir / "vision.onnx", out_dir / "vision.onnx",
+                             calibration_tiles(calib_images, spec.tiling))
+    bits = {"int8": 8, "int4": 4}[decoder]
+    with _stage(log, f"decoder weight-only {decoder} (block {BLOCK_SIZE})"):
+        quantize_decoder_weights(reference_dir / "decoder.onnx", out_dir / "decoder.onnx", bits)
+    manifest["precision"] = {"vision": vision, "decoder": decoder}
+    manifest.pop("files")
+    write_manifest(out_dir, manifest)
+    with _stage(log, "drift against fp32"):
+        drift = measure_drift(EdgeVL.from_pretrained(reference_dir), EdgeVL.from_pretrained(out_dir))
+    log(f"[export] drift: image-embedding cosine min {drift['image_embeds_cosine_min']:.4f} "
+        f"mean {drift['image_embeds_cosine_mean']:.4f}; next-token logits cosine min "
+        f"{drift['next_token_logits_cosine_min']:.4f}, top-1 {drift['next_token_top1_agreement']:.2f}; greedy-token agreement "
+        f"{drift['greedy_token_agreement']:.2f} over {drift['prompts']} prompts x {drift['new_tokens']} tokens")
+    write_manifest(out_dir, {**manifest, "drift_vs_fp32": drift})
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"edgevl": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
