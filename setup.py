@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="Mini-InternVL vision-language models on edge hardware (PyTorch, ONNX Runtime, TensorRT)",
     python_requires=">=3.10",
-    packages=["edgevl", "edgevl.backends", "edgevl.testing", "edgevl.export", "edgevl.kernels"],
+    packages=["edgevl", "edgevl.backends", "edgevl.testing", "edgevl.formats", "edgevl.export", "edgevl.export.trt",
+              "edgevl.kernels"],
     package_dir={"edgevl": "edgevl", "edgevl.export": "export", "edgevl.kernels": "kernels"},
     # CUDA sources are compiled by NVRTC at first use; the .cpp is the host-emulation build for `edgevl selftest`.
     package_data={"edgevl.kernels": ["*.cu", "*.cuh", "*.cpp"]},

@@ -16,7 +16,7 @@ from .prompts import (IMG_CONTEXT, PromptError, build_query, checkpoint_system_m
 from .specs import ModelSpec
 from .tokenizer import Tokenizer
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -89,7 +89,8 @@ class EdgeVL:
                         system_message: str | None = None, num_threads: int | None = None,
                         verify_checksums: bool = True) -> "EdgeVL":
         """Load a local directory: an InternVL checkpoint (original or -hf format; backend "torch") or an
-        `edgevl export` directory (backend "onnxruntime", chosen by default when manifest.json is present).
+        `edgevl export` directory (backend "onnxruntime", chosen by default when manifest.json is present;
+        "tensorrt" instead when `edgevl build` plans are there and tensorrt + a GPU are usable).
 
         device: "cpu" or "cuda". dtype: torch backend only. num_threads: onnxruntime intra-op threads."""
         from .manifest import is_export_dir
@@ -97,7 +98,12 @@ class EdgeVL:
 
         path = Path(path)
         exported = is_export_dir(path)
-        backend = backend or ("onnxruntime" if exported else "torch")
+        manifest = None
+        if exported:
+            from .manifest import read_manifest
+
+            manifest = read_manifest(path, verify_checksums=verify_checksums)
+        backend = backend or (_default_export_backend(path, manifest) if exported else "torch")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
         if exported != (backend != "torch"):
@@ -106,13 +112,19 @@ class EdgeVL:
                 if exported else "`edgevl export` directories; this is a checkpoint (export it first, or use "
                 "backend='torch')"))
         if exported:
-            from .backends.onnxruntime_backend import OnnxRuntimeBackend
-            from .manifest import read_manifest
             from .specs import spec_from_dict
 
-            manifest = read_manifest(path, verify_checksums=verify_checksums)
             spec = spec_from_dict(manifest["spec"])
-            runtime = OnnxRuntimeBackend(path, manifest, device=device, num_threads=num_threads, max_seq=max_seq)
+            if backend == "tensorrt":
+                from .backends.tensorrt_backend import TensorRTBackend
+
+                runtime = TensorRTBackend(path, manifest, device="cuda" if device == "cpu" else device,
+                                          max_seq=max_seq)
+            else:
+                from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+                runtime = OnnxRuntimeBackend(path, manifest, device=device, num_threads=num_threads,
+                                             max_seq=max_seq)
             stored_message = manifest.get("system_message")
         else:
             from .checkpoint import load_checkpoint
@@ -242,6 +254,16 @@ class EdgeVL:
             raise AssertionError(f"{slots.sum()} image slots in the prompt but {len(features)} image features")
         embeds[slots] = features
         return embeds
+
+
+def _default_export_backend(path: Path, manifest: dict) -> str:
+    """tensorrt when `edgevl build` left plans here and this machine can run them, else onnxruntime."""
+    if manifest.get("tensorrt"):
+        from .backends.tensorrt_backend import plans_present, tensorrt_unavailable_reason
+
+        if plans_present(path, manifest) and tensorrt_unavailable_reason() is None:
+            return "tensorrt"
+    return "onnxruntime"
 
 
 def _content_key(pixel_values: np.ndarray) -> str:

@@ -91,6 +91,37 @@ def cmd_export(args) -> None:
     print(f"exported to {manifest.parent} (run it: edgevl generate --model {manifest.parent} ...)")
 
 
+def cmd_selftest(args) -> int:
+    from .selftest import format_report, selftest, write_json
+
+    backends = "auto" if args.backends == "auto" else [b.strip() for b in args.backends.split(",")]
+    report = selftest(backends, keep=args.keep, families=args.families.split(","))
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+    return 0 if report.passed else 1
+
+
+def cmd_build(args) -> None:
+    try:
+        from .export.trt import build_engines
+    except ImportError as e:
+        raise ImportError(f"edgevl build needs onnx ({e}): pip install 'edgevl[export,gpu]'") from None
+    manifest = build_engines(args.out, precision=args.precision, max_tiles=args.max_tiles, max_seq=args.max_seq,
+                             workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
+                             calib_images=args.calib_images)
+    print(f"built TensorRT plans into {manifest.parent}")
+
+
+def cmd_doctor(args) -> None:
+    import json
+
+    from .doctor import diagnose, format_report
+
+    report = diagnose()
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+
+
 def cmd_demo(args) -> None:
     from . import EdgeVL
     from .testing.checkpoints import write_tiny_checkpoint
@@ -116,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Load a local InternVL checkpoint (original InternVLChatModel or -hf "
                          "format) and answer a prompt about one or more images.")
     gen.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
-    gen.add_argument("--backend", default=None, choices=["torch", "onnxruntime"],
-                     help="default: onnxruntime for an `edgevl export` directory, torch for a checkpoint")
+    gen.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"],
+                     help="default: tensorrt for an export with `edgevl build` plans on a machine that can run "
+                     "them, else onnxruntime for an `edgevl export` directory, torch for a checkpoint")
     gen.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: cores)")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -140,6 +172,42 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images to calibrate int8 vision on (default: generated synthetic images)")
     exp.set_defaults(func=cmd_export)
 
+    st = sub.add_parser("selftest", help="check every backend and kernel this machine can run against the "
+                        "reference (run this first on a new device)",
+                        description="Writes tiny random checkpoints for each LLM family, exports them and compares "
+                        "every backend this machine can run (PyTorch, ONNX Runtime CPU/CUDA at fp32/int8/int4, "
+                        "TensorRT, CUDA kernels) with the reference. Exit status 0 only if every check passed.")
+    st.add_argument("--backends", default="auto", help="auto, or a comma list of: pytorch, onnxruntime-cpu, "
+                    "onnxruntime-cuda, tensorrt, kernels")
+    st.add_argument("--json", metavar="FILE", help="also write the results as JSON (schema: edgevl.selftest)")
+    st.add_argument("--keep", metavar="DIR", help="keep the checkpoints and exports here")
+    st.add_argument("--families", default="qwen2,internlm2,phi3", help="LLM families to check (default: all)")
+    st.set_defaults(func=cmd_selftest)
+
+    bld = sub.add_parser("build", help="compile an export into TensorRT plans for this machine's GPU",
+                         description="Build vision.plan and decoder.plan from an `edgevl export --precision fp32` "
+                         "directory, in place, and record TensorRT version, GPU and precisions in its manifest. "
+                         "Needs an NVIDIA GPU and TensorRT; plans only run on the GPU model and TensorRT version "
+                         "that built them.")
+    bld.add_argument("out", metavar="OUT", help="an `edgevl export` directory; the plans are written into it")
+    bld.add_argument("--precision", default="fp16", choices=["fp16", "int8", "int8-vision-fp16-llm"],
+                     help="fp16: both engines fp16 (norms, softmax, residual adds fp32); int8: int8 Q/DQ vision + "
+                     "weight-only int8 decoder; int8-vision-fp16-llm: int8 vision + fp16 decoder")
+    bld.add_argument("--max-tiles", type=int, default=None, help="largest tile batch (default: the export's)")
+    bld.add_argument("--max-seq", type=int, default=None, help="KV cache positions (default: the export's)")
+    bld.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace cap (default 4)")
+    bld.add_argument("--timing-cache", default=None, metavar="FILE",
+                     help="kernel timing cache to read and update (speeds up rebuilds on the same GPU)")
+    bld.add_argument("--calib-images", default=None, metavar="DIR",
+                     help="images to calibrate int8 vision on when the export's vision is fp32 (default: generated)")
+    bld.set_defaults(func=cmd_build)
+
+    doc = sub.add_parser("doctor", help="show what this machine can run (GPU, CUDA, TensorRT, ONNX Runtime)",
+                         description="Print GPU, compute capability, CUDA driver, cuda-python, NVRTC, TensorRT, "
+                         "ONNX Runtime providers, and why each backend is or is not available.")
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
+    doc.set_defaults(func=cmd_doctor)
+
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny RANDOM-weight model",
                           description="Write a tiny random-weight InternVL checkpoint and a synthetic image, then "
                           "run tiling -> vision -> prompt -> decode and print text and timings. The weights are "
@@ -155,11 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         print(f"edgevl {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevl import __version__
+from edgevl.drift import format_drift
 from edgevl.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from edgevl.prompts import IMG_CONTEXT, IMG_END, IMG_START, checkpoint_system_message
 from edgevl.specs import spec_to_dict
@@ -48,15 +49,12 @@ def export_model(model_dir, out_dir, precision: str = "fp32", max_tiles: int = D
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise ValueError(f"{out_dir}: exists, is not empty and is not an edgevl export; choose an empty directory")
-    vision_precision, decoder_precision = PRECISIONS[precision]
     if precision == "fp32":
         _export_fp32(Path(model_dir), out_dir, max_tiles, max_seq, log)
         return out_dir / MANIFEST_NAME
     with tempfile.TemporaryDirectory(prefix="edgevl-fp32-") as tmp:
-        reference_dir = Path(tmp)
-        _export_fp32(Path(model_dir), reference_dir, max_tiles, max_seq, log)
-        _quantize(reference_dir, out_dir, vision_precision, decoder_precision, calib_images, log)
-    return out_dir / MANIFEST_NAME
+        _export_fp32(Path(model_dir), Path(tmp), max_tiles, max_seq, log)
+        return quantize_export(tmp, out_dir, precision, calib_images, log)
 
 
 def _export_fp32(model_dir: Path, out_dir: Path, max_tiles: int, max_seq: int, log) -> None:
@@ -105,13 +103,19 @@ def _export_fp32(model_dir: Path, out_dir: Path, max_tiles: int, max_seq: int, l
     write_manifest(out_dir, manifest)
 
 
-def _quantize(reference_dir: Path, out_dir: Path, vision: str, decoder: str, calib_images, log) -> None:
+def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=print) -> Path:
+    """An fp32 export -> a quantized copy in out_dir (int8: int8 vision + int8 decoder weights; int4: int8
+    vision + int4 decoder weights), with its drift against the fp32 export recorded in the manifest."""
     from edgevl import EdgeVL
+    from edgevl.drift import measure_drift
     from edgevl.specs import spec_from_dict
 
-    from .quantize import (BLOCK_SIZE, calibration_tiles, measure_drift, quantize_decoder_weights,
-                           quantize_vision_int8)
+    from .quantize import BLOCK_SIZE, calibration_tiles, quantize_decoder_weights, quantize_vision_int8
 
+    if precision not in PRECISIONS or precision == "fp32":
+        raise ValueError(f"precision={precision!r}: expected one of {tuple(PRECISIONS)[1:]}")
+    vision, decoder = PRECISIONS[precision]
+    reference_dir, out_dir = Path(fp32_dir), Path(out_dir)
     manifest = read_manifest(reference_dir, verify_checksums=False)
     spec = spec_from_dict(manifest["spec"])
     if out_dir.exists():
@@ -128,11 +132,9 @@ def _quantize(reference_dir: Path, out_dir: Path, vision: str, decoder: str, cal
     write_manifest(out_dir, manifest)
     with _stage(log, "drift against fp32"):
         drift = measure_drift(EdgeVL.from_pretrained(reference_dir), EdgeVL.from_pretrained(out_dir))
-    log(f"[export] drift: image-embedding cosine min {drift['image_embeds_cosine_min']:.4f} "
-        f"mean {drift['image_embeds_cosine_mean']:.4f}; next-token logits cosine min "
-        f"{drift['next_token_logits_cosine_min']:.4f}, top-1 {drift['next_token_top1_agreement']:.2f}; greedy-token agreement "
-        f"{drift['greedy_token_agreement']:.2f} over {drift['prompts']} prompts x {drift['new_tokens']} tokens")
+    log("[export] drift vs fp32: " + format_drift(drift))
     write_manifest(out_dir, {**manifest, "drift_vs_fp32": drift})
+    return out_dir / MANIFEST_NAME
 
 
 def _versions() -> dict:

@@ -8,6 +8,7 @@ last position's logits only (prefill never needs S x vocab).
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -39,11 +40,15 @@ class _DecoderWithFlatCache(nn.Module):
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
     params_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed" x4 per export: irrelevant here
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's chatter (torchvision ops absent, etc.)
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
         torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, input_names=input_names,
                           output_names=output_names, dynamic_shapes=dynamic_shapes,
                           external_data=params_bytes > EXTERNAL_DATA_BYTES, verbose=False)
+    registration.setLevel(level)
 
 
 def export_vision(vision: VisionModel, path: Path, max_tiles: int) -> None:

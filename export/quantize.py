@@ -2,6 +2,7 @@
 int8 / int4 block-quantized MatMul for the decoder; and the drift each costs against fp32."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,14 @@ def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray) -> 
         def get_next(self):
             return next(self._it, None)
 
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime.quantization logs "consider pre-processing" on the root logger
     quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["Conv", "MatMul"], per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    root.setLevel(level)
 
 
 def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int) -> None:
@@ -56,39 +61,3 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int) -> None
                                      is_symmetric=True, accuracy_level=4)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-DRIFT_PROMPTS = ("Describe this image in detail.", "What objects are in the picture?",
-                 "Is there any text in the image? Read it.", "What colours dominate the scene?")
-
-
-def measure_drift(reference, candidate, new_tokens: int = 32) -> dict:
-    """Image-embedding cosine, next-token logits cosine / top-1 agreement and greedy-token agreement of
-    `candidate` against `reference` (two EdgeVL models), on fixed synthetic images and prompts. Agreement = mean fraction of each answer's tokens that
-    match up to the first divergence (after it the contexts differ, so later matches prove nothing)."""
-    images = [synthetic_image(w, h, seed=500 + i) for i, (w, h) in enumerate([(640, 480), (448, 896)])]
-    cosines, agreement = [], []
-    for image in images:
-        pixel_values = preprocess_image(image, reference.spec.tiling)
-        ref, cand = reference.backend.encode_images(pixel_values), candidate.backend.encode_images(pixel_values)
-        cosines += [cosine(r, c) for r, c in zip(ref, cand)]
-    logits_cosines, top1 = [], []
-    for prompt in DRIFT_PROMPTS:  # next-token distributions on the same context: robust to the divergence above
-        embeds = reference.backend.embed_tokens(np.array(reference.tokenizer.encode(prompt)))
-        ref, cand = reference.backend.prefill(embeds), candidate.backend.prefill(embeds)
-        logits_cosines.append(cosine(ref, cand))
-        top1.append(float(np.argmax(ref) == np.argmax(cand)))
-    for i, prompt in enumerate(DRIFT_PROMPTS):
-        a = reference.generate(prompt, images[i % len(images)], max_new_tokens=new_tokens).token_ids
-        b = candidate.generate(prompt, images[i % len(images)], max_new_tokens=new_tokens).token_ids
-        same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        agreement.append(same / max(len(a), 1))
-    return {"image_embeds_cosine_min": min(cosines), "image_embeds_cosine_mean": float(np.mean(cosines)),
-            "greedy_token_agreement": float(np.mean(agreement)), "new_tokens": new_tokens,
-            "next_token_logits_cosine_min": min(logits_cosines), "next_token_top1_agreement": float(np.mean(top1)),
-            "prompts": len(DRIFT_PROMPTS)}

@@ -1,0 +1,388 @@
+"""TensorRT backend for an exported directory with plans from `edgevl build`. Never imports torch; tensorrt and
+cuda-python are imported when a backend is built, so `import edgevl` needs neither.
+
+Device-side design (see export/trt/config.py for the profiles):
+- one CUDA stream; every copy and every execute_async_v3 is enqueued on it, the host waits only for logits and
+  image embeddings;
+- an `Engine` per plan owns its engine, one execution context per optimization profile (a profile may be
+  active in one context at a time) and one activation scratch shared by those contexts (they never run
+  concurrently: same stream);
+- named device buffers are allocated once, at their largest shape, and bound with set_tensor_address each call;
+- the KV cache never leaves the device: two max_seq-capacity buffers per KV tensor, ping-ponged (the concat
+  layout writes present [kv, P+S, d] densely, so it cannot be updated in place);
+- host<->device copies only for pixel values / image embeddings and inputs_embeds / logits, through pinned
+  staging buffers so the copies are truly asynchronous.
+CUDA graphs: not used with this KV layout. A captured graph fixes shapes and addresses, and the decode step's
+past length changes every token, so each graph would be replayed once at most; capture costs more than it
+saves. A fixed-capacity cache graph (past bound at max_seq, positions masked) would make the decode step a
+single replayable graph; that is an export change.
+"""
+from __future__ import annotations
+
+import ctypes
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..manifest import ExportError
+
+INSTALL_HINT = ("pip install 'edgevl[gpu]' (TensorRT + cuda-python); on Jetson, TensorRT comes with JetPack "
+                "(apt install python3-libnvinfer) and cuda-python must match its CUDA 12 (pip install 'cuda-python<13')")
+
+
+class PlanMismatchError(ExportError):
+    """Plans built for another TensorRT version or GPU: they must be rebuilt on this machine."""
+
+
+# -- plain logic (tested without a GPU) -----------------------------------------------------------------------
+
+def check_plan_compatibility(section: dict, trt_version: str, gpu: dict, export_dir="") -> list[str]:
+    """Raise PlanMismatchError when the plans cannot load here; return warnings for plans that load but were
+    tuned on another GPU model of the same architecture (e.g. built on an AGX Orin, run on an Orin NX)."""
+    rebuild = f"rebuild them here: edgevl build {export_dir or 'EXPORT_DIR'}"
+    if section.get("version") != trt_version:
+        raise PlanMismatchError(f"{export_dir}: the TensorRT plans were built with TensorRT {section.get('version')}, "
+                                f"this is TensorRT {trt_version}; plans only load in the version that built them: "
+                                f"{rebuild}")
+    built = section.get("gpu", {})
+    if built.get("compute_capability") != gpu["compute_capability"]:
+        raise PlanMismatchError(f"{export_dir}: the TensorRT plans were built for {built.get('name')} (compute "
+                                f"capability {built.get('compute_capability')}), this GPU is {gpu['name']} "
+                                f"(compute capability {gpu['compute_capability']}): {rebuild}")
+    if built.get("name") != gpu["name"]:
+        return [f"TensorRT plans were built on {built.get('name')}, running on {gpu['name']} (same architecture): "
+                f"they load, but kernels were timed on the other GPU; {rebuild} for best speed"]
+    return []
+
+
+def profile_for(profiles: list[dict], shapes: dict[str, tuple[int, ...]]) -> int:
+    """Index of the first optimization profile (manifest form) whose ranges contain every given shape."""
+    for index, profile in enumerate(profiles):
+        ranges = profile["shapes"]
+        if all(name in ranges and len(shape) == len(ranges[name][0]) and
+               all(lo <= s <= hi for s, lo, hi in zip(shape, ranges[name][0], ranges[name][2]))
+               for name, shape in shapes.items()):
+            return index
+    raise ValueError(f"no optimization profile covers shapes {shapes}; profiles: "
+                     f"{[p['name'] for p in profiles]} (rebuild with larger --max-tiles / --max-seq)")
+
+
+def plans_present(export_dir, manifest: dict) -> bool:
+    section = manifest.get("tensorrt")
+    return bool(section) and all((Path(export_dir) / name).is_file() for name in section["plans"].values())
+
+
+def tensorrt_unavailable_reason() -> str | None:
+    """None when tensorrt imports and a GPU is visible; else why not (used to pick the default backend)."""
+    from ..doctor import gpu_info
+
+    try:
+        gpu_info()
+    except RuntimeError as e:  # asked first: without a GPU, TensorRT could not run even if installed
+        return f"no usable GPU ({e})"
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:  # ImportError, or libnvinfer failing to load
+        return f"tensorrt does not import ({e})"
+    return None
+
+
+def _process_peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# -- CUDA through cuda-python ---------------------------------------------------------------------------------
+
+def _imports():
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise ImportError(f"backend='tensorrt' needs TensorRT ({e}): {INSTALL_HINT}") from None
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        raise ImportError(f"backend='tensorrt' needs cuda-python: {INSTALL_HINT}") from None
+    return trt, cudart
+
+
+def _check(cudart, result, what: str):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"{what} failed: {err.name}")
+    return rest[0] if len(rest) == 1 else (rest or None)
+
+
+class DeviceBuffer:
+    """cudaMalloc'd memory; freed by close() or when collected."""
+
+    def __init__(self, cudart, nbytes: int):
+        self._cudart, self.nbytes = cudart, int(nbytes)
+        self.ptr = int(_check(cudart, cudart.cudaMalloc(max(self.nbytes, 256)), f"cudaMalloc({nbytes})"))
+
+    def close(self):
+        if getattr(self, "ptr", 0):
+            try:
+                self._cudart.cudaFree(self.ptr)
+            except Exception:  # interpreter shutdown: the bindings may already be gone
+                pass
+            self.ptr = 0
+
+    __del__ = close
+
+
+class PinnedBuffer:
+    """Page-locked host memory viewed as a numpy array, so cudaMemcpyAsync does not fall back to a sync copy."""
+
+    def __init__(self, cudart, shape, dtype):
+        self._cudart, dtype = cudart, np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        self.ptr = int(_check(cudart, cudart.cudaMallocHost(max(nbytes, 256)), f"cudaMallocHost({nbytes})"))
+        raw = (ctypes.c_byte * nbytes).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+    def close(self):
+        if getattr(self, "ptr", 0):
+            self.array = None
+            try:
+                self._cudart.cudaFreeHost(self.ptr)
+            except Exception:
+                pass
+            self.ptr = 0
+
+    __del__ = close
+
+
+class Engine:
+    """One plan (TensorRT samples' common.py shape): engine, a context per profile, shared scratch, named I/O."""
+
+    def __init__(self, trt, cudart, runtime, plan_path: Path, stream):
+        self.trt, self.cudart, self.stream, self.path = trt, cudart, stream, plan_path
+        plan = plan_path.read_bytes()
+        self.plan_bytes = len(plan)
+        self.engine = runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise PlanMismatchError(f"{plan_path}: TensorRT could not deserialize this plan (built by another "
+                                    f"TensorRT version or for another GPU?): rebuild with edgevl build")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        profiles = self.engine.num_optimization_profiles
+        self.scratch_bytes = max(self._scratch_size(p) for p in range(profiles))
+        self.scratch = DeviceBuffer(cudart, self.scratch_bytes)
+        self.contexts = [self._context(p) for p in range(profiles)]
+
+    def _scratch_size(self, profile: int) -> int:
+        engine = self.engine
+        if hasattr(engine, "get_device_memory_size_for_profile_v2"):  # TensorRT >= 10.1
+            return int(engine.get_device_memory_size_for_profile_v2(profile))
+        return int(engine.device_memory_size)
+
+    def _context(self, profile: int):
+        strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        context = self.engine.create_execution_context(strategy)
+        if context is None:
+            raise RuntimeError(f"{self.path}: could not create an execution context for profile {profile}")
+        if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
+            context.set_device_memory(self.scratch.ptr, self.scratch_bytes)
+        else:
+            context.device_memory = self.scratch.ptr
+        if not context.set_optimization_profile_async(profile, self.stream):
+            raise RuntimeError(f"{self.path}: could not select optimization profile {profile}")
+        return context
+
+    def run(self, profile: int, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
+        """Set input shapes and every I/O address, then enqueue on the stream (no synchronisation)."""
+        context = self.contexts[profile]
+        for name, shape in shapes.items():
+            if not context.set_input_shape(name, tuple(int(s) for s in shape)):
+                raise ValueError(f"{self.path.name}: shape {shape} for {name} is outside profile {profile}")
+        unresolved = context.infer_shapes()
+        if unresolved:
+            raise ValueError(f"{self.path.name}: input shapes not set for {list(unresolved)}")
+        for name in self.inputs + self.outputs:
+            context.set_tensor_address(name, addresses[name])
+        if not context.execute_async_v3(self.stream):
+            raise RuntimeError(f"{self.path.name}: execute_async_v3 failed (see TensorRT's log above)")
+
+    def output_shape(self, profile: int, name: str) -> tuple[int, ...]:
+        return tuple(self.contexts[profile].get_tensor_shape(name))
+
+    def close(self):
+        self.contexts, self.engine = [], None
+        self.scratch.close()
+
+
+class TensorRTBackend:
+    def __init__(self, export_dir, manifest: dict, device: str = "cuda", max_seq: int | None = None,
+                 cuda_graph: bool = False):
+        if cuda_graph:
+            raise ValueError("cuda_graph=True: the concat KV layout changes the decode step's shapes every token, "
+                             "so a captured graph cannot be replayed (see this module's docstring)")
+        export_dir = Path(export_dir)
+        section = manifest.get("tensorrt")
+        if not section:
+            raise ExportError(f"{export_dir}: no TensorRT plans in this export: run `edgevl build {export_dir}`")
+        from ..doctor import gpu_info
+
+        index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        try:
+            gpu = gpu_info(index)
+        except RuntimeError as e:  # asked first: without a GPU, installing TensorRT would not help
+            raise RuntimeError(f"backend='tensorrt' needs an NVIDIA GPU and this machine has none usable ({e}); "
+                               "use backend='onnxruntime' here") from None
+        trt, cudart = _imports()
+        for warning in check_plan_compatibility(section, trt.__version__, gpu, export_dir):
+            warnings.warn(warning, stacklevel=3)
+        _check(cudart, cudart.cudaSetDevice(index), f"cudaSetDevice({index})")
+        self.trt, self.cudart, self.gpu = trt, cudart, gpu
+        free, total = _check(cudart, cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+        self._baseline_used, self._peak_used = total - free, 0
+        self.stream = _check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        self.vision = Engine(trt, cudart, runtime, export_dir / section["plans"]["vision"], self.stream)
+        self.decoder = Engine(trt, cudart, runtime, export_dir / section["plans"]["decoder"], self.stream)
+        self.profiles = section["profiles"]
+        limits, spec = section["limits"], manifest["spec"]
+        if max_seq is not None and not 1 < max_seq <= limits["max_seq"]:
+            raise ValueError(f"max_seq={max_seq}: these plans were built for at most {limits['max_seq']} positions "
+                             "(rebuild with a larger --max-seq)")
+        self.max_seq, self.max_tiles = max_seq or limits["max_seq"], limits["max_tiles"]
+        self.embed_table = np.load(export_dir / manifest["graphs"]["embed_tokens"], mmap_mode="r")
+        self.hidden_size = spec["decoder"]["hidden_size"]
+        self.vocab_size = spec["decoder"]["vocab_size"]
+        self._allocate(spec)
+        self._pos, self._current = 0, 0
+        self._track_memory()
+
+    # -- buffers ---------------------------------------------------------------------------------------------
+
+    def _allocate(self, spec: dict) -> None:
+        cudart, dec = self.cudart, spec["decoder"]
+        size = spec["vision"]["image_size"]
+        tokens_per_tile = 256  # (448 / 14 * 0.5)^2, fixed by InternVL's pixel shuffle
+        vision_shapes = {"pixel_values": (self.max_tiles, 3, size, size),
+                         "image_embeds": (self.max_tiles, tokens_per_tile, self.hidden_size)}
+        self._vision_dev = {n: DeviceBuffer(cudart, np.prod(s) * self.vision.dtypes[n].itemsize)
+                            for n, s in vision_shapes.items()}
+        self._vision_host = {n: PinnedBuffer(cudart, s, self.vision.dtypes[n]) for n, s in vision_shapes.items()}
+        kv, head_dim = dec["num_kv_heads"], dec["hidden_size"] // dec["num_heads"]
+        io_shapes = {"inputs_embeds": (self.max_seq, self.hidden_size), "position_ids": (self.max_seq,),
+                     "logits": (self.vocab_size,)}
+        self._dec_dev = {n: DeviceBuffer(cudart, np.prod(s) * self.decoder.dtypes[n].itemsize)
+                         for n, s in io_shapes.items()}
+        self._dec_host = {n: PinnedBuffer(cudart, s, self.decoder.dtypes[n]) for n, s in io_shapes.items()}
+        self._past_names = [n for n in self.decoder.inputs if n.startswith("past_key_values.")]
+        self._kv_shape = (1, kv, head_dim)
+        kv_bytes = kv * self.max_seq * head_dim * self.decoder.dtypes[self._past_names[0]].itemsize
+        self._kv = {n: (DeviceBuffer(cudart, kv_bytes), DeviceBuffer(cudart, kv_bytes)) for n in self._past_names}
+        self.kv_cache_bytes = 2 * kv_bytes * len(self._past_names)
+
+    def _copy_in(self, host: PinnedBuffer, device: DeviceBuffer, nbytes: int) -> None:
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        _check(self.cudart, self.cudart.cudaMemcpyAsync(device.ptr, host.ptr, nbytes, kind, self.stream), "HtoD")
+
+    def _copy_out(self, device: DeviceBuffer, host: PinnedBuffer, nbytes: int) -> None:
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check(self.cudart, self.cudart.cudaMemcpyAsync(host.ptr, device.ptr, nbytes, kind, self.stream), "DtoH")
+
+    def _sync(self) -> None:
+        _check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        self._track_memory()
+
+    # -- Backend protocol ------------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        return np.concatenate([self._encode_chunk(pixel_values[i:i + self.max_tiles])
+                               for i in range(0, len(pixel_values), self.max_tiles)])
+
+    def _encode_chunk(self, tiles: np.ndarray) -> np.ndarray:
+        n = len(tiles)
+        profile = profile_for(self.profiles["vision"], {"pixel_values": tiles.shape})
+        host_in, host_out = self._vision_host["pixel_values"], self._vision_host["image_embeds"]
+        host_in.array[:n] = tiles
+        self._copy_in(host_in, self._vision_dev["pixel_values"], tiles.nbytes)
+        self.vision.run(profile, {"pixel_values": tiles.shape}, {k: b.ptr for k, b in self._vision_dev.items()})
+        out_shape = self.vision.output_shape(profile, "image_embeds")
+        out = host_out.array[:n]
+        self._copy_out(self._vision_dev["image_embeds"], host_out, out.nbytes)
+        self._sync()
+        return np.array(out.reshape(out_shape), dtype=np.float32)  # a copy: the staging buffer is reused
+
+    def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.embed_table[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
+
+    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        if len(inputs_embeds) > self.max_seq:
+            raise ValueError(f"{len(inputs_embeds)} prompt positions, these plans hold {self.max_seq}")
+        self._pos, self._current = 0, 0
+        return self._step(inputs_embeds)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        if self._pos >= self.max_seq:
+            raise ValueError(f"the KV cache is full ({self.max_seq} positions)")
+        return self._step(self.embed_tokens(np.array([token_id])))
+
+    def _step(self, embeds: np.ndarray) -> np.ndarray:
+        n, past = len(embeds), self._pos
+        host, dev = self._dec_host, self._dec_dev
+        host["inputs_embeds"].array[:n] = embeds
+        host["position_ids"].array[:n] = np.arange(past, past + n)
+        self._copy_in(host["inputs_embeds"], dev["inputs_embeds"], host["inputs_embeds"].array[:n].nbytes)
+        self._copy_in(host["position_ids"], dev["position_ids"], host["position_ids"].array[:n].nbytes)
+        kv, head_dim = self._kv_shape[1], self._kv_shape[2]
+        shapes = {"inputs_embeds": (1, n, self.hidden_size), "position_ids": (1, n)}
+        shapes.update({name: (1, kv, past, head_dim) for name in self._past_names})
+        profile = profile_for(self.profiles["decoder"], shapes)
+        addresses = {name: b.ptr for name, b in dev.items()}
+        for name, pair in self._kv.items():
+            addresses[name] = pair[self._current].ptr
+            addresses[name.replace("past_key_values.", "present.")] = pair[1 - self._current].ptr
+        self.decoder.run(profile, shapes, addresses)
+        self._copy_out(dev["logits"], host["logits"], host["logits"].array.nbytes)
+        self._sync()
+        self._pos, self._current = past + n, 1 - self._current
+        return host["logits"].array.astype(np.float32)  # a copy, and fp16 -> fp32 for sampling
+
+    # -- memory ----------------------------------------------------------------------------------------------
+
+    def _track_memory(self) -> None:
+        free, total = _check(self.cudart, self.cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+        self._peak_used = max(self._peak_used, total - free - self._baseline_used)
+
+    def memory_report(self) -> dict:
+        """Bytes: what this backend allocated, and the peak device use observed since it was created. On an
+        integrated GPU (Jetson) device memory is system DRAM, so the process's peak RSS is added."""
+        buffers = [*self._vision_dev.values(), *self._dec_dev.values(), *(b for p in self._kv.values() for b in p)]
+        report = {"plans_bytes": self.vision.plan_bytes + self.decoder.plan_bytes,
+                  "activation_scratch_bytes": self.vision.scratch_bytes + self.decoder.scratch_bytes,
+                  "kv_cache_bytes": self.kv_cache_bytes,
+                  "io_buffers_bytes": sum(b.nbytes for b in buffers) - self.kv_cache_bytes,
+                  "device_peak_used_bytes": self._peak_used, "integrated": self.gpu["integrated"]}
+        if self.gpu["integrated"]:
+            rss = _process_peak_rss_bytes()
+            report["process_peak_rss_bytes"] = rss
+            report["process_total_peak_bytes"] = (rss or 0) + self._peak_used
+        return report
+
+    def close(self) -> None:
+        for engine in (self.vision, self.decoder):
+            engine.close()
+        for buffer in [*self._vision_dev.values(), *self._vision_host.values(), *self._dec_dev.values(),
+                       *self._dec_host.values(), *(b for p in self._kv.values() for b in p)]:
+            buffer.close()
+        if self.stream is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+

@@ -1,0 +1,203 @@
+"""`edgevl doctor`: what this machine can run, and why a backend cannot. Every probe is lazy and fails soft:
+a missing library or driver becomes a line in the report, never an exception."""
+from __future__ import annotations
+
+import importlib
+import platform
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why not, or what it will run on
+
+
+@dataclass
+class DoctorReport:
+    python: str
+    machine: str
+    jetson: str | None  # the L4T release line on a Jetson, else None
+    gpu: dict | None  # name, compute_capability, integrated, total_memory_bytes, index
+    gpu_problem: str | None  # why no GPU was found
+    cuda_driver: str | None  # the CUDA version the driver supports, e.g. "12.6"
+    cuda_python: str | None
+    nvrtc: str | None
+    tensorrt: str | None
+    onnxruntime: str | None
+    onnxruntime_providers: list[str] = field(default_factory=list)
+    torch: str | None = None
+    notes: list[str] = field(default_factory=list)
+    backends: list[BackendStatus] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # ImportError, or a library that fails to load its shared objects
+        return None
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def _cuda_version(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
+def gpu_info(index: int = 0) -> dict:
+    """name, compute capability ("8.7"), integrated (Jetson: shares DRAM with the CPU), total memory; raises
+    RuntimeError saying why there is no usable GPU."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        raise RuntimeError("cuda-python is not installed (pip install 'edgevl[gpu]')") from None
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess:
+        hint = {"cudaErrorInsufficientDriver": "no NVIDIA driver is loaded, or it is older than this cuda-python "
+                                               "needs",
+                "cudaErrorNoDevice": "the driver sees no NVIDIA GPU"}.get(err.name, "")
+        raise RuntimeError(f"cudaGetDeviceCount: {err.name}" + (f" ({hint})" if hint else ""))
+    if index >= count:
+        raise RuntimeError(f"GPU {index} requested, {count} present")
+    err, prop = cudart.cudaGetDeviceProperties(index)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"cudaGetDeviceProperties({index}): {err.name}")
+    name = prop.name.decode(errors="replace").rstrip("\0") if isinstance(prop.name, bytes) else str(prop.name)
+    return {"index": index, "name": name, "compute_capability": f"{prop.major}.{prop.minor}",
+            "integrated": bool(prop.integrated), "total_memory_bytes": int(prop.totalGlobalMem),
+            "multiprocessors": int(prop.multiProcessorCount)}
+
+
+def _jetson_release() -> str | None:
+    try:
+        with open("/etc/nv_tegra_release") as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
+def _cuda_driver_version() -> str | None:
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return None
+    err, code = cudart.cudaDriverGetVersion()
+    return _cuda_version(code) if err == cudart.cudaError_t.cudaSuccess and code else None
+
+
+def _nvrtc_version() -> str | None:
+    try:
+        from cuda.bindings import nvrtc
+        err, major, minor = nvrtc.nvrtcVersion()
+    except Exception:  # no cuda-python, or no libnvrtc to load
+        return None
+    return f"{major}.{minor}" if int(err) == 0 else None
+
+
+def _ort_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except Exception:
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
+def diagnose() -> DoctorReport:
+    report = DoctorReport(python=platform.python_version(), machine=f"{platform.system()} {platform.machine()}",
+                          jetson=_jetson_release(), gpu=None, gpu_problem=None, cuda_driver=_cuda_driver_version(),
+                          cuda_python=_version("cuda.bindings"), nvrtc=_nvrtc_version(),
+                          tensorrt=_version("tensorrt"), onnxruntime=_version("onnxruntime"),
+                          onnxruntime_providers=_ort_providers(), torch=_version("torch"))
+    try:
+        report.gpu = gpu_info()
+    except RuntimeError as e:
+        report.gpu_problem = str(e)
+    report.notes = _notes(report)
+    report.backends = [_onnxruntime_status(report), _tensorrt_status(report), _torch_status(report),
+                       _kernels_status(report)]
+    return report
+
+
+def _notes(r: DoctorReport) -> list[str]:
+    notes = []
+    if r.cuda_python and r.cuda_driver:
+        bindings_major, driver_major = int(r.cuda_python.split(".")[0]), int(r.cuda_driver.split(".")[0])
+        if bindings_major > driver_major:
+            notes.append(f"cuda-python {r.cuda_python} targets CUDA {bindings_major}, the driver supports CUDA "
+                         f"{r.cuda_driver}: install cuda-python=={driver_major}.* (JetPack 6 is CUDA 12)")
+    if r.gpu and r.gpu["integrated"]:
+        notes.append("integrated GPU (Jetson): GPU memory is the system's DRAM; memory reports are process totals")
+    return notes
+
+
+def _onnxruntime_status(r: DoctorReport) -> BackendStatus:
+    if r.onnxruntime is None:
+        return BackendStatus("onnxruntime", False, "onnxruntime is not installed (pip install onnxruntime)")
+    cuda = "CUDAExecutionProvider" in r.onnxruntime_providers
+    if cuda and r.gpu:
+        where = "CPU and CUDA"
+    elif cuda:
+        where = f"CPU only: CUDAExecutionProvider is installed but there is no usable GPU ({r.gpu_problem})"
+    else:
+        where = "CPU only (onnxruntime-gpu adds CUDA)"
+    return BackendStatus("onnxruntime", True, where)
+
+
+def _tensorrt_status(r: DoctorReport) -> BackendStatus:
+    missing = []
+    if r.gpu is None:
+        missing.append(f"TensorRT needs an NVIDIA GPU and its driver, and this machine has none usable "
+                       f"({r.gpu_problem}); TensorRT plans are compiled for and run on a specific GPU")
+    if r.tensorrt is None:
+        missing.append("the tensorrt Python module is not installed (pip install 'edgevl[gpu]'; on Jetson it comes "
+                       "with JetPack: apt install python3-libnvinfer)")
+    if r.cuda_python is None:
+        missing.append("cuda-python is not installed (the TensorRT backend allocates device memory through it)")
+    if missing:
+        return BackendStatus("tensorrt", False, "; ".join(missing))
+    return BackendStatus("tensorrt", True, f"TensorRT {r.tensorrt} on {r.gpu['name']} "
+                                           f"(sm_{r.gpu['compute_capability'].replace('.', '')}); build plans with "
+                                           "`edgevl build EXPORT_DIR`")
+
+
+def _torch_status(r: DoctorReport) -> BackendStatus:
+    if r.torch is None:
+        return BackendStatus("torch", False, "PyTorch is not installed (pip install 'edgevl[torch]'); only needed "
+                                             "for checkpoints and export")
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return BackendStatus("torch", True, f"PyTorch {r.torch}, " + ("CPU and CUDA" if cuda else "CPU only"))
+
+
+def _kernels_status(r: DoctorReport) -> BackendStatus:
+    if r.cuda_python is None or r.nvrtc is None:
+        return BackendStatus("gpu-preprocess", False, "GPU tiling kernels need cuda-python and NVRTC "
+                                                      "(pip install 'edgevl[gpu]')")
+    if r.gpu is None:
+        return BackendStatus("gpu-preprocess", False, f"NVRTC {r.nvrtc} compiles the kernels, but there is no GPU "
+                                                      f"to run them ({r.gpu_problem}); CPU tiling is used")
+    return BackendStatus("gpu-preprocess", True, f"NVRTC {r.nvrtc} for sm_{r.gpu['compute_capability'].replace('.', '')}")
+
+
+def format_report(r: DoctorReport) -> str:
+    def show(value):
+        return value if value else "not found"
+
+    gpu = (f"{r.gpu['name']} (compute capability {r.gpu['compute_capability']}, "
+           f"{r.gpu['total_memory_bytes'] / 2**30:.1f} GiB{', integrated' if r.gpu['integrated'] else ''})"
+           if r.gpu else f"none ({r.gpu_problem})")
+    lines = [f"python        {r.python} ({r.machine})"]
+    if r.jetson:
+        lines.append(f"jetson        {r.jetson}")
+    lines += [f"gpu           {gpu}", f"cuda driver   {show(r.cuda_driver)}", f"cuda-python   {show(r.cuda_python)}",
+              f"nvrtc         {show(r.nvrtc)}", f"tensorrt      {show(r.tensorrt)}",
+              f"onnxruntime   {show(r.onnxruntime)} (providers: {', '.join(r.onnxruntime_providers) or 'none'})",
+              f"torch         {show(r.torch)}", "", "backends:"]
+    for b in r.backends:
+        lines.append(f"  {b.name:<15} {'yes' if b.available else 'NO '}  {b.reason}")
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""What `edgevl build` asks TensorRT for, as plain data: precisions, optimization profiles, the graph each
+engine is built from, and the manifest's `tensorrt` section. No TensorRT here, so all of it is tested on CPU.
+
+KV cache and profiles. The exported decoder grows the cache by Concat: it reads past [1, kv, P, d] and writes
+present [1, kv, P + S, d], both dense. The runtime keeps two device buffers of max_seq capacity per KV tensor
+and ping-pongs them (present of step t is bound as past of step t + 1, no copy, no host round trip). In-place
+is impossible with this layout: a dense [kv, P + 1, d] tensor moves every head's rows relative to
+[kv, P, d]. Two profiles cover every call the runtime makes:
+  prefill: seq 1..max_seq, past 0 (a prompt always starts a new sequence; `Decoder.prefill` says so);
+  decode:  seq 1,          past 1..max_seq - 1.
+Each is tuned at its opt shape (prefill at a one-image prompt, decode at mid-context); the runtime picks the
+profile whose ranges contain the call's shapes (edgevl.backends.tensorrt_backend.profile_for).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --precision -> (vision graph, decoder graph)
+PRECISIONS = {
+    "fp16": ("fp16", "fp16"),
+    "int8": ("int8", "int8-weight-only"),
+    "int8-vision-fp16-llm": ("int8", "fp16"),
+}
+DEFAULT_PRECISION = "fp16"
+# Tile counts tuned for: one tile (video frames, small images), 2x3 + thumbnail, 12 + thumbnail.
+COMMON_TILE_COUNTS = (1, 7, 13)
+PREFILL_OPT_TOKENS = 256 * 7 + 128  # a 6-tile image + thumbnail and a short question
+DEFAULT_WORKSPACE_GB = 4.0  # Orin Nano has 8 GB shared: a cap, not an allocation
+PLAN_NAMES = {"vision": "vision.plan", "decoder": "decoder.plan"}
+GRAPH_NAMES = {"vision": "vision.trt.onnx", "decoder": "decoder.trt.onnx"}
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimization profile: input name -> (min, opt, max) shapes."""
+    name: str
+    shapes: dict[str, tuple[Shape, Shape, Shape]]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()}}
+
+
+def tile_ranges(max_tiles: int, common=COMMON_TILE_COUNTS) -> list[tuple[int, int, int]]:
+    """(min, opt, max) tile counts covering 1..max_tiles, one range per common count (opt = max = that count,
+    so every range is tuned at its largest batch); a last range up to max_tiles when it exceeds them."""
+    if max_tiles < 1:
+        raise ValueError(f"max_tiles={max_tiles}: expected >= 1")
+    ranges, low = [], 1
+    for count in sorted(c for c in set(common) if c <= max_tiles):
+        ranges.append((low, count, count))
+        low = count + 1
+    if low <= max_tiles:
+        ranges.append((low, max_tiles, max_tiles))
+    return ranges
+
+
+def vision_profiles(max_tiles: int, image_size: int = 448) -> list[Profile]:
+    image = (3, image_size, image_size)
+    return [Profile(f"tiles{lo}-{hi}", {"pixel_values": ((lo, *image), (opt, *image), (hi, *image))})
+            for lo, opt, hi in tile_ranges(max_tiles)]
+
+
+def decoder_profiles(max_seq: int, hidden_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                     prefill_opt: int = PREFILL_OPT_TOKENS) -> list[Profile]:
+    if max_seq < 2:
+        raise ValueError(f"max_seq={max_seq}: expected >= 2 (a prompt token and a generated one)")
+    opt = min(prefill_opt, max_seq)
+    past_opt = max(1, min(max_seq - 1, max_seq // 2))
+
+    def shapes(seq: tuple[int, int, int], past: tuple[int, int, int]):
+        out = {"inputs_embeds": tuple((1, s, hidden_size) for s in seq),
+               "position_ids": tuple((1, s) for s in seq)}
+        for i in range(num_layers):
+            for kind in ("key", "value"):
+                out[f"past_key_values.{i}.{kind}"] = tuple((1, num_kv_heads, p, head_dim) for p in past)
+        return out
+
+    return [Profile("prefill", shapes((1, opt, max_seq), (0, 0, 0))),
+            Profile("decode", shapes((1, 1, 1), (1, past_opt, max_seq - 1)))]
+
+
+def check_limits(manifest: dict, max_tiles: int | None, max_seq: int | None) -> tuple[int, int]:
+    """The build's limits: the export's by default; never above them (the ONNX dims were exported bounded)."""
+    limits = manifest["limits"]
+    max_tiles = limits["max_tiles"] if max_tiles is None else max_tiles
+    max_seq = limits["max_seq"] if max_seq is None else max_seq
+    if not 1 <= max_tiles <= limits["max_tiles"]:
+        raise ValueError(f"max_tiles={max_tiles}: this export takes 1..{limits['max_tiles']} tiles "
+                         "(re-export with a larger --max-tiles)")
+    if not 2 <= max_seq <= limits["max_seq"]:
+        raise ValueError(f"max_seq={max_seq}: this export takes 2..{limits['max_seq']} positions "
+                         "(re-export with a larger --max-seq)")
+    return max_tiles, max_seq
+
+
+def source_graphs(manifest: dict, precision: str) -> dict[str, tuple[str, bool]]:
+    """kind -> (exported ONNX the engine starts from, whether build must quantize it to int8 Q/DQ first), or a
+    ValueError saying which export to make instead. The decoder always starts from fp32 weights: the export's
+    weight-only decoders are ONNX Runtime's MatMulNBits, which TensorRT does not parse. Vision int8 uses the
+    export's static Q/DQ graph when it has one, else build calibrates one (export/quantize.py)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {tuple(PRECISIONS)}")
+    vision_want, _ = PRECISIONS[precision]
+    have = manifest["precision"]
+    if have["decoder"] != "fp32":
+        raise ValueError(f"this export's decoder is {have['decoder']} weight-only (ONNX Runtime MatMulNBits), "
+                         "which TensorRT cannot parse: export with `edgevl export --precision fp32`, then "
+                         f"`edgevl build --precision {precision}` (int8 vision is calibrated during the build)")
+    if vision_want == "fp16" and have["vision"] != "fp32":
+        raise ValueError(f"--precision {precision} builds vision from fp32 weights; this export's vision is "
+                         f"{have['vision']}: export with --precision fp32")
+    graphs = manifest["graphs"]
+    return {"vision": (graphs["vision"], vision_want == "int8" and have["vision"] == "fp32"),
+            "decoder": (graphs["decoder"], False)}
+
+
+def tensorrt_section(trt_version: str, gpu: dict, precision: str, max_tiles: int, max_seq: int,
+                     profiles: dict[str, list[Profile]], build_seconds: dict[str, float]) -> dict:
+    """The manifest's `tensorrt` section; the runtime refuses plans whose version or GPU differ from it."""
+    vision, decoder = PRECISIONS[precision]
+    return {
+        "version": trt_version,
+        "gpu": {"name": gpu["name"], "compute_capability": gpu["compute_capability"],
+                "integrated": bool(gpu.get("integrated", False))},
+        "build_precision": precision,
+        "precision": {"vision": vision, "decoder": decoder},
+        "strongly_typed": True,
+        "plans": dict(PLAN_NAMES),
+        "limits": {"max_tiles": max_tiles, "max_seq": max_seq},
+        "profiles": {kind: [p.to_dict() for p in ps] for kind, ps in profiles.items()},
+        "kv_cache": {"layout": "concat-ping-pong", "dtype": "float16",
+                     "note": "two max_seq-capacity device buffers per KV tensor; present(t) is past(t+1)"},
+        "io_dtypes": {"pixel_values": "float32", "image_embeds": "float32", "inputs_embeds": "float32",
+                      "position_ids": "int64", "logits": "float16"},
+        "build_seconds": {k: round(v, 2) for k, v in build_seconds.items()},
+    }

@@ -1,0 +1,74 @@
+"""`edgevl selftest` passes on this machine, writes its documented JSON, and fails when a graph is wrong."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgevl.cli import main
+from edgevl.manifest import write_manifest
+from edgevl.selftest import BACKENDS, FAMILIES, selftest
+
+CHECK_FIELDS = {"component", "family", "backend", "check", "value", "threshold", "passed", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("selftest")
+    code = main(["selftest", "--json", str(out / "selftest.json"), "--keep", str(out / "work")])
+    return code, json.loads((out / "selftest.json").read_text())
+
+
+def test_passes_and_exits_zero(result):
+    code, report = result
+    assert code == 0 and report["passed"] is True
+    assert report["checks"] and all(c["passed"] for c in report["checks"])
+
+
+def test_json_is_the_documented_schema(result):
+    _, report = result
+    assert set(report) == {"format_version", "edgevl_version", "passed", "seconds", "checks", "not_run"}
+    assert report["format_version"] == 1
+    for check in report["checks"]:
+        assert set(check) == CHECK_FIELDS
+        assert check["threshold"].split()[0] in (">=", "<=", "==")
+    for entry in report["not_run"]:
+        assert set(entry) == {"what", "why"} and entry["why"]
+
+
+def test_every_family_and_backend_is_checked_or_explained(result):
+    _, report = result
+    for family in FAMILIES:
+        assert {c["backend"] for c in report["checks"] if c["family"] == family} >= {
+            "pytorch vs transformers", "onnxruntime-cpu fp32", "onnxruntime-cpu int8 vs fp32",
+            "onnxruntime-cpu int4 vs fp32"}
+    not_run = {n["what"] for n in report["not_run"]}
+    for backend in BACKENDS:
+        assert backend in not_run or any(c["backend"].startswith(backend) for c in report["checks"]), backend
+
+
+def test_a_corrupted_graph_fails_and_names_the_component(monkeypatch, tmp_path):
+    import edgevl.export as export
+
+    real_export = export.export_model
+
+    def corrupted_export(model_dir, out_dir, **kwargs):
+        real_export(model_dir, out_dir, **kwargs)
+        model = onnx.load(out_dir / "vision.onnx")
+        weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))  # a projector/fc weight
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+        onnx.save(model, out_dir / "vision.onnx")
+        manifest = json.loads((out_dir / "manifest.json").read_text())
+        manifest.pop("files")
+        write_manifest(out_dir, manifest)  # checksums match again: only the comparison can catch it
+        return out_dir / "manifest.json"
+
+    monkeypatch.setattr(export, "export_model", corrupted_export)
+    report = selftest(["onnxruntime-cpu"], keep=tmp_path, families=["qwen2"], log=lambda _: None)
+    failed = [c for c in report.checks if not c.passed]
+    assert not report.passed
+    assert any(c.component == "vision" and c.backend == "onnxruntime-cpu fp32" for c in failed)
+    assert main(["selftest", "--backends", "onnxruntime-cpu", "--families", "qwen2", "--keep",
+                 str(tmp_path / "again")]) == 1

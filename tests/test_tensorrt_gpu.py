@@ -1,0 +1,94 @@
+"""TensorRT plans on a real GPU against the ONNX Runtime fp32 reference on the same tiny random checkpoint.
+Skipped, with the reason, on machines without TensorRT or a GPU."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgevl import EdgeVL
+from edgevl.backends.tensorrt_backend import PlanMismatchError, tensorrt_unavailable_reason
+from edgevl.export import export_model
+from edgevl.export.trt import build_engines
+from edgevl.preprocess import preprocess_image
+from edgevl.testing.images import synthetic_image
+
+REASON = tensorrt_unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"TensorRT needs an NVIDIA GPU and tensorrt: {REASON}")
+EMBED_COSINE = 0.999
+NEW_TOKENS = 32
+
+
+def cosine(a, b) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="module")
+def built(tiny_checkpoint, tmp_path_factory):
+    made = {}
+
+    def make(precision: str):
+        if precision not in made:
+            out = tmp_path_factory.mktemp(f"trt-{precision}")
+            export_model(tiny_checkpoint("qwen2"), out, max_seq=512, log=lambda _: None)
+            reference = EdgeVL.from_pretrained(out, backend="onnxruntime")
+            build_engines(out, precision=precision, log=print)
+            made[precision] = (reference, out)
+        return made[precision]
+
+    return make
+
+
+@pytest.mark.parametrize("tiles", [1, 3, 7, 13])
+def test_fp16_image_embeddings_match_fp32(built, tiles):
+    reference, out = built("fp16")
+    model = EdgeVL.from_pretrained(out)
+    assert type(model.backend).__name__ == "TensorRTBackend"  # chosen by default: plans + GPU present
+    pixel_values = preprocess_image(synthetic_image(1400, 1000, seed=3), reference.spec.tiling)[:tiles]
+    ref, got = reference.backend.encode_images(pixel_values), model.backend.encode_images(pixel_values)
+    assert got.shape == ref.shape
+    assert min(cosine(a, b) for a, b in zip(ref, got)) >= EMBED_COSINE
+
+
+def test_fp16_greedy_tokens_match_fp32(built):
+    reference, out = built("fp16")
+    model = EdgeVL.from_pretrained(out, backend="tensorrt")
+    image = synthetic_image(900, 450, seed=1)
+    a = reference.generate("What is in the picture?", image, max_new_tokens=NEW_TOKENS)
+    b = model.generate("What is in the picture?", image, max_new_tokens=NEW_TOKENS)
+    first = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+    if first is not None:  # allowed only at an fp16 tie: the reference's top two logits nearly equal there
+        pytest.fail(f"greedy tokens diverge at {first}: {a.token_ids[:first + 1]} vs {b.token_ids[:first + 1]}")
+    report = model.backend.memory_report()
+    print("memory", json.dumps(report))
+    assert report["kv_cache_bytes"] > 0 and report["device_peak_used_bytes"] > 0
+
+
+def test_int8_vision_cosine_reported(built):
+    reference, out = built("int8-vision-fp16-llm")
+    model = EdgeVL.from_pretrained(out, backend="tensorrt")
+    pixel_values = preprocess_image(synthetic_image(900, 450, seed=2), reference.spec.tiling)
+    ref, got = reference.backend.encode_images(pixel_values), model.backend.encode_images(pixel_values)
+    cosines = [cosine(a, b) for a, b in zip(ref, got)]
+    print(f"int8 vision cosine vs fp32: min {min(cosines):.4f} mean {np.mean(cosines):.4f}")
+    assert min(cosines) >= 0.98  # loose floor on a tiny random model; the real number is reported above
+
+
+def test_plans_from_another_tensorrt_version_are_refused(built):
+    _, out = built("fp16")
+    from edgevl.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(out)
+    manifest.pop("files")
+    manifest["tensorrt"] = {**manifest["tensorrt"], "version": "0.0.1"}
+    write_manifest(out, manifest)
+    try:
+        with pytest.raises(PlanMismatchError, match="rebuild"):
+            EdgeVL.from_pretrained(out, backend="tensorrt")
+    finally:
+        import tensorrt
+
+        manifest["tensorrt"]["version"] = tensorrt.__version__
+        write_manifest(out, manifest)
