@@ -5,38 +5,20 @@ camera names in the prompt, as Mini-InternVL's DriveLM adaptation reads them; ob
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 from edgevl import EdgeVL
 from edgevl.formats.driving import CAMERA_ORDER, parse_object_tags, tags_to_normalized, tags_to_pixels
+from edgevl.testing.examples import model_dir_or_tiny, parse_example_args
 from edgevl.testing.images import synthetic_image
 
 
-def _model_dir(model, work: Path) -> Path:
-    """--model, else a tiny RANDOM-weight checkpoint written to `work` (and said so)."""
-    if model:
-        return Path(model)
-    from edgevl.testing.checkpoints import write_tiny_checkpoint
-
-    print("NOTE: tiny RANDOM-weight model (not trained): the answers below are meaningless; the example shows "
-          "the input format and the pipeline running end to end. Pass --model DIR for a real checkpoint.")
-    return write_tiny_checkpoint(work / "tiny-model", family="qwen2")
-
-
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a local InternVL checkpoint; default: a tiny random-weight one")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = _parse_args(argv)
+    args = parse_example_args(__doc__, argv)
     with tempfile.TemporaryDirectory(prefix="edgevl-example-") as work:
-        model = EdgeVL.from_pretrained(_model_dir(args.model, Path(work)))
+        model = EdgeVL.from_pretrained(model_dir_or_tiny(args.model, Path(work)))
         views = {camera: synthetic_image(1600, 900, seed=i) for i, camera in enumerate(CAMERA_ORDER)}
         # DriveLM questions name objects by pixel position in one camera; the model reads 0-1000 of the stitch.
         question = tags_to_normalized("What is the status of <c1,CAM_FRONT,800.0,450.0>? Answer briefly.")

@@ -5,38 +5,20 @@ into pixel boxes and draw them; ask about a region given as a pixel box.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 from edgevl import EdgeVL
 from edgevl.formats.grounding import detection_prompt, draw_boxes, parse_boxes, region_prompt
+from edgevl.testing.examples import model_dir_or_tiny, parse_example_args
 from edgevl.testing.images import synthetic_image
 
 
-def _model_dir(model, work: Path) -> Path:
-    """--model, else a tiny RANDOM-weight checkpoint written to `work` (and said so)."""
-    if model:
-        return Path(model)
-    from edgevl.testing.checkpoints import write_tiny_checkpoint
-
-    print("NOTE: tiny RANDOM-weight model (not trained): the answers below are meaningless; the example shows "
-          "the input format and the pipeline running end to end. Pass --model DIR for a real checkpoint.")
-    return write_tiny_checkpoint(work / "tiny-model", family="qwen2")
-
-
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a local InternVL checkpoint; default: a tiny random-weight one")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = _parse_args(argv)
+    args = parse_example_args(__doc__, argv)
     with tempfile.TemporaryDirectory(prefix="edgevl-example-") as work:
-        model = EdgeVL.from_pretrained(_model_dir(args.model, Path(work)))
+        model = EdgeVL.from_pretrained(model_dir_or_tiny(args.model, Path(work)))
         image = synthetic_image(800, 800, seed=3)  # stands in for an aerial tile
         height, width = image.shape[:2]
         prompt = detection_prompt("the storage tank at the top left")
