@@ -1,7 +1,6 @@
 """EdgeVL: the user-facing pipeline. tiling -> vision -> prompt -> splice -> decode, on any backend."""
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from .generation import DecodeRun, GenerationConfig
-from .preprocess import preprocess_image
+from .gpu_preprocess import HostPreprocessor, make_preprocessor, resolve_preprocess
 from .prompts import (IMG_CONTEXT, PromptError, build_query, checkpoint_system_message, get_template, render_prompt,
                       tokenize_prompt)
 from .specs import ModelSpec
@@ -71,8 +70,9 @@ def _as_list(images) -> list:
 
 class EdgeVL:
     def __init__(self, backend, spec: ModelSpec, tokenizer: Tokenizer, template: str | None = None,
-                 system_message: str | None = None):
+                 system_message: str | None = None, preprocessor=None):
         self.backend, self.spec, self.tokenizer = backend, spec, tokenizer
+        self.preprocessor = preprocessor or HostPreprocessor()  # see gpu_preprocess: where images are tiled
         self.template = get_template(template or spec.template)
         self.system_message = system_message
         self.history: list[_Turn] = []
@@ -87,12 +87,15 @@ class EdgeVL:
     def from_pretrained(cls, path, backend: str | None = None, device: str = "cpu", dtype: str = "float32",
                         max_seq: int | None = None, template: str | None = None,
                         system_message: str | None = None, num_threads: int | None = None,
-                        verify_checksums: bool = True) -> "EdgeVL":
+                        verify_checksums: bool = True, preprocess: str | None = None) -> "EdgeVL":
         """Load a local directory: an InternVL checkpoint (original or -hf format; backend "torch") or an
         `edgevl export` directory (backend "onnxruntime", chosen by default when manifest.json is present;
         "tensorrt" instead when `edgevl build` plans are there and tensorrt + a GPU are usable).
 
-        device: "cpu" or "cuda". dtype: torch backend only. num_threads: onnxruntime intra-op threads."""
+        device: "cpu" or "cuda". dtype: torch backend only. num_threads: onnxruntime intra-op threads.
+        preprocess: where images are tiled, "gpu" (the image goes to the device once, as uint8) or "cpu"; None
+        picks "gpu" for backend "tensorrt" and for "onnxruntime" with device="cuda", else "cpu". "gpu" where it
+        cannot run raises PreprocessUnavailable (no fallback)."""
         from .manifest import is_export_dir
         from .tokenizer import load_tokenizer
 
@@ -111,6 +114,7 @@ class EdgeVL:
                 "checkpoint directories; this is an `edgevl export` directory (use backend='onnxruntime')"
                 if exported else "`edgevl export` directories; this is a checkpoint (export it first, or use "
                 "backend='torch')"))
+        preprocess = resolve_preprocess(preprocess, backend, device)
         if exported:
             from .specs import spec_from_dict
 
@@ -137,7 +141,8 @@ class EdgeVL:
             runtime = TorchBackend(checkpoint, device=device, dtype=dtype, max_seq=max_seq)
             spec = checkpoint.spec
             stored_message = checkpoint_system_message(path, template or spec.template)
-        return cls(runtime, spec, load_tokenizer(path), template, system_message or stored_message)
+        preprocessor = make_preprocessor(preprocess, runtime, device)
+        return cls(runtime, spec, load_tokenizer(path), template, system_message or stored_message, preprocessor)
 
     # -- one call ----------------------------------------------------------------------------------------
 
@@ -187,7 +192,8 @@ class EdgeVL:
             raise PromptError(f"the prompt is {len(prompt_ids)} tokens ({sum(tiles)} image tiles), but the model "
                               f"holds {self.backend.max_seq}: use fewer or smaller images, or a larger max_seq")
         # Only a chat keeps embeddings; within it, an image seen before (same pixels, same tiling) is reused.
-        keys = [_content_key(p) for p in pixel_values] if history is self.history else [None] * len(pixel_values)
+        in_chat = history is self.history
+        keys = [self.preprocessor.content_key(p) if in_chat else None for p in pixel_values]
         cache = {k: e for turn in history for k, e in zip(turn.image_keys, turn.image_embeds)}
         timings = Timings(preprocess_ms=_ms_since(start))
         t = time.perf_counter()
@@ -198,11 +204,11 @@ class EdgeVL:
         return _Prepared(start, config, query, prompt_ids, inputs_embeds, new_embeds, keys,
                          [p.shape[0] for p in pixel_values], timings, history)
 
-    def _encode(self, pixel_values: np.ndarray, key: str | None, cache: dict, timings: Timings) -> np.ndarray:
+    def _encode(self, pixel_values, key: str | None, cache: dict, timings: Timings) -> np.ndarray:
         if key is not None and key in cache:
             return cache[key]
         timings.images_encoded += 1
-        embeds = self.backend.encode_images(pixel_values)
+        embeds = self.preprocessor.encode(self.backend, pixel_values)
         if key is not None:
             cache[key] = embeds
         return embeds
@@ -218,14 +224,15 @@ class EdgeVL:
                                             max_new_tokens)
             frames = video_format.read_video_frames(video, num_frames)
             one_tile = replace(self.spec.tiling, min_tiles=1, max_tiles=1, use_thumbnail=False)
-            return video_format.video_query(prompt, len(frames)), [preprocess_image(f, one_tile) for f in frames]
+            frame_tiles = [self.preprocessor.tile(f, one_tile) for f in frames]
+            return video_format.video_query(prompt, len(frames)), frame_tiles
         if isinstance(images, dict):
-            assembled = driving.assemble_views(images, channel_order, draw_labels=True)
             twelve = replace(self.spec.tiling, min_tiles=min(self.spec.tiling.min_tiles, 12), max_tiles=12)
-            return build_query(driving.driving_query(prompt), 1), [preprocess_image(assembled, twelve)]
+            views = self.preprocessor.tile_driving(images, channel_order, twelve)
+            return build_query(driving.driving_query(prompt), 1), [views]
         images = _as_list(images)
         query = build_query(prompt, len(images))
-        return query, [preprocess_image(im, self.spec.tiling, channel_order) for im in images]
+        return query, [self.preprocessor.tile(im, self.spec.tiling, channel_order) for im in images]
 
     def _decode(self, prep: "_Prepared") -> Iterator[str]:
         before_decode_ms = _ms_since(prep.start)
@@ -264,13 +271,6 @@ def _default_export_backend(path: Path, manifest: dict) -> str:
         if plans_present(path, manifest) and tensorrt_unavailable_reason() is None:
             return "tensorrt"
     return "onnxruntime"
-
-
-def _content_key(pixel_values: np.ndarray) -> str:
-    # The normalised tiles, not the source, so one picture given as a path and as an array shares an entry.
-    digest = hashlib.blake2b(np.ascontiguousarray(pixel_values).view(np.uint8), digest_size=16)
-    digest.update(str(pixel_values.shape).encode())
-    return digest.hexdigest()
 
 
 def _ms_since(t: float) -> float:

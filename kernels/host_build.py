@@ -17,6 +17,7 @@ import numpy as np
 
 from edgevl.preprocess import TilingConfig
 
+from .launch import TileAssembly
 from .tile_plan import NORMALIZATION_TABLE, DRIVING_CANVAS_SIZE, Destination, ResizePlan, plan_driving_views, plan_tiles
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -135,3 +136,64 @@ class HostKernels:
             _ptr(x), _ptr(weight), _ptr(bias), ctypes.c_float(eps), _ptr(y), tiles, side, channels,
             int(ps_version == "v2"))
         return y
+
+
+class HostBuffer:
+    """Host memory standing in for a device allocation: `ptr` is a real address the host kernels write."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = int(nbytes)
+        self.array = np.empty(max(self.nbytes, 1), dtype=np.uint8)
+        self.ptr = self.array.ctypes.data
+
+
+class HostDevice(TileAssembly):
+    """A stand-in for CudaKernels whose "device pointers" are host addresses: the same launch sequence
+    (TileAssembly) runs the host-emulated kernels, so code written against device pointers (the GPU
+    preprocessing seam, a backend binding a pointer) runs end to end without a GPU."""
+
+    def __init__(self, lib_path: str | os.PathLike):
+        self.kernels = HostKernels(lib_path)
+        self.norm_table = NORMALIZATION_TABLE
+        self.launches = 0  # resizes run, so tests can see the seam really went through the kernels
+
+    def alloc(self, nbytes: int) -> HostBuffer:
+        return HostBuffer(nbytes)
+
+    def upload(self, array: np.ndarray) -> HostBuffer:
+        array = np.ascontiguousarray(array)
+        return self.upload_into(self.alloc(array.nbytes), array)
+
+    def upload_into(self, buf: HostBuffer, array: np.ndarray) -> HostBuffer:
+        array = np.ascontiguousarray(array)
+        if array.nbytes > buf.nbytes:
+            raise ValueError(f"{array.nbytes} bytes do not fit a {buf.nbytes}-byte buffer")
+        ctypes.memmove(buf.ptr, array.ctypes.data, array.nbytes)
+        return buf
+
+    def download(self, buf: HostBuffer, shape, dtype) -> np.ndarray:
+        out = np.empty(shape, dtype=dtype)
+        ctypes.memmove(out.ctypes.data, buf.ptr, out.nbytes)
+        return out
+
+    def synchronize(self) -> None:
+        pass
+
+    def resize_into(self, src_ptr: int, src_pitch: int, pixel_bytes: int, bgr: bool, plan: ResizePlan,
+                    dst: Destination, tile_size: int, tiles_ptr: int, fp16: bool, canvas_ptr: int = 0,
+                    canvas_pitch: int = 0) -> None:
+        """CudaKernels.resize_into's arguments, run through the host build."""
+        self.launches += 1
+        lib, first, second = self.kernels.lib, plan.first, plan.second
+        b1, w1 = np.ascontiguousarray(first.bounds), np.ascontiguousarray(first.weights)
+        b2, w2 = np.ascontiguousarray(second.bounds), np.ascontiguousarray(second.weights)
+        scratch = np.empty((plan.scratch_h, plan.scratch_w, 3), dtype=np.uint8)
+        P, L = ctypes.c_void_p, ctypes.c_longlong
+        lib.edgevl_host_resample_first_pass(
+            P(src_ptr), L(src_pitch), pixel_bytes, plan.in_w, plan.in_h, int(bgr), _ptr(b1), _ptr(w1), first.ksize,
+            first.axis, plan.row0, _ptr(scratch), L(scratch.strides[0]), plan.scratch_w, plan.scratch_h)
+        lib.edgevl_host_resample_second_pass(
+            _ptr(scratch), L(scratch.strides[0]), plan.scratch_w, plan.scratch_h, _ptr(b2), _ptr(w2), second.ksize,
+            second.axis, second.shift, plan.out_w, plan.out_h, dst.dst_x0, dst.dst_y0, dst.canvas_cols, tile_size,
+            dst.tile_offset, _ptr(NORMALIZATION_TABLE), P((not fp16 and tiles_ptr) or None),
+            P((fp16 and tiles_ptr) or None), P(canvas_ptr or None), L(canvas_pitch))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,60 @@ class DeviceBuffer:
             self.ptr = 0
 
 
-class CudaKernels:
+@dataclass(frozen=True)
+class DeviceImage:
+    """A decoded HWC uint8 image in device memory: rows `pitch` bytes apart, `pixel_bytes` per pixel (3, or 4
+    with a junk 4th byte), channels in `channel_order`."""
+
+    ptr: int
+    width: int
+    height: int
+    pitch: int
+    pixel_bytes: int = 3
+    channel_order: str = "RGB"
+
+
+class TileAssembly:
+    """The launch sequence of the tile assembly, shared by the GPU (CudaKernels) and the host stand-in
+    (host_build.HostDevice): subclasses provide resize_into (both passes of one resize) and alloc."""
+
+    _canvas = None
+
+    def assemble_tiles(self, src_ptr: int, width: int, height: int, pitch: int, out_ptr: int,
+                       config: TilingConfig = TilingConfig(), channel_order: str = "RGB", pixel_bytes: int = 3,
+                       fp16: bool = False) -> int:
+        """Tiles of a device image into out_ptr ([T, 3, S, S] fp32 or fp16, sized for
+        edgevl.preprocess.num_tiles); returns T."""
+        count, jobs = plan_tiles(width, height, config)
+        for plan, dst in jobs:
+            self.resize_into(src_ptr, pitch, pixel_bytes, channel_order == "BGR", plan, dst, config.image_size,
+                             out_ptr, fp16)
+        return count
+
+    def assemble_driving_views(self, views: list[DeviceImage], out_ptr: int, config: TilingConfig = TilingConfig(),
+                               fp16: bool = False) -> int:
+        """The six camera views (CAMERA_ORDER, device images of any size) resized to 896x448 each into the
+        2688x896 layout's 12 tiles plus its thumbnail, written to out_ptr ([13, 3, S, S]); returns 13."""
+        size = config.image_size
+        canvas_w, canvas_h = DRIVING_CANVAS_SIZE
+        jobs = plan_driving_views([(v.width, v.height) for v in views], config)
+        count, (_, (thumb_plan, thumb_dst)) = plan_tiles(canvas_w, canvas_h, config)
+        canvas = self._canvas_buffer(canvas_h * canvas_w * 3)
+        for view, (plan, dst) in zip(views, jobs):
+            self.resize_into(view.ptr, view.pitch, view.pixel_bytes, view.channel_order == "BGR", plan, dst, size,
+                             out_ptr, fp16, canvas.ptr, canvas_w * 3)
+        self.resize_into(canvas.ptr, canvas_w * 3, 3, False, thumb_plan, thumb_dst, size, out_ptr, fp16)
+        return count
+
+    def _canvas_buffer(self, nbytes: int):
+        # Kept, not freed per call: the launches reading it may still be queued when this returns.
+        if self._canvas is None or self._canvas.nbytes < nbytes:
+            self.synchronize()
+            self._canvas = self.alloc(nbytes)
+        return self._canvas
+
+
+class CudaKernels(TileAssembly):
     """The kernels on one GPU: owns its context, modules, stream and cached coefficient tables."""
 
     def __init__(self, device: int = 0, cache_dir: str | os.PathLike | None = None):
@@ -125,7 +179,13 @@ class CudaKernels:
 
     def upload(self, array: np.ndarray) -> DeviceBuffer:
         array = np.ascontiguousarray(array)
-        buf = self.alloc(array.nbytes)
+        return self.upload_into(self.alloc(array.nbytes), array)
+
+    def upload_into(self, buf: DeviceBuffer, array: np.ndarray) -> DeviceBuffer:
+        """Copy a host array into the start of buf (at least array.nbytes); synchronous for pageable memory."""
+        array = np.ascontiguousarray(array)
+        if array.nbytes > buf.nbytes:
+            raise ValueError(f"{array.nbytes} bytes do not fit a {buf.nbytes}-byte device buffer")
         self.check((self.drv.cuMemcpyHtoD(buf.ptr, array.ctypes.data, array.nbytes)[0], None), "cuMemcpyHtoD")
         return buf
 
@@ -179,17 +239,6 @@ class CudaKernels:
             (tile_size, I), (dst.tile_offset, I), (self.norm_table.ptr, P),
             (0 if fp16 else tiles_ptr, P), (tiles_ptr if fp16 else 0, P), (canvas_ptr, P), (canvas_pitch, L)])
 
-    def assemble_tiles(self, src_ptr: int, width: int, height: int, pitch: int, out_ptr: int,
-                       config: TilingConfig = TilingConfig(), channel_order: str = "RGB", pixel_bytes: int = 3,
-                       fp16: bool = False) -> int:
-        """Tiles of a device image into out_ptr ([T, 3, S, S] fp32 or fp16, sized for
-        edgevl.preprocess.num_tiles); returns T."""
-        count, jobs = plan_tiles(width, height, config)
-        for plan, dst in jobs:
-            self.resize_into(src_ptr, pitch, pixel_bytes, channel_order == "BGR", plan, dst, config.image_size,
-                             out_ptr, fp16)
-        return count
-
     def assemble_tiles_numpy(self, image: np.ndarray, config: TilingConfig = TilingConfig(),
                              channel_order: str = "RGB", fp16: bool = False) -> np.ndarray:
         """Host array in, host array out (tests, benchmarks): the image goes to the device once."""
@@ -202,19 +251,15 @@ class CudaKernels:
         return self.download(out, (count, 3, size, size), np.float16 if fp16 else np.float32)
 
     def assemble_driving_views_numpy(self, views: list[np.ndarray], config: TilingConfig = TilingConfig(),
-                                     channel_order: str = "RGB") -> np.ndarray:
+                                     channel_order: str = "RGB", fp16: bool = False) -> np.ndarray:
         size = config.image_size
-        canvas_w, canvas_h = DRIVING_CANVAS_SIZE
-        jobs = plan_driving_views([(v.shape[1], v.shape[0]) for v in views], config)
-        count, (_, (thumb_plan, thumb_dst)) = plan_tiles(canvas_w, canvas_h, config)
-        out = self.alloc(count * 3 * size * size * 4)
-        canvas = self.alloc(canvas_h * canvas_w * 3)
         sources = [self.upload(view) for view in views]  # alive until the download synchronizes
-        for view, src, (plan, dst) in zip(views, sources, jobs):
-            self.resize_into(src.ptr, view.shape[1] * view.shape[2], view.shape[2], channel_order == "BGR", plan, dst,
-                             size, out.ptr, False, canvas.ptr, canvas_w * 3)
-        self.resize_into(canvas.ptr, canvas_w * 3, 3, False, thumb_plan, thumb_dst, size, out.ptr, False)
-        return self.download(out, (count, 3, size, size), np.float32)
+        images = [DeviceImage(src.ptr, v.shape[1], v.shape[0], v.shape[1] * v.shape[2], v.shape[2], channel_order)
+                  for v, src in zip(views, sources)]
+        count = 2 * len(views) + 1
+        out = self.alloc(count * 3 * size * size * (2 if fp16 else 4))
+        self.assemble_driving_views(images, out.ptr, config, fp16)
+        return self.download(out, (count, 3, size, size), np.float16 if fp16 else np.float32)
 
     # -- pixel shuffle --------------------------------------------------------------------------
     def pixel_shuffle(self, x_ptr: int, y_ptr: int, tiles: int, side: int, channels: int, ps_version: str,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 _DEVICE_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_TENSOR_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
 
 
 def _ort():
@@ -57,6 +58,33 @@ class OnnxRuntimeBackend:
         pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
         chunks = [self.vision.run(None, {"pixel_values": pixel_values[i:i + self.max_tiles]})[0]
                   for i in range(0, len(pixel_values), self.max_tiles)]
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    @property
+    def vision_input_dtype(self) -> np.dtype:
+        kind = self.vision.get_inputs()[0].type
+        if kind not in _TENSOR_DTYPES:
+            raise ValueError(f"the vision graph takes {kind} pixel values; expected one of {sorted(_TENSOR_DTYPES)}")
+        return _TENSOR_DTYPES[kind]
+
+    def encode_device_tiles(self, ptr: int, tiles: int, dtype) -> np.ndarray:
+        """Image embeddings [tiles, 256, H] float32 for pixel values already in this backend's device memory
+        (GPU tiling): [tiles, 3, S, S] of vision_input_dtype at address ptr, bound in place through IOBinding.
+        On device='cpu' the address is host memory (the tests' stand-in for a GPU)."""
+        dtype = np.dtype(dtype)
+        if dtype != self.vision_input_dtype:
+            raise ValueError(f"device tiles are {dtype}, the vision graph takes {self.vision_input_dtype}")
+        size = self.vision.get_inputs()[0].shape[-1]
+        tile_bytes = 3 * size * size * dtype.itemsize
+        output = self.vision.get_outputs()[0].name
+        chunks = []
+        for first in range(0, tiles, self.max_tiles):
+            n = min(self.max_tiles, tiles - first)
+            binding = self.vision.io_binding()
+            binding.bind_input("pixel_values", self.device, 0, dtype, (n, 3, size, size), ptr + first * tile_bytes)
+            binding.bind_output(output, "cpu")
+            self.vision.run_with_iobinding(binding)
+            chunks.append(binding.copy_outputs_to_cpu()[0])
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
     def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:

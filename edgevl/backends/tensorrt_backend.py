@@ -269,7 +269,7 @@ class TensorRTBackend:
 
     def _allocate(self, spec: dict) -> None:
         cudart, dec = self.cudart, spec["decoder"]
-        size = spec["vision"]["image_size"]
+        size = self.image_size = spec["vision"]["image_size"]
         tokens_per_tile = 256  # (448 / 14 * 0.5)^2, fixed by InternVL's pixel shuffle
         vision_shapes = {"pixel_values": (self.max_tiles, 3, size, size),
                          "image_embeds": (self.max_tiles, tokens_per_tile, self.hidden_size)}
@@ -309,11 +309,34 @@ class TensorRTBackend:
 
     def _encode_chunk(self, tiles: np.ndarray) -> np.ndarray:
         n = len(tiles)
-        profile = profile_for(self.profiles["vision"], {"pixel_values": tiles.shape})
-        host_in, host_out = self._vision_host["pixel_values"], self._vision_host["image_embeds"]
+        host_in = self._vision_host["pixel_values"]
         host_in.array[:n] = tiles
-        self._copy_in(host_in, self._vision_dev["pixel_values"], tiles.nbytes)
-        self.vision.run(profile, {"pixel_values": tiles.shape}, {k: b.ptr for k, b in self._vision_dev.items()})
+        self._copy_in(host_in, self._vision_dev["pixel_values"], host_in.array[:n].nbytes)
+        return self._run_vision(self._vision_dev["pixel_values"].ptr, tiles.shape)
+
+    @property
+    def vision_input_dtype(self) -> np.dtype:
+        return self.vision.dtypes["pixel_values"]
+
+    def encode_device_tiles(self, ptr: int, tiles: int, dtype) -> np.ndarray:
+        """Image embeddings [tiles, 256, H] float32 for pixel values already on this GPU (GPU tiling):
+        [tiles, 3, S, S] of vision_input_dtype at device address ptr, bound in place (no host copy). The caller
+        has finished writing them (synchronized its stream); only the embeddings come back."""
+        dtype = np.dtype(dtype)
+        if dtype != self.vision_input_dtype:
+            raise ValueError(f"device tiles are {dtype}, the vision plan takes {self.vision_input_dtype}")
+        tile_bytes = 3 * self.image_size * self.image_size * dtype.itemsize
+        return np.concatenate([
+            self._run_vision(ptr + first * tile_bytes,
+                             (min(self.max_tiles, tiles - first), 3, self.image_size, self.image_size))
+            for first in range(0, tiles, self.max_tiles)])
+
+    def _run_vision(self, pixels_ptr: int, shape: tuple[int, ...]) -> np.ndarray:
+        n = shape[0]
+        profile = profile_for(self.profiles["vision"], {"pixel_values": shape})
+        host_out = self._vision_host["image_embeds"]
+        addresses = {"pixel_values": pixels_ptr, "image_embeds": self._vision_dev["image_embeds"].ptr}
+        self.vision.run(profile, {"pixel_values": shape}, addresses)
         out_shape = self.vision.output_shape(profile, "image_embeds")
         out = host_out.array[:n]
         self._copy_out(self._vision_dev["image_embeds"], host_out, out.nbytes)
