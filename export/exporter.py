@@ -120,7 +120,8 @@ def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=pr
     spec = spec_from_dict(manifest["spec"])
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    shutil.copytree(reference_dir, out_dir)
+    # Everything but the fp32 graphs (and their external weights), which the quantized ones replace.
+    shutil.copytree(reference_dir, out_dir, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data"))
     with _stage(log, f"vision int8 (static Q/DQ, calibrated on {calib_images or 'generated images'})"):
         quantize_vision_int8(reference_dir / "vision.onnx", out_dir / "vision.onnx",
                              calibration_tiles(calib_images, spec.tiling))

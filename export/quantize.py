@@ -10,11 +10,13 @@ import numpy as np
 from edgevl.preprocess import TilingConfig, preprocess_image
 from edgevl.testing.images import synthetic_image
 
+from .graphs import EXTERNAL_DATA_BYTES
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BLOCK_SIZE = 32  # int4/int8 weight block along K: onnxruntime-genai's CPU default, small enough for accuracy
 
 
-def calibration_tiles(calib_images: Path | None, tiling: TilingConfig, max_tiles: int = 64) -> np.ndarray:
+def calibration_tiles(calib_images: Path | None, tiling: TilingConfig, max_tiles: int = 32) -> np.ndarray:
     """Tiles to calibrate activations on: the user's images, else a generated set of structured synthetic
     images of several sizes and aspect ratios (no data ships with edgevl)."""
     if calib_images is not None:
@@ -46,6 +48,7 @@ def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray) -> 
     root.setLevel(logging.ERROR)  # onnxruntime.quantization logs "consider pre-processing" on the root logger
     quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["Conv", "MatMul"], per_channel=True,
+                    use_external_data_format=_needs_external_data(fp32_path, bytes_per_weight=1),
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     root.setLevel(level)
@@ -60,4 +63,12 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int) -> None
     quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), bits=bits, block_size=BLOCK_SIZE,
                                      is_symmetric=True, accuracy_level=4)
     quantizer.process()
-    quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
+    quantizer.model.save_model_to_file(str(out_path),
+                                       use_external_data_format=_needs_external_data(fp32_path, bits / 8))
+
+
+def _needs_external_data(fp32_path: Path, bytes_per_weight: float) -> bool:
+    """Whether the quantized graph would pass protobuf's 2 GB limit (with margin), judged from the fp32 one."""
+    fp32_bytes = sum(p.stat().st_size for p in (fp32_path, fp32_path.with_name(fp32_path.name + ".data"))
+                     if p.exists())
+    return fp32_bytes * bytes_per_weight / 4 > EXTERNAL_DATA_BYTES

@@ -111,6 +111,9 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
     assert manifest["precision"] == {"vision": "int8", "decoder": precision}
     for metric, floor in DRIFT_BOUNDS[precision].items():
         assert drift[metric] >= floor, metric
+    # Only the quantized graphs: no fp32 weights left behind from the export it was made from.
+    assert not list(out.glob("*.onnx.data"))
+    assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
     graph = onnx.load(out / "decoder.onnx").graph
     weights = {init.name for init in graph.initializer}
     # Every weight matmul is block-quantized (4 per layer + lm_head); attention's activation matmuls are not.
