@@ -1,0 +1,139 @@
+"""python -m benchmarks run | plan | compare (also `--compare a.json b.json`). See benchmarks/README.md."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from .models import BACKENDS, DEFAULT_CACHE
+
+CPU_BACKENDS = "transformers,torch,ort-fp32,ort-int8,ort-int4"
+QUICK = {"tiles": "1,2", "prompt_tokens": 32, "new_tokens": 8, "repeat": 2}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,7,13") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    from edgevl.specs import KNOWN_SPECS
+
+    from .plan import DEVICES, PRECISIONS
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="measure backends side by side: table, JSON, plots")
+    src = run.add_mutually_exclusive_group()
+    src.add_argument("--model", type=Path, help="an InternVL checkpoint directory")
+    src.add_argument("--shape", choices=sorted(KNOWN_SPECS), help="random weights with this model's real shapes")
+    run.add_argument("--backends", default=None, help=f"comma-separated, of {','.join(BACKENDS)} "
+                                                      f"(default {CPU_BACKENDS})")
+    run.add_argument("--tiles", type=_ints, default=None, help="tile counts for vision latency (default 1,7,13)")
+    run.add_argument("--prompt-tokens", type=int, default=None, help="text tokens in the TTFT prompt (default 300)")
+    run.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per generation (default 128)")
+    run.add_argument("--repeat", type=int, default=None, help="measured repeats per figure (default 3)")
+    run.add_argument("--threads", type=int, default=None, help="intra-op threads for ONNX Runtime (default: cores)")
+    run.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON, table and plots go")
+    run.add_argument("--cache", type=Path, default=None, help=f"checkpoints and exports (default {DEFAULT_CACHE})")
+    run.add_argument("--quick", action="store_true", help="tiny random model, seconds: the smoke test")
+    run.add_argument("--no-plots", action="store_true")
+    plan = sub.add_parser("plan", help="weights + KV cache + activations against a device's memory")
+    plan.add_argument("--shape", choices=sorted(KNOWN_SPECS), default=None)
+    plan.add_argument("--model", type=Path, default=None, help="a checkpoint directory (its config.json)")
+    plan.add_argument("--device", default="orin-nano-8gb", help=f"one of {', '.join(DEVICES)}, or cpu")
+    plan.add_argument("--ram-gb", type=float, default=None, help="--device cpu: RAM in GB (default: this machine)")
+    plan.add_argument("--precision", choices=PRECISIONS, default="int8")
+    plan.add_argument("--max-seq", type=int, default=4096)
+    plan.add_argument("--tiles", type=int, default=13, help="tiles of the largest image (13 = 12 + thumbnail)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    compare = sub.add_parser("compare", help="the change between two result JSONs")
+    compare.add_argument("a", type=Path)
+    compare.add_argument("b", type=Path)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--compare"]:
+        argv[0] = "compare"
+    args = _parser().parse_args(argv)
+    return {"run": _run, "plan": _plan, "compare": _compare}[args.command](args, argv)
+
+
+def _run(args, argv) -> int:
+    from .models import model_source, shaped_source, tiny_source
+    from .report import format_table
+    from .run import RunConfig, run_benchmarks, write_outputs
+
+    defaults = QUICK if args.quick else {"tiles": "1,7,13", "prompt_tokens": 300, "new_tokens": 128, "repeat": 3}
+    config = RunConfig(
+        backends=tuple((args.backends or CPU_BACKENDS).split(",")),
+        tiles=args.tiles or _ints(defaults["tiles"]),
+        prompt_tokens=args.prompt_tokens or defaults["prompt_tokens"],
+        new_tokens=args.new_tokens or defaults["new_tokens"], repeat=args.repeat or defaults["repeat"],
+        threads=args.threads, bandwidth_mib=64 if args.quick else 2048, quick=args.quick)
+    if args.quick and (args.model or args.shape):
+        print("--quick runs the tiny random model; drop --model/--shape", file=sys.stderr)
+        return 2
+    cache = args.cache or (Path(tempfile.mkdtemp(prefix="edgevl-bench-quick-")) if args.quick else DEFAULT_CACHE)
+    if args.quick:
+        source = tiny_source(cache)
+    elif args.model:
+        source = model_source(args.model, cache)
+    else:
+        source = shaped_source(args.shape or "internvl2-1b", cache)
+    command = "python -m benchmarks " + shlex.join(argv)
+    try:
+        result = run_benchmarks(source, config, args.out, command=command)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = write_outputs(result, args.out, source.name, plots=not args.no_plots)
+    print()
+    print(format_table(result))
+    print()
+    for kind, path in paths.items():
+        print(f"[bench] {kind}: {path}")
+    return 0
+
+
+def _plan(args, argv) -> int:
+    from edgevl.specs import KNOWN_SPECS, read_config, spec_from_config
+
+    from .machine import describe
+    from .plan import DEVICES, cpu_device, format_plan, plan
+
+    if args.model:
+        spec = spec_from_config(read_config(args.model), args.model)
+    else:
+        spec = KNOWN_SPECS[args.shape or "internvl2-1b"]
+    if args.device == "cpu":
+        device = cpu_device(int(args.ram_gb * (1 << 30)) if args.ram_gb else describe()["ram_bytes"])
+    elif args.device in DEVICES:
+        device = DEVICES[args.device]
+    else:
+        print(f"error: --device {args.device!r}: expected one of {', '.join(DEVICES)}, cpu", file=sys.stderr)
+        return 2
+    result = plan(spec, device, args.precision, args.max_seq, args.tiles)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
+def _compare(args, argv) -> int:
+    from .report import compare
+
+    print(compare(json.loads(args.a.read_text()), json.loads(args.b.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The model directories a benchmark runs on: a checkpoint (given, or random weights with a real shape, or the
+tiny test model) and one `edgevl export` per ONNX precision. Written once into a cache directory and reused; the
+export time is measured when the export is made and kept next to it (`bench_export.json`)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# backend name -> (how it runs, export precision or None)
+BACKENDS = {
+    "transformers": ("transformers", None),
+    "torch": ("torch", None),
+    "ort-fp32": ("onnxruntime", "fp32"),
+    "ort-int8": ("onnxruntime", "int8"),
+    "ort-int4": ("onnxruntime", "int4"),
+    "trt-fp16": ("tensorrt", "fp16"),
+    "trt-int8": ("tensorrt", "int8"),
+}
+NOT_AVAILABLE = {"tensorrt": "TensorRT backend not built yet in edgevl (issue 7: rows come with the TensorRT "
+                             "backend); no GPU on this machine"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = Path.home() / ".cache" / "edgevl-benchmarks"
+EXPORT_RECORD = "bench_export.json"
+
+
+@dataclass
+class ModelSource:
+    """Where the rows' models come from: `original` runs edgevl (torch, export), `hf` runs transformers."""
+
+    name: str  # shape name, "tiny", or the --model directory's name
+    original: Path
+    hf: Path | None  # None: no -hf copy (a user's --model), the transformers row is not available
+    cache: Path
+
+    def export_dir(self, precision: str) -> Path:
+        return self.cache / f"export-{precision}"
+
+
+def shaped_source(shape: str, cache: Path, log=print) -> ModelSource:
+    from edgevl.testing.shaped import write_shaped_checkpoint
+
+    root = Path(cache) / f"{shape}-seed0"
+    dirs = {fmt: root / fmt for fmt in ("original", "hf")}
+    if not all((d / "config.json").is_file() for d in dirs.values()):
+        log(f"[bench] writing random {shape} weights (original + hf formats) to {root} ...")
+        start = time.perf_counter()
+        write_shaped_checkpoint(root, shape)
+        log(f"[bench] done in {time.perf_counter() - start:.0f} s")
+    return ModelSource(shape, dirs["original"], dirs["hf"], root)
+
+
+def tiny_source(cache: Path) -> ModelSource:
+    from edgevl.testing.checkpoints import write_tiny_checkpoint
+
+    root = Path(cache) / "tiny-qwen2"
+    dirs = {fmt: root / fmt for fmt in ("original", "hf")}
+    for fmt, d in dirs.items():
+        if not (d / "config.json").is_file():
+            write_tiny_checkpoint(d, family="qwen2", fmt=fmt)
+    return ModelSource("tiny", dirs["original"], dirs["hf"], root)
+
+
+def model_source(model_dir: Path, cache: Path) -> ModelSource:
+    """A user's checkpoint. transformers runs it only when it is in the -hf format."""
+    from edgevl.specs import checkpoint_format, read_config
+
+    model_dir = Path(model_dir)
+    fmt = checkpoint_format(read_config(model_dir), model_dir)
+    return ModelSource(model_dir.name, model_dir, model_dir if fmt == "hf" else None,
+                       Path(cache) / f"model-{model_dir.resolve().as_posix().strip('/').replace('/', '_')}")
+
+
+def ensure_export(source: ModelSource, precision: str, max_tiles: int, log=print) -> tuple[Path, dict]:
+    """The export directory for `precision` (made now if missing or made with other limits) and its record:
+    export_s, the seconds `edgevl.export.export_model` took (fp32 re-export and drift included for int8/int4), and
+    peak_rss_bytes of the process that exported (its own process, so the figure is the export's)."""
+    out = source.export_dir(precision)
+    record_path = out / EXPORT_RECORD
+    if record_path.is_file() and (out / "manifest.json").is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("max_tiles", 0) >= max_tiles and record.get("source") == str(source.original):
+            return out, record
+    if out.exists():
+        shutil.rmtree(out)
+    log(f"[bench] exporting {source.name} at {precision} to {out} ...")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.models", str(source.original), str(out), precision,
+                           str(max_tiles)], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("[export]"):
+            log(line)
+    if proc.returncode != 0 or not record_path.is_file():
+        raise RuntimeError(f"export {precision} of {source.original} failed (exit {proc.returncode}):\n"
+                           + "\n".join(proc.stdout.splitlines()[-15:]))
+    record = json.loads(record_path.read_text())
+    log(f"[bench] export {precision} took {record['export_s']:.0f} s, peak RSS {record['peak_rss_bytes'] / 2**30:.1f} GiB")
+    return out, record
+
+
+def _export_main(argv) -> int:
+    from edgevl.export import export_model
+
+    from .worker import peak_rss_bytes
+
+    model_dir, out, precision, max_tiles = Path(argv[0]), Path(argv[1]), argv[2], int(argv[3])
+    start = time.perf_counter()
+    export_model(model_dir, out, precision=precision, max_tiles=max_tiles, log=lambda m: print(m, flush=True))
+    record = {"export_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(), "max_tiles": max_tiles,
+              "source": str(model_dir)}
+    # Outside the manifest's file list on purpose: the export stays valid, the record is ours.
+    (out / EXPORT_RECORD).write_text(json.dumps(record))
+    return 0
+
+
+def dir_bytes(path: Path, skip=(EXPORT_RECORD,)) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name not in skip)
+
+
+def onnx_bytes(path: Path) -> int:
+    """A graph file plus the external data files its initializers point to (not other files beside it)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for init in model.graph.initializer
+                 if init.data_location == onnx.TensorProto.EXTERNAL for entry in init.external_data
+                 if entry.key == "location"}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def loaded_bytes(model_dir: Path) -> int:
+    """Bytes of the files a backend reads: for an export, the manifest's graphs with the external data they
+    reference, the embedding table and the small files; for a checkpoint, the whole directory."""
+    model_dir = Path(model_dir)
+    manifest_path = model_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return dir_bytes(model_dir)
+    graphs = json.loads(manifest_path.read_text())["graphs"]
+    onnx_files = {model_dir / name for name in graphs.values() if name.endswith(".onnx")}
+    total = sum(onnx_bytes(p) for p in onnx_files)
+    big = {p.name for p in onnx_files} | {p.name for p in model_dir.glob("*.onnx.data")} | {p.name for p in model_dir.glob("*.onnx")}
+    return total + dir_bytes(model_dir, skip=(EXPORT_RECORD, *big))
+
+
+if __name__ == "__main__":  # python -m benchmarks.models MODEL_DIR OUT PRECISION MAX_TILES (ensure_export's child)
+    sys.exit(_export_main(sys.argv[1:]))

@@ -1,0 +1,152 @@
+"""Memory arithmetic: bytes of weights a decode step reads (the roofline's denominator) and the memory planner
+(`python -m benchmarks plan`): weights + KV cache + activations against a device's memory.
+
+Estimates, not measurements: every term is a formula of the model's shape written out below, so a reader can
+check it. Activation terms assume attention scores are materialised (no fused attention), the upper bound.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgevl.specs import ModelSpec
+
+GIB = 1 << 30
+BLOCK_SIZE = 32  # edgevl.export.quantize.BLOCK_SIZE: one fp32 scale per 32 weights
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_bytes: int
+    bandwidth_bytes_per_s: float | None  # vendor figure (LPDDR5 / GDDR6X); None: measure it (`run`)
+    reserved_bytes: int  # what the OS, CUDA context and runtime keep before the model loads (assumption)
+    unified: bool  # CPU and GPU share the memory (Jetson) or it is the CPU's RAM
+
+
+DEVICES: dict[str, Device] = {
+    # Jetson: LPDDR5 shared with the OS (~1 GB with a desktop-less image) and the CUDA/TensorRT context (~0.6 GB).
+    "orin-nano-8gb": Device("Jetson Orin Nano 8GB", 8 * GIB, 68e9, int(1.6 * GIB), True),
+    "orin-nx-16gb": Device("Jetson Orin NX 16GB", 16 * GIB, 102.4e9, int(1.6 * GIB), True),
+    "agx-orin-32gb": Device("Jetson AGX Orin 32GB", 32 * GIB, 204.8e9, int(1.6 * GIB), True),
+    "agx-orin-64gb": Device("Jetson AGX Orin 64GB", 64 * GIB, 204.8e9, int(1.6 * GIB), True),
+    # Discrete: only the CUDA context (~0.6 GB) comes off the card's 24 GB.
+    "rtx-4090": Device("GeForce RTX 4090 24GB", 24 * GIB, 1008e9, int(0.6 * GIB), False),
+}
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# precision -> (vision bytes per weight, decoder matrix bytes per weight); int4 keeps vision at int8 (export).
+_BYTES_PER_WEIGHT = {"fp32": (4.0, 4.0), "fp16": (2.0, 2.0), "int8": (1.0, 1 + 4 / BLOCK_SIZE),
+                     "int4": (1.0, 0.5 + 4 / BLOCK_SIZE)}
+
+
+def cpu_device(ram_bytes: int) -> Device:
+    """This kind of box: its RAM, the OS and Python runtime (~1.5 GB) reserved, bandwidth measured by `run`."""
+    return Device(f"CPU box {ram_bytes / GIB:.0f} GB RAM", ram_bytes, None, int(1.5 * GIB), True)
+
+
+def parameter_counts(spec: ModelSpec) -> dict[str, int]:
+    """Parameters of the vision tower + projector, the decoder's matrices, its vectors (norms, biases), the token
+    embedding and the lm_head, from the same shape table the loaders check against."""
+    from edgevl.weights import expected_shapes
+
+    counts = {"vision": 0, "decoder_matrices": 0, "decoder_vectors": 0, "embedding": 0, "lm_head": 0}
+    for name, shape in expected_shapes(spec).items():
+        n = 1
+        for s in shape:
+            n *= s
+        if name == "decoder.embed.weight":
+            counts["embedding"] += n
+        elif name == "decoder.lm_head.weight":
+            counts["lm_head"] += n
+        elif name.startswith("decoder."):
+            counts["decoder_matrices" if len(shape) == 2 else "decoder_vectors"] += n
+        else:
+            counts["vision"] += n
+    return counts
+
+
+def decode_bytes_per_token(spec: ModelSpec, precision: str) -> int:
+    """Weights one decode step reads: every decoder matrix and the lm_head once (the embedding: one row)."""
+    counts = parameter_counts(spec)
+    matrix_bytes = _BYTES_PER_WEIGHT[precision][1]
+    return int((counts["decoder_matrices"] + counts["lm_head"]) * matrix_bytes + counts["decoder_vectors"] * 4
+               + spec.decoder.hidden_size * 4)
+
+
+def kv_cache_bytes(spec: ModelSpec, seq: int, kv_dtype_bytes: int) -> int:
+    d = spec.decoder
+    return 2 * d.num_layers * d.num_kv_heads * d.head_dim * seq * kv_dtype_bytes
+
+
+def activation_bytes(spec: ModelSpec, tiles: int, prefill_tokens: int, dtype_bytes: int) -> dict[str, int]:
+    """Peak transient memory of one vision layer over `tiles` tiles and of one decoder layer over a prefill of
+    `prefill_tokens` (attention scores materialised, hidden states in and out, the MLP's widest tensor)."""
+    v, d = spec.vision, spec.decoder
+    tokens = v.num_patches + 1
+    vision = tiles * dtype_bytes * (v.num_heads * tokens * tokens + tokens * (3 * v.hidden_size + v.intermediate_size
+                                                                              + 2 * v.hidden_size))
+    prefill = dtype_bytes * (d.num_heads * prefill_tokens ** 2 + prefill_tokens * (2 * d.intermediate_size
+                                                                                   + 4 * d.hidden_size))
+    return {"vision": vision, "prefill": prefill + d.vocab_size * 4}
+
+
+def _terms(spec: ModelSpec, device: Device, precision: str, max_seq: int, tiles: int) -> dict[str, int]:
+    gpu = device.bandwidth_bytes_per_s is not None  # the Jetsons and the 4090 run TensorRT (fp16 KV, fp16 act.)
+    act_bytes = 2 if gpu and precision != "fp32" else 4
+    counts = parameter_counts(spec)
+    return {
+        "weights: vision + projector": int(counts["vision"] * _BYTES_PER_WEIGHT[precision][0]),
+        "weights: decoder + lm_head": decode_bytes_per_token(spec, precision),
+        # edgevl exports keep the table fp32 and mmap it: only rows used become resident; counted whole.
+        "weights: token embedding": counts["embedding"] * act_bytes,
+        # The concat KV layout holds past and present during a step: 2x one cache at max_seq.
+        "KV cache (x2: concat layout)": 2 * kv_cache_bytes(spec, max_seq, act_bytes),
+        "activations (max of vision, prefill)": max(activation_bytes(spec, tiles, max_seq, act_bytes).values()),
+        "reserved (OS, runtime, CUDA context)": device.reserved_bytes,
+    }
+
+
+def plan(spec: ModelSpec, device: Device, precision: str, max_seq: int, tiles: int = 13) -> dict:
+    """Each term in bytes, the total, and whether it fits in the device's memory after its reserve."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    terms = _terms(spec, device, precision, max_seq, tiles)
+    total = sum(terms.values())
+    bytes_per_token = decode_bytes_per_token(spec, precision)
+    ceiling = device.bandwidth_bytes_per_s / bytes_per_token if device.bandwidth_bytes_per_s else None
+    return {"device": device.name, "memory_bytes": device.memory_bytes, "precision": precision, "max_seq": max_seq,
+            "tiles": tiles, "terms": terms, "total_bytes": total, "fits": total <= device.memory_bytes,
+            "headroom_bytes": device.memory_bytes - total, "decode_bytes_per_token": bytes_per_token,
+            "decode_ceiling_tokens_per_s": ceiling, "largest_max_seq": _largest_max_seq(spec, device, precision, tiles)}
+
+
+def _largest_max_seq(spec, device, precision, tiles) -> int:
+    """The longest max_seq (a multiple of 256, up to the model's context) that still fits; 0 if none does."""
+    fits = lambda seq: sum(_terms(spec, device, precision, seq, tiles).values()) <= device.memory_bytes  # noqa: E731
+    lo, hi = 0, spec.decoder.max_position_embeddings // 256  # in units of 256; fits(lo * 256) holds or lo == 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid * 256) else (lo, mid - 1)
+    return lo * 256
+
+
+def format_plan(result: dict) -> str:
+    lines = [f"Memory plan: {result['device']} ({_gib(result['memory_bytes'])}), {result['precision']}, "
+             f"max_seq {result['max_seq']}, {result['tiles']} tiles", "",
+             "| term | GiB |", "|---|---:|"]
+    lines += [f"| {name} | {b / GIB:.2f} |" for name, b in result["terms"].items()]
+    lines += [f"| **total** | **{result['total_bytes'] / GIB:.2f}** |", ""]
+    if result["fits"]:
+        lines.append(f"FITS: {_gib(result['headroom_bytes'])} left of {_gib(result['memory_bytes'])}.")
+    else:
+        lines.append(f"DOES NOT FIT: {_gib(-result['headroom_bytes'])} over {_gib(result['memory_bytes'])}; "
+                     "lower --max-seq, fewer tiles, or a smaller precision.")
+    lines.append(f"Largest max_seq that fits at this precision and tile count: {result['largest_max_seq'] or 'none'}.")
+    if result["decode_ceiling_tokens_per_s"]:
+        lines.append(f"Decode ceiling from the vendor bandwidth: {result['decode_ceiling_tokens_per_s']:.0f} tokens/s "
+                     f"({result['decode_bytes_per_token'] / 1e6:.0f} MB of weights read per token).")
+    lines.append("Estimates: attention scores counted as materialised; the token embedding counted whole.")
+    return "\n".join(lines)
+
+
+def _gib(b: int) -> str:
+    return f"{b / GIB:.2f} GiB"

@@ -1,0 +1,170 @@
+"""The benchmark suite end to end in quick mode (tiny random model), the memory planner's arithmetic, and the
+random checkpoints with real shapes that `--shape` writes. Timings are not asserted (this is not a timed
+test), only that every figure was measured, is consistent, and lands in the JSON, the table and the plots."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.plan import DEVICES, decode_bytes_per_token, kv_cache_bytes, parameter_counts, plan
+from edgevl.specs import KNOWN_SPECS
+
+BACKENDS = "transformers,torch,ort-fp32,ort-int8,trt-fp16"
+MEASURED = ["preprocess_ms", "ttft_ms", "decode_tokens_per_s"]
+ROW_FIELDS = ["backend", "runtime", "precision", "available", "model_bytes", "model_dir_bytes", "export_s",
+              "export_peak_rss_bytes", "drift", "load_s",
+              "preprocess_tiles", "preprocess_ms", "vision_ms", "prompt_tokens", "prompt_text_tokens", "cold_ttft_ms",
+              "ttft_ms", "decode_tokens_per_s", "new_tokens", "peak_rss_bytes", "rss_after_load_bytes",
+              "peak_device_bytes", "preprocess_gpu_ms", "threads", "roofline", "vs_transformers"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out, cache = tmp_path_factory.mktemp("bench-out"), tmp_path_factory.mktemp("bench-cache")
+    capture = []
+    import builtins
+
+    real_print = builtins.print
+    builtins.print = lambda *a, **k: capture.append(" ".join(map(str, a))) if "file" not in k else real_print(*a, **k)
+    try:
+        code = main(["run", "--quick", "--backends", BACKENDS, "--out", str(out), "--cache", str(cache)])
+    finally:
+        builtins.print = real_print
+    return code, out, json.loads((out / "tiny.json").read_text()), "\n".join(capture)
+
+
+def _check_stat(stat, repeat):
+    assert stat["n"] == len(stat["values"]) >= repeat  # preprocessing is cheap: it gets at least 5
+    assert 0 < stat["min"] <= stat["median"] <= stat["max"]
+
+
+def test_quick_run_measures_every_backend(quick_run):
+    code, out, result, _ = quick_run
+    assert code == 0
+    config = result["config"]
+    assert config["tiles"] == [1, 2] and config["quick"] and config["backends"] == BACKENDS.split(",")
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert list(rows) == BACKENDS.split(",")
+    for name in ("transformers", "torch", "ort-fp32", "ort-int8"):
+        row = rows[name]
+        assert row["available"], row.get("reason")
+        assert not [f for f in ROW_FIELDS if f not in row], name
+        for key in MEASURED:
+            _check_stat(row[key], config["repeat"])
+        assert set(row["vision_ms"]) == {"1", "2"}
+        for stat in row["vision_ms"].values():
+            _check_stat(stat, config["repeat"])
+        # 1 tile (256 image tokens) + ~32 text tokens + the template's own tokens
+        assert row["prompt_tokens"] >= 256 + config["prompt_tokens"] and row["prompt_text_tokens"] >= 32
+        assert row["preprocess_tiles"] == 9  # 1920x1080 -> a 4x2 grid + thumbnail
+        assert all(n >= 1 for n in row["new_tokens"])
+        assert 0 < row["model_bytes"] <= row["model_dir_bytes"]
+        # Own process: at least the model it loaded, and its own figure, not the parent's high-water mark.
+        assert row["peak_rss_bytes"] >= row["rss_after_load_bytes"] > 50 << 20
+        roof = row["roofline"]
+        assert roof["weights_bytes_per_token"] > 0 and roof["ceiling_tokens_per_s"] > 0
+        assert roof["fraction"] == pytest.approx(row["decode_tokens_per_s"]["median"] / roof["ceiling_tokens_per_s"])
+        assert row["threads"]["threadpools"] is not None
+    assert rows["transformers"]["vs_transformers"]["ttft"] == pytest.approx(1.0)
+    assert rows["ort-fp32"]["vs_transformers"]["decode"] == pytest.approx(
+        rows["ort-fp32"]["decode_tokens_per_s"]["median"] / rows["transformers"]["decode_tokens_per_s"]["median"])
+    assert rows["torch"]["export_s"] is None and rows["ort-fp32"]["export_s"] > 0
+    assert rows["ort-int8"]["precision"] == {"vision": "int8", "decoder": "int8"}
+    assert rows["ort-int8"]["drift"]["image_embeds_cosine_min"] > 0.99
+    assert rows["ort-fp32"]["threads"]["onnxruntime_providers"] == ["CPUExecutionProvider"]
+    assert "torch_threads" in rows["torch"]["threads"]
+    # The int8 decoder file reads fewer bytes per token than the fp32 one.
+    assert rows["ort-int8"]["roofline"]["weights_bytes_per_token"] < rows["ort-fp32"]["roofline"][
+        "weights_bytes_per_token"]
+    assert not rows["trt-fp16"]["available"] and "TensorRT" in rows["trt-fp16"]["reason"]
+    assert result["bandwidth"]["read_bytes_per_s"] > 1e8
+    assert result["machine"]["cpus"] >= 1 and result["machine"]["versions"]["onnxruntime"]
+    assert "loadavg_1_5_15" in result["background"]["before"]
+
+
+def test_quick_run_prints_the_table_and_writes_plots(quick_run):
+    _, out, result, printed = quick_run
+    assert "| backend | precision (vision/decoder) |" in printed
+    for name in ("transformers", "torch", "ort-fp32", "ort-int8"):
+        assert f"| {name} |" in printed
+    assert "trt-fp16: not available:" in printed
+    assert "### Decode roofline" in printed and "### Relative to transformers eager" in printed
+    written = (out / "tiny.md").read_text()
+    assert written.startswith("- command: `python -m benchmarks run --quick")
+    assert written[written.index("### Results"):].strip() in printed
+    assert "- memory bandwidth" in written and "- also running:" in written
+    pytest.importorskip("matplotlib")
+    for name in ("tiny-decode-ttft.png", "tiny-vision.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_two_runs(quick_run, capsys, tmp_path):
+    _, out, result, _ = quick_run
+    slower = json.loads(json.dumps(result))
+    for row in slower["rows"]:
+        if row.get("available"):
+            row["decode_tokens_per_s"]["median"] /= 2
+    (tmp_path / "b.json").write_text(json.dumps(slower))
+    assert main(["--compare", str(out / "tiny.json"), str(tmp_path / "b.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "| ort-int8 | decode tok/s |" in printed
+    lines = [l for l in printed.splitlines() if "| decode tok/s |" in l]
+    assert len(lines) == 4 and all(l.rstrip(" |").endswith("0.50") for l in lines)
+    assert all(l.rstrip(" |").endswith("1.00") for l in printed.splitlines() if "| TTFT ms |" in l)
+
+
+def test_plan_cli_says_what_fits(capsys):
+    assert main(["plan", "--shape", "internvl2-1b", "--device", "orin-nano-8gb", "--precision", "int8",
+                 "--max-seq", "4096"]) == 0
+    printed = capsys.readouterr().out
+    assert "Jetson Orin Nano 8GB" in printed and "FITS" in printed and "KV cache" in printed
+    assert main(["plan", "--shape", "internvl2-4b", "--device", "orin-nano-8gb", "--precision", "fp16"]) == 0
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["plan", "--shape", "internvl2-1b", "--device", "cpu", "--ram-gb", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_bytes"] == 16 << 30
+    assert main(["plan", "--device", "pi-zero"]) == 2
+
+
+def test_plan_arithmetic_on_internvl2_1b():
+    spec = KNOWN_SPECS["internvl2-1b"]
+    counts = parameter_counts(spec)
+    assert 0.93e9 < sum(counts.values()) < 0.95e9  # InternVL2-1B: 0.94 B parameters
+    assert counts["vision"] == pytest.approx(304e6 + 4.6e6, rel=0.01)  # InternViT-300M + the MLP projector
+    assert counts["embedding"] == counts["lm_head"] == 151655 * 896
+    # K and V, 24 layers, 2 KV heads of 64, 4096 positions, fp32
+    assert kv_cache_bytes(spec, 4096, 4) == 2 * 24 * 2 * 64 * 4096 * 4
+    fp32, int8, int4 = (decode_bytes_per_token(spec, p) for p in ("fp32", "int8", "int4"))
+    assert fp32 == pytest.approx(4 * (counts["decoder_matrices"] + counts["lm_head"]), rel=1e-3)
+    assert int8 / fp32 == pytest.approx(1.125 / 4, rel=1e-3) and int4 / fp32 == pytest.approx(0.625 / 4, rel=1e-3)
+    small, large = (plan(spec, DEVICES["orin-nano-8gb"], "int8", seq) for seq in (1024, 8192))
+    assert large["total_bytes"] > small["total_bytes"]
+    assert plan(spec, DEVICES["orin-nano-8gb"], "int8", small["largest_max_seq"])["fits"]
+
+
+def test_shaped_checkpoint_keeps_the_vocabulary_beyond_the_tokenizer(tmp_path, monkeypatch):
+    """A real vocabulary with the tiny tokenizer: ids past the tokenizer come out of decoding and must decode to
+    nothing rather than fail. A small stand-in shape keeps this test fast."""
+    from dataclasses import replace
+
+    from edgevl import EdgeVL
+    from edgevl.testing import shaped
+    from edgevl.testing.checkpoints import tiny_spec
+    from edgevl.testing.images import synthetic_image
+
+    spec = tiny_spec("qwen2", vocab_size=4000)
+    monkeypatch.setitem(KNOWN_SPECS, "tiny-test", replace(spec, template="Hermes-2"))
+    dirs = shaped.write_shaped_checkpoint(tmp_path, "tiny-test")
+    assert set(dirs) == {"original", "hf"}
+    models = [EdgeVL.from_pretrained(d) for d in dirs.values()]
+    assert [m.spec.decoder for m in models] == [spec.decoder] * 2
+    assert models[0].tokenizer.vocab_size < 4000
+    results = [m.generate("Describe.", synthetic_image(448, 448), max_new_tokens=24) for m in models]
+    assert results[0].token_ids == results[1].token_ids
+    assert max(results[0].token_ids) >= models[0].tokenizer.vocab_size, "no id beyond the tokenizer was drawn"
+    with pytest.raises(ValueError, match="internvl2-1b"):
+        shaped.write_shaped_checkpoint(tmp_path / "x", "internvl9")
+    np.testing.assert_array_equal(models[0].backend.embed_tokens(np.array([3999])),
+                                  models[1].backend.embed_tokens(np.array([3999])))
