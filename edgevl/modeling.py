@@ -157,9 +157,13 @@ class DecoderLayer(nn.Module):
         k = _rotate(k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        # Grouped-query attention without expanding K/V to every query head: each KV head's query group is
+        # folded into the row axis, so the graph reads the cache once per step (no Expand, no copy of it).
         groups = self.num_heads // self.num_kv_heads
-        attn = F.scaled_dot_product_attention(
-            q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), attn_mask=mask)
+        q = q.reshape(b, self.num_kv_heads, groups * s, self.head_dim)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim ** -0.5 + mask
+        attn = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+        attn = attn.reshape(b, self.num_heads, s, self.head_dim)
         x = x + self.o(attn.transpose(1, 2).reshape(b, s, -1))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up), k, v
@@ -187,9 +191,14 @@ class LanguageModel(nn.Module):
         s, past = inputs_embeds.shape[1], cache[0][0].shape[2]
         cos, sin = self.rope(position_ids)
         cos, sin = cos[:, None].to(inputs_embeds.dtype), sin[:, None].to(inputs_embeds.dtype)
-        # Causal over the new tokens, everything in the past visible; built from shapes so it traces.
-        mask = torch.arange(past + s, device=inputs_embeds.device)[None, :] <= (
+        # Causal over the new tokens, everything in the past visible; built from shapes so it traces. Additive
+        # with a finite minimum (not -inf): no row is ever fully masked, so the graph needs no NaN guard. Tiled
+        # once per query group to match the grouped row layout of DecoderLayer's scores.
+        groups = self.spec.num_heads // self.spec.num_kv_heads
+        visible = torch.arange(past + s, device=inputs_embeds.device)[None, :] <= (
             past + torch.arange(s, device=inputs_embeds.device)[:, None])
+        mask = torch.zeros(visible.shape, dtype=torch.float32, device=inputs_embeds.device).masked_fill(
+            ~visible, torch.finfo(torch.float32).min).repeat(groups, 1)
         x, present = inputs_embeds, []
         for layer, (pk, pv) in zip(self.layers, cache):
             x, k, v = layer(x, cos, sin, pk, pv, mask)

@@ -16,7 +16,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BLOCK_SIZE = 32  # int4/int8 weight block along K: onnxruntime-genai's CPU default, small enough for accuracy
 
 
-def calibration_tiles(calib_images: Path | None, tiling: TilingConfig, max_tiles: int = 32) -> np.ndarray:
+# ONNX Runtime's MinMax calibrator keeps every intermediate tensor of every calibration tile until the end
+# (~0.5 GB per InternViT-300M tile; its CalibMaxIntermediateOutputs option drops data instead of merging it in
+# onnxruntime 1.32), so the tile count bounds the export's memory: 16 tiles ~ 9 GB.
+CALIBRATION_TILES = 16
+
+
+def calibration_tiles(calib_images: Path | None, tiling: TilingConfig,
+                      max_tiles: int = CALIBRATION_TILES) -> np.ndarray:
     """Tiles to calibrate activations on: the user's images, else a generated set of structured synthetic
     images of several sizes and aspect ratios (no data ships with edgevl)."""
     if calib_images is not None:
