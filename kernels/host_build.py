@@ -160,10 +160,6 @@ class HostDevice(TileAssembly):
     def alloc(self, nbytes: int) -> HostBuffer:
         return HostBuffer(nbytes)
 
-    def upload(self, array: np.ndarray) -> HostBuffer:
-        array = np.ascontiguousarray(array)
-        return self.upload_into(self.alloc(array.nbytes), array)
-
     def upload_into(self, buf: HostBuffer, array: np.ndarray) -> HostBuffer:
         array = np.ascontiguousarray(array)
         if array.nbytes > buf.nbytes:

@@ -94,9 +94,13 @@ class DeviceImage:
 
 class TileAssembly:
     """The launch sequence of the tile assembly, shared by the GPU (CudaKernels) and the host stand-in
-    (host_build.HostDevice): subclasses provide resize_into (both passes of one resize) and alloc."""
+    (host_build.HostDevice): subclasses provide resize_into (both passes of one resize), alloc and upload_into."""
 
     _canvas = None
+
+    def upload(self, array: np.ndarray):
+        array = np.ascontiguousarray(array)
+        return self.upload_into(self.alloc(array.nbytes), array)
 
     def assemble_tiles(self, src_ptr: int, width: int, height: int, pitch: int, out_ptr: int,
                        config: TilingConfig = TilingConfig(), channel_order: str = "RGB", pixel_bytes: int = 3,
@@ -176,10 +180,6 @@ class CudaKernels(TileAssembly):
     # -- memory ---------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> DeviceBuffer:
         return DeviceBuffer(self, nbytes)
-
-    def upload(self, array: np.ndarray) -> DeviceBuffer:
-        array = np.ascontiguousarray(array)
-        return self.upload_into(self.alloc(array.nbytes), array)
 
     def upload_into(self, buf: DeviceBuffer, array: np.ndarray) -> DeviceBuffer:
         """Copy a host array into the start of buf (at least array.nbytes); synchronous for pageable memory."""
