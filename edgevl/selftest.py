@@ -181,7 +181,6 @@ def _tensorrt_checks(report: Report, family: str, fp32_dir: Path, work: Path, re
 
 def _kernel_checks(report: Report) -> None:
     from .kernels.launch import CudaKernels
-    from .modeling import pixel_shuffle
     from .preprocess import IMAGENET_STD, TilingConfig, preprocess_image
     from .testing.images import synthetic_image
 
@@ -197,8 +196,14 @@ def _kernel_checks(report: Report) -> None:
             steps = np.abs(gpu - cpu).max(axis=(0, 2, 3)) / step[0, :, 0, 0] if gpu.shape == cpu.shape else [1e9]
             _check(report, "tile_assembly", "-", "kernels vs cpu", f"{w}x{h} {order} max uint8 steps",
                    max(steps), "<=", UINT8_STEP, started)
-    import torch
+    try:
+        import torch
 
+        from .modeling import pixel_shuffle
+    except ImportError:  # a Jetson may run edgevl without PyTorch; the reference pixel shuffle is torch code
+        report.not_run.append({"what": "kernels: pixel shuffle", "why": "the reference (edgevl.modeling) needs "
+                               "PyTorch: pip install 'edgevl[torch]'"})
+        return
     started = time.perf_counter()
     x = np.random.default_rng(0).standard_normal((3, 32, 32, 64)).astype(np.float32)
     for version in ("v1", "v2"):
