@@ -108,6 +108,8 @@ KNOWN_SPECS: dict[str, ModelSpec] = {
 # LLM architectures per format: original checkpoints name the remote-code class, -hf ones a model_type.
 _ORIGINAL_LLM_ARCHS = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3"}
 _HF_TEXT_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
+# -hf checkpoints carry no template name; among Mini-InternVL models a Llama text config only arises from
+# InternLM2 converted by transformers, hence internlm2-chat (from_pretrained(template=...) overrides).
 DEFAULT_TEMPLATES = {"qwen2": "Hermes-2", "internlm2": "internlm2-chat", "phi3": "phi3-chat", "llama": "internlm2-chat"}
 
 
