@@ -126,9 +126,13 @@ def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=pr
         quantize_vision_int8(reference_dir / "vision.onnx", out_dir / "vision.onnx",
                              calibration_tiles(calib_images, spec.tiling))
     bits = {"int8": 8, "int4": 4}[decoder]
-    with _stage(log, f"decoder weight-only {decoder} (block {BLOCK_SIZE})"):
+    scheme = {8: "int8 weights per channel, int8 activations per token",
+              4: f"int4 weights in blocks of {BLOCK_SIZE}"}[bits]
+    with _stage(log, f"decoder {decoder} ({scheme})"):
         quantize_decoder_weights(reference_dir / "decoder.onnx", out_dir / "decoder.onnx", bits)
     manifest["precision"] = {"vision": vision, "decoder": decoder}
+    manifest["quantization"] = {"vision": "static int8 Q/DQ, symmetric; attention and normalisations fp32",
+                                "decoder": scheme}
     manifest.pop("files")
     write_manifest(out_dir, manifest)
     with _stage(log, "drift against fp32"):

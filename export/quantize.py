@@ -1,5 +1,6 @@
-"""Precisions for CPU edge boxes: static int8 Q/DQ for the vision graph (calibrated on images) and weight-only
-int8 / int4 block-quantized MatMul for the decoder; and the drift each costs against fp32."""
+"""Precisions for CPU edge boxes: static int8 Q/DQ for the vision graph (calibrated on images); for the decoder
+int8 weights with per-token int8 activations (export/cpu_graph.py) or int4 block-quantized weights (MatMulNBits);
+and the drift each costs against fp32."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,7 @@ from edgevl.testing.images import synthetic_image
 from .graphs import EXTERNAL_DATA_BYTES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-BLOCK_SIZE = 32  # int4/int8 weight block along K: onnxruntime-genai's CPU default, small enough for accuracy
+BLOCK_SIZE = 32  # int4 weight block along K: onnxruntime-genai's CPU default, small enough for accuracy
 
 
 # ONNX Runtime's MinMax calibrator keeps every intermediate tensor of every calibration tile until the end
@@ -39,8 +40,12 @@ def calibration_tiles(calib_images: Path | None, tiling: TilingConfig,
 
 
 def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray) -> None:
-    """Static int8 Q/DQ on Conv and MatMul; LayerNorm, Softmax, GELU and residual adds stay fp32. Symmetric
-    activations (zero point 0) because TensorRT's explicit quantization requires it."""
+    """Static int8 Q/DQ on the patch Conv and the weight MatMuls; attention (Q x K^T, softmax, x V), LayerNorm,
+    GELU and residual adds stay fp32. Symmetric activations (zero point 0) because TensorRT's explicit
+    quantization requires it. Attention stays fp32 because quantizing its MatMuls makes ONNX Runtime fuse
+    DQ -> Softmax -> Q into QLinearSoftmax, which alone took 0.44 s of a 1.63 s InternViT-300M tile on the
+    2-core Xeon (1.37 s without it), and int8 softmax probabilities cost accuracy besides."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -53,8 +58,11 @@ def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray) -> 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime.quantization logs "consider pre-processing" on the root logger
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    activation_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and not set(n.input) & weights]
     quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["Conv", "MatMul"], per_channel=True,
+                    op_types_to_quantize=["Conv", "MatMul"], nodes_to_exclude=activation_matmuls, per_channel=True,
                     use_external_data_format=_needs_external_data(fp32_path, bytes_per_weight=1),
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
@@ -62,13 +70,24 @@ def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray) -> 
 
 
 def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int) -> None:
-    """Weight-only int8/int4 (MatMulNBits, symmetric blocks of BLOCK_SIZE); activations are quantized to int8
-    on the fly (accuracy_level 4), ONNX Runtime's fastest CPU path."""
+    """The decoder for ONNX Runtime on CPU, RMSNorm fused. bits=8: int8 weights per output channel with
+    activations quantized per token (cpu_graph.quantize_matmuls_per_token: integer GEMM, fast prefill).
+    bits=4: int4 weights in symmetric blocks of BLOCK_SIZE (MatMulNBits, activations quantized to int8 per
+    block, accuracy_level 4): the fastest decode, prefill ~5x slower than int8's."""
     import onnx
+
+    from .cpu_graph import fuse_rms_norm, quantize_matmuls_per_token
+
+    model = onnx.load(str(fp32_path))
+    fuse_rms_norm(model)
+    if bits == 8:
+        quantize_matmuls_per_token(model)
+        onnx.save(model, str(out_path), save_as_external_data=_needs_external_data(fp32_path, 1),
+                  location=out_path.name + ".data")
+        return
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), bits=bits, block_size=BLOCK_SIZE,
-                                     is_symmetric=True, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out_path),
                                        use_external_data_format=_needs_external_data(fp32_path, bits / 8))

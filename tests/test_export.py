@@ -101,6 +101,13 @@ def test_int8_vision_qdq_is_tensorrt_explicit_quantization(exported):
             assert not zero_points[node.input[2]].any(), f"{node.name}: TensorRT needs zero points of 0"
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and "LayerNorm" in n.name
                    for n in model.graph.node)
+    # Attention's activation x activation MatMuls (Q x K^T, probabilities x V) read fp32, not dequantized int8.
+    weights = {init.name for init in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    dequantized = {out for n in model.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    attention = [n for n in model.graph.node if n.op_type == "MatMul" and not (
+        n.input[1] in dequantized and producer[n.input[1]].input[0] in weights)]
+    assert attention and not any(set(n.input) & dequantized for n in attention)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -116,9 +123,15 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
     assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
     graph = onnx.load(out / "decoder.onnx").graph
     weights = {init.name for init in graph.initializer}
-    # Every weight matmul is block-quantized (4 per layer + lm_head); attention's activation matmuls are not.
-    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * 2 + 1
+    # Every weight matmul is quantized (4 per layer + lm_head); attention's activation matmuls are not.
+    quantized_op = {"int8": "MatMulIntegerToFloat", "int4": "MatMulNBits"}[precision]
+    assert sum(n.op_type == quantized_op for n in graph.node) == 4 * 2 + 1
     assert not any(n.op_type == "MatMul" and set(n.input) & weights for n in graph.node)
+    assert not any(init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2 and min(init.dims) > 8
+                   for init in graph.initializer), "an fp32 weight matrix left in the quantized decoder"
+    # Two RMSNorms per layer + the final one, each fused into one node.
+    assert sum(n.op_type == "SimplifiedLayerNormalization" for n in graph.node) == 2 * 2 + 1
+    assert not any(n.op_type in ("Pow", "Reciprocal") for n in graph.node)
     result = EdgeVL.from_pretrained(out).generate("Describe.", synthetic_image(640, 480), max_new_tokens=8)
     assert result.token_ids
 
