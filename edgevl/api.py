@@ -87,7 +87,8 @@ class EdgeVL:
     def from_pretrained(cls, path, backend: str | None = None, device: str = "cpu", dtype: str = "float32",
                         max_seq: int | None = None, template: str | None = None,
                         system_message: str | None = None, num_threads: int | None = None,
-                        verify_checksums: bool = True, preprocess: str | None = None) -> "EdgeVL":
+                        verify_checksums: bool = True, preprocess: str | None = None,
+                        cuda_graph: bool = False) -> "EdgeVL":
         """Load a local directory: an InternVL checkpoint (original or -hf format; backend "torch") or an
         `edgevl export` directory (backend "onnxruntime", chosen by default when manifest.json is present;
         "tensorrt" instead when `edgevl build` plans are there and tensorrt + a GPU are usable).
@@ -95,7 +96,8 @@ class EdgeVL:
         device: "cpu" or "cuda". dtype: torch backend only. num_threads: onnxruntime intra-op threads.
         preprocess: where images are tiled, "gpu" (the image goes to the device once, as uint8) or "cpu"; None
         picks "gpu" for backend "tensorrt" and for "onnxruntime" with device="cuda", else "cpu". "gpu" where it
-        cannot run raises PreprocessUnavailable (no fallback)."""
+        cannot run raises PreprocessUnavailable (no fallback). cuda_graph: backend "tensorrt" with plans built
+        `--kv-cache fixed` only; replays each decode step as a captured CUDA graph (a failed capture raises)."""
         from .manifest import is_export_dir
         from .tokenizer import load_tokenizer
 
@@ -114,6 +116,8 @@ class EdgeVL:
                 "checkpoint directories; this is an `edgevl export` directory (use backend='onnxruntime')"
                 if exported else "`edgevl export` directories; this is a checkpoint (export it first, or use "
                 "backend='torch')"))
+        if cuda_graph and backend != "tensorrt":
+            raise ValueError(f"cuda_graph=True is a TensorRT backend option; backend is {backend!r}")
         preprocess = resolve_preprocess(preprocess, backend, device)
         if exported:
             from .specs import spec_from_dict
@@ -123,7 +127,7 @@ class EdgeVL:
                 from .backends.tensorrt_backend import TensorRTBackend
 
                 runtime = TensorRTBackend(path, manifest, device="cuda" if device == "cpu" else device,
-                                          max_seq=max_seq)
+                                          max_seq=max_seq, cuda_graph=cuda_graph)
             else:
                 from .backends.onnxruntime_backend import OnnxRuntimeBackend
 

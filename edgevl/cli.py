@@ -77,7 +77,7 @@ def cmd_generate(args) -> None:
     from . import EdgeVL
 
     model = EdgeVL.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                   max_seq=args.max_seq, num_threads=args.threads)
+                                   max_seq=args.max_seq, num_threads=args.threads, cuda_graph=args.cuda_graph)
     _run(model, args)
 
 
@@ -109,7 +109,7 @@ def cmd_build(args) -> None:
         raise ImportError(f"edgevl build needs onnx ({e}): pip install 'edgevl[export,gpu]'") from None
     manifest = build_engines(args.out, precision=args.precision, max_tiles=args.max_tiles, max_seq=args.max_seq,
                              workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
-                             calib_images=args.calib_images)
+                             calib_images=args.calib_images, kv_cache=args.kv_cache)
     print(f"built TensorRT plans into {manifest.parent}")
 
 
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: the model's context)")
+    gen.add_argument("--cuda-graph", action="store_true", help="tensorrt: replay each decode step as a captured CUDA "
+                     "graph (plans built with `edgevl build --kv-cache fixed`)")
     _add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -190,11 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "Needs an NVIDIA GPU and TensorRT; plans only run on the GPU model and TensorRT version "
                          "that built them.")
     bld.add_argument("out", metavar="OUT", help="an `edgevl export` directory; the plans are written into it")
-    bld.add_argument("--precision", default="fp16", choices=["fp16", "int8", "int8-vision-fp16-llm"],
+    bld.add_argument("--precision", default="fp16",
+                     choices=["fp16", "int8", "int8-vision-fp16-llm", "int4-llm", "int8-vision-int4-llm"],
                      help="fp16: both engines fp16 (norms, softmax, residual adds fp32); int8: int8 Q/DQ vision + "
-                     "weight-only int8 decoder; int8-vision-fp16-llm: int8 vision + fp16 decoder")
+                     "weight-only int8 decoder; int8-vision-fp16-llm: int8 vision + fp16 decoder; int4-llm: fp16 "
+                     "vision + weight-only int4 decoder (blocks of 128; TensorRT >= 10.0, Ampere or newer); "
+                     "int8-vision-int4-llm: int8 vision + int4 decoder")
     bld.add_argument("--max-tiles", type=int, default=None, help="largest tile batch (default: the export's)")
     bld.add_argument("--max-seq", type=int, default=None, help="KV cache positions (default: the export's)")
+    bld.add_argument("--kv-cache", default="concat", choices=["concat", "fixed"],
+                     help="decoder KV cache: concat (grows per token; cheapest per step) or fixed (max_seq capacity, "
+                     "static decode shapes: needed for `generate --cuda-graph`)")
     bld.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace cap (default 4)")
     bld.add_argument("--timing-cache", default=None, metavar="FILE",
                      help="kernel timing cache to read and update (speeds up rebuilds on the same GPU)")

@@ -3,6 +3,8 @@
 OUT/
   vision.onnx        pixel_values [tiles, 3, 448, 448] -> image_embeds [tiles, 256, H]
   decoder.onnx       inputs_embeds + position_ids + past KV -> logits (last position) + present KV
+  decoder_fixed.onnx the same decoder over a fixed-capacity KV cache, for TensorRT (`edgevl build --kv-cache fixed`);
+                     shares decoder.onnx's weights (its external data file when it has one)
   embed_tokens.npy   the token embedding table (a gather on the host is cheaper than a graph call)
   tokenizer files    copied from the checkpoint
   manifest.json      the contract: spec, token ids, precisions, limits, KV layout, versions, checksums, drift
@@ -29,6 +31,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "added_tokens.json", "vocab.json", "merges.txt")
 DEFAULT_MAX_TILES = 13  # 12 + thumbnail
 DEFAULT_MAX_SEQ = 4096
+FIXED_KV_CACHE = {"layout": "fixed", "dtype": "float32",
+                  "inputs": "past_key_values.{layer}.{key|value} [1, kv_heads, capacity, head_dim]",
+                  "outputs": "present.{layer}.{key|value} [1, kv_heads, capacity, head_dim]: past with the step's "
+                             "rows written at position_ids",
+                  "capacity": "2..max_seq, fixed per TensorRT plan; cached rows at and after the step's first "
+                              "position are masked, so they must hold finite values (zero-initialise)"}
 
 
 @contextmanager
@@ -53,16 +61,19 @@ def export_model(model_dir, out_dir, precision: str = "fp32", max_tiles: int = D
         _export_fp32(Path(model_dir), out_dir, max_tiles, max_seq, log)
         return out_dir / MANIFEST_NAME
     with tempfile.TemporaryDirectory(prefix="edgevl-fp32-") as tmp:
-        _export_fp32(Path(model_dir), Path(tmp), max_tiles, max_seq, log)
+        _export_fp32(Path(model_dir), Path(tmp), max_tiles, max_seq, log, fixed_cache_graph=False)
         return quantize_export(tmp, out_dir, precision, calib_images, log)
 
 
-def _export_fp32(model_dir: Path, out_dir: Path, max_tiles: int, max_seq: int, log) -> None:
+def _export_fp32(model_dir: Path, out_dir: Path, max_tiles: int, max_seq: int, log,
+                 fixed_cache_graph: bool = True) -> None:
+    """fixed_cache_graph: also write decoder_fixed.onnx (TensorRT only builds from fp32 exports, so the temporary
+    fp32 export behind a quantized one skips it)."""
     from edgevl.backends.torch_backend import TorchBackend
     from edgevl.checkpoint import load_checkpoint
     from edgevl.tokenizer import load_tokenizer
 
-    from .graphs import OPSET, export_decoder, export_vision
+    from .graphs import OPSET, export_decoder, export_decoder_fixed_cache, export_vision
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -78,6 +89,10 @@ def _export_fp32(model_dir: Path, out_dir: Path, max_tiles: int, max_seq: int, l
         export_vision(model.vision, out_dir / "vision.onnx", max_tiles)
     with _stage(log, f"decoder.onnx (max_seq {max_seq}, {spec.decoder.num_layers} layers)"):
         export_decoder(model.lm, out_dir / "decoder.onnx", max_seq)
+    if fixed_cache_graph:
+        with _stage(log, "decoder_fixed.onnx (fixed-capacity KV cache, for TensorRT)"):
+            export_decoder_fixed_cache(model.lm, out_dir / "decoder_fixed.onnx", max_seq,
+                                       weights_from=out_dir / "decoder.onnx")
     np.save(out_dir / "embed_tokens.npy", model.lm.embed.weight.detach().float().numpy())
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
@@ -93,10 +108,12 @@ def _export_fp32(model_dir: Path, out_dir: Path, max_tiles: int, max_seq: int, l
                    (("img_start", IMG_START), ("img_end", IMG_END), ("img_context", IMG_CONTEXT))},
         "precision": {"vision": "fp32", "decoder": "fp32"},
         "limits": {"max_tiles": max_tiles, "max_seq": max_seq},
-        "graphs": {"vision": "vision.onnx", "decoder": "decoder.onnx", "embed_tokens": "embed_tokens.npy"},
+        "graphs": {"vision": "vision.onnx", "decoder": "decoder.onnx", "embed_tokens": "embed_tokens.npy",
+                   **({"decoder_fixed": "decoder_fixed.onnx"} if fixed_cache_graph else {})},
         "kv_cache": {"layout": "concat", "dtype": "float32",
                      "inputs": "past_key_values.{layer}.{key|value} [1, kv_heads, past, head_dim]",
-                     "outputs": "present.{layer}.{key|value} [1, kv_heads, past + seq, head_dim]"},
+                     "outputs": "present.{layer}.{key|value} [1, kv_heads, past + seq, head_dim]",
+                     **({"decoder_fixed": FIXED_KV_CACHE} if fixed_cache_graph else {})},
         "opset": OPSET,
         "versions": _versions(),
     }

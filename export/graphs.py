@@ -68,3 +68,109 @@ def export_decoder(lm: LanguageModel, path: Path, max_seq: int) -> None:
     _export(_DecoderWithFlatCache(lm.float().eval()), args, path,
             ["inputs_embeds", "position_ids"] + kv_names(spec.num_layers, "past_key_values"),
             ["logits"] + kv_names(spec.num_layers, "present"), dynamic)
+
+
+class _DecoderWithFixedCache(nn.Module):
+    """The decoder over a fixed-capacity cache: past/present [1, kv, capacity, d] per layer, the step's rows
+    scattered in at position_ids, so no shape depends on the position (what a CUDA graph needs).
+
+    The layers are the model's own DecoderLayers, which append the step's keys to whatever cache they are given:
+    here the whole capacity, so they attend over capacity + S keys. The mask shows cached rows before the step's
+    first position (rows from it on are stale, from an older sequence or never written) and the step's own rows
+    causally; the scatter then writes those rows into present. Same keys, same values as the concat decoder."""
+
+    def __init__(self, lm: LanguageModel):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, inputs_embeds, position_ids, *past):
+        lm, spec = self.lm, self.lm.spec
+        s, capacity = inputs_embeds.shape[1], past[0].shape[2]
+        cos, sin = lm.rope(position_ids)
+        cos, sin = cos[:, None].to(inputs_embeds.dtype), sin[:, None].to(inputs_embeds.dtype)
+        positions = position_ids[0]
+        rows = torch.arange(s, device=positions.device)
+        visible = torch.cat([(torch.arange(capacity, device=positions.device) < positions[:1])[None].expand(s, -1),
+                             rows[None, :] <= rows[:, None]], dim=1)
+        # Additive and finite like LanguageModel's mask; tiled per query group for DecoderLayer's row layout.
+        mask = torch.zeros(visible.shape, dtype=torch.float32, device=positions.device).masked_fill(
+            ~visible, torch.finfo(torch.float32).min).repeat(spec.num_heads // spec.num_kv_heads, 1)
+        index = positions.view(1, 1, s, 1).expand(1, spec.num_kv_heads, s, spec.head_dim)
+        x, present = inputs_embeds, []
+        for i, layer in enumerate(lm.layers):
+            x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1], mask)
+            present += [past[2 * i].scatter(2, index, k[:, :, capacity:]),
+                        past[2 * i + 1].scatter(2, index, v[:, :, capacity:])]
+        return (lm.lm_head(lm.norm(x[:, -1:])).float(), *present)
+
+
+def export_decoder_fixed_cache(lm: LanguageModel, path: Path, max_seq: int, weights_from: Path | None = None) -> None:
+    """decoder_fixed.onnx: the decoder with past/present [1, kv_heads, capacity, head_dim], capacity and seq dynamic
+    up to max_seq (TensorRT fixes the capacity per plan). When `weights_from` (decoder.onnx, exported from the same
+    model) keeps its weights in external data, this graph's initializers point into that file instead of a copy."""
+    spec = lm.spec
+    past = [torch.zeros(1, spec.num_kv_heads, 16, spec.head_dim) for _ in range(2 * spec.num_layers)]
+    args = (torch.zeros(1, 5, spec.hidden_size), torch.arange(3, 8)[None], *past)
+    seq = torch.export.Dim("seq", min=1, max=max_seq)
+    capacity = torch.export.Dim("capacity", min=2, max=max_seq)
+    dynamic = ({1: seq}, {1: seq}, tuple({2: capacity} for _ in past))
+    _export(_DecoderWithFixedCache(lm.float().eval()), args, path,
+            ["inputs_embeds", "position_ids"] + kv_names(spec.num_layers, "past_key_values"),
+            ["logits"] + kv_names(spec.num_layers, "present"), dynamic)
+    if weights_from is not None:
+        share_external_weights(path, weights_from)
+
+
+def _external_key(tensor, base: Path) -> tuple:
+    """(data type, dims, sha256 of the bytes) of an externally stored initializer, streamed from its file."""
+    import hashlib
+
+    info = {e.key: e.value for e in tensor.external_data}
+    digest, remaining = hashlib.sha256(), int(info["length"])
+    with open(base / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        while remaining > 0:
+            chunk = f.read(min(remaining, 1 << 24))
+            if not chunk:
+                raise ValueError(f"{base / info['location']}: shorter than {tensor.name}'s external data says")
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return tensor.data_type, tuple(tensor.dims), digest.hexdigest()
+
+
+def share_external_weights(path: Path, source: Path) -> int:
+    """Rewrite `path` so each externally stored initializer whose bytes equal one of `source`'s external
+    initializers reads `source`'s data file (matched by content: the exporter names folded weights val_N, which
+    differ between graphs). Tensors without a twin are embedded; `path`'s own data file is then deleted. Returns
+    the number of shared tensors."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    path, source = Path(path), Path(source)
+    model = onnx.load(str(path), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return 0
+    theirs = {}
+    for tensor in onnx.load(str(source), load_external_data=False).graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            theirs[_external_key(tensor, source.parent)] = (info["location"], int(info.get("offset", 0)),
+                                                            int(info["length"]))
+    own_files, shared = set(), 0
+    for tensor in external:
+        own_files.add(next(e.value for e in tensor.external_data if e.key == "location"))
+        twin = theirs.get(_external_key(tensor, path.parent))
+        if twin is not None:
+            del tensor.external_data[:]
+            for key, value in zip(("location", "offset", "length"), twin):
+                tensor.external_data.add(key=key, value=str(value))
+            shared += 1
+        else:
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    onnx.save(model, str(path))
+    for name in own_files:
+        (path.parent / name).unlink()
+    return shared

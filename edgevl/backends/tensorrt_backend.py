@@ -8,14 +8,19 @@ Device-side design (see export/trt/config.py for the profiles):
   active in one context at a time) and one activation scratch shared by those contexts (they never run
   concurrently: same stream);
 - named device buffers are allocated once, at their largest shape, and bound with set_tensor_address each call;
-- the KV cache never leaves the device: two max_seq-capacity buffers per KV tensor, ping-ponged (the concat
-  layout writes present [kv, P+S, d] densely, so it cannot be updated in place);
+- the KV cache never leaves the device: two max_seq-capacity buffers per KV tensor, ping-ponged (present of a
+  step is written to the other buffer; a TensorRT output may not alias an input). Plans built with
+  `--kv-cache concat` read [1, kv, P, d] and write [1, kv, P + S, d] densely; `--kv-cache fixed` plans read and
+  write [1, kv, max_seq, d] (the step's rows scattered in at its positions, later rows masked), so those buffers
+  are zeroed once: masked rows get weight 0, and 0 x NaN from uninitialised memory would still be NaN;
 - host<->device copies only for pixel values / image embeddings and inputs_embeds / logits, through pinned
   staging buffers so the copies are truly asynchronous.
-CUDA graphs: not used with this KV layout. A captured graph fixes shapes and addresses, and the decode step's
-past length changes every token, so each graph would be replayed once at most; capture costs more than it
-saves. A fixed-capacity cache graph (past bound at max_seq, positions masked) would make the decode step a
-single replayable graph; that is an export change.
+CUDA graphs (cuda_graph=True, fixed plans only): a captured graph fixes shapes and addresses, which the concat
+layout changes every token. With the fixed layout the decode step's shapes are static and its addresses depend
+only on the ping-pong parity, so each parity gets its own execution context (bound once, never rebound) and its
+decode step is captured once, right after that context first ran it (TensorRT's recipe: run once, then capture);
+later steps copy the token's embedding and position into the same device buffers and launch the graph. A failed
+capture raises: there is no silent fallback to uncaptured steps.
 """
 from __future__ import annotations
 
@@ -160,6 +165,46 @@ class PinnedBuffer:
     __del__ = close
 
 
+class CudaGraph:
+    """One captured `enqueue()` (an execute_async_v3 whose context already ran with these shapes and addresses),
+    instantiated once and replayed by launch() on the same stream."""
+
+    def __init__(self, cudart, stream, enqueue, what: str):
+        self._cudart, self.stream, self.graph, self.exec = cudart, stream, None, None
+        success = cudart.cudaError_t.cudaSuccess
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        _check(cudart, cudart.cudaStreamBeginCapture(stream, mode), f"cudaStreamBeginCapture ({what})")
+        enqueued = False
+        try:
+            enqueued = enqueue()
+        finally:  # always end the capture: a stream left capturing fails every later call on it
+            err, graph = cudart.cudaStreamEndCapture(stream)
+            if err != success or not enqueued:
+                if graph:
+                    cudart.cudaGraphDestroy(graph)
+        if err != success or not enqueued:
+            reason = (f"cudaStreamEndCapture returned {err.name} (something in the step is not capturable)"
+                      if err != success else "execute_async_v3 returned False while capturing (see TensorRT's log)")
+            raise RuntimeError(f"capturing {what} as a CUDA graph failed: {reason}; run without cuda_graph=True")
+        self.graph = graph
+        self.exec = _check(cudart, cudart.cudaGraphInstantiate(graph, 0), f"cudaGraphInstantiate ({what})")
+
+    def launch(self) -> None:
+        _check(self._cudart, self._cudart.cudaGraphLaunch(self.exec, self.stream), "cudaGraphLaunch")
+
+    def close(self) -> None:
+        try:
+            if self.exec is not None:
+                self._cudart.cudaGraphExecDestroy(self.exec)
+            if self.graph is not None:
+                self._cudart.cudaGraphDestroy(self.graph)
+        except Exception:  # interpreter shutdown: the bindings may already be gone
+            pass
+        self.exec = self.graph = None
+
+    __del__ = close
+
+
 class Engine:
     """One plan (TensorRT samples' common.py shape): engine, a context per profile, shared scratch, named I/O."""
 
@@ -179,7 +224,7 @@ class Engine:
         profiles = self.engine.num_optimization_profiles
         self.scratch_bytes = max(self._scratch_size(p) for p in range(profiles))
         self.scratch = DeviceBuffer(cudart, self.scratch_bytes)
-        self.contexts = [self._context(p) for p in range(profiles)]
+        self.contexts = [self.new_context(p) for p in range(profiles)]
 
     def _scratch_size(self, profile: int) -> int:
         engine = self.engine
@@ -187,7 +232,8 @@ class Engine:
             return int(engine.get_device_memory_size_for_profile_v2(profile))
         return int(engine.device_memory_size)
 
-    def _context(self, profile: int):
+    def new_context(self, profile: int):
+        """An execution context on `profile` using the shared scratch (contexts of an Engine never run at once)."""
         strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
         context = self.engine.create_execution_context(strategy)
         if context is None:
@@ -200,9 +246,10 @@ class Engine:
             raise RuntimeError(f"{self.path}: could not select optimization profile {profile}")
         return context
 
-    def run(self, profile: int, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
-        """Set input shapes and every I/O address, then enqueue on the stream (no synchronisation)."""
-        context = self.contexts[profile]
+    def run(self, profile: int, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int], context=None) -> None:
+        """Set input shapes and every I/O address on the profile's context (or `context`, one made by
+        new_context(profile)), then enqueue on the stream (no synchronisation)."""
+        context = context or self.contexts[profile]
         for name, shape in shapes.items():
             if not context.set_input_shape(name, tuple(int(s) for s in shape)):
                 raise ValueError(f"{self.path.name}: shape {shape} for {name} is outside profile {profile}")
@@ -225,13 +272,15 @@ class Engine:
 class TensorRTBackend:
     def __init__(self, export_dir, manifest: dict, device: str = "cuda", max_seq: int | None = None,
                  cuda_graph: bool = False):
-        if cuda_graph:
-            raise ValueError("cuda_graph=True: the concat KV layout changes the decode step's shapes every token, "
-                             "so a captured graph cannot be replayed (see this module's docstring)")
         export_dir = Path(export_dir)
         section = manifest.get("tensorrt")
         if not section:
             raise ExportError(f"{export_dir}: no TensorRT plans in this export: run `edgevl build {export_dir}`")
+        self.fixed_cache = section["kv_cache"]["layout"] == "fixed-ping-pong"
+        if cuda_graph and not self.fixed_cache:
+            raise ValueError(f"cuda_graph=True needs a decoder plan with a fixed-capacity KV cache; these plans use "
+                             f"the {section['kv_cache']['layout']} layout, whose decode shapes change every token: "
+                             f"rebuild with `edgevl build {export_dir} --kv-cache fixed`")
         from ..doctor import gpu_info
 
         index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
@@ -261,13 +310,15 @@ class TensorRTBackend:
         self.embed_table = np.load(export_dir / manifest["graphs"]["embed_tokens"], mmap_mode="r")
         self.hidden_size = spec["decoder"]["hidden_size"]
         self.vocab_size = spec["decoder"]["vocab_size"]
-        self._allocate(spec)
+        self._allocate(spec, limits["max_seq"])
         self._pos, self._current = 0, 0
+        # parity -> (its own decode context, its captured step); filled on the first decode of each parity
+        self._graphs = {} if cuda_graph else None
         self._track_memory()
 
     # -- buffers ---------------------------------------------------------------------------------------------
 
-    def _allocate(self, spec: dict) -> None:
+    def _allocate(self, spec: dict, plan_max_seq: int) -> None:
         cudart, dec = self.cudart, spec["decoder"]
         size = self.image_size = spec["vision"]["image_size"]
         tokens_per_tile = 256  # (448 / 14 * 0.5)^2, fixed by InternVL's pixel shuffle
@@ -284,9 +335,15 @@ class TensorRTBackend:
         self._dec_host = {n: PinnedBuffer(cudart, s, self.decoder.dtypes[n]) for n, s in io_shapes.items()}
         self._past_names = [n for n in self.decoder.inputs if n.startswith("past_key_values.")]
         self._kv_shape = (1, kv, head_dim)
-        kv_bytes = kv * self.max_seq * head_dim * self.decoder.dtypes[self._past_names[0]].itemsize
+        # A fixed plan's cache shape is static at the plan's max_seq, whatever the runtime limit.
+        self._capacity = plan_max_seq if self.fixed_cache else self.max_seq
+        kv_bytes = kv * self._capacity * head_dim * self.decoder.dtypes[self._past_names[0]].itemsize
         self._kv = {n: (DeviceBuffer(cudart, kv_bytes), DeviceBuffer(cudart, kv_bytes)) for n in self._past_names}
         self.kv_cache_bytes = 2 * kv_bytes * len(self._past_names)
+        if self.fixed_cache:
+            for buffer in (b for pair in self._kv.values() for b in pair):
+                _check(cudart, cudart.cudaMemsetAsync(buffer.ptr, 0, buffer.nbytes, self.stream), "cudaMemsetAsync")
+            self._sync()
 
     def _copy_in(self, host: PinnedBuffer, device: DeviceBuffer, nbytes: int) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -366,17 +423,33 @@ class TensorRTBackend:
         self._copy_in(host["position_ids"], dev["position_ids"], host["position_ids"].array[:n].nbytes)
         kv, head_dim = self._kv_shape[1], self._kv_shape[2]
         shapes = {"inputs_embeds": (1, n, self.hidden_size), "position_ids": (1, n)}
-        shapes.update({name: (1, kv, past, head_dim) for name in self._past_names})
+        cached = self._capacity if self.fixed_cache else past
+        shapes.update({name: (1, kv, cached, head_dim) for name in self._past_names})
         profile = profile_for(self.profiles["decoder"], shapes)
         addresses = {name: b.ptr for name, b in dev.items()}
         for name, pair in self._kv.items():
             addresses[name] = pair[self._current].ptr
             addresses[name.replace("past_key_values.", "present.")] = pair[1 - self._current].ptr
-        self.decoder.run(profile, shapes, addresses)
+        if self._graphs is not None and past > 0:  # a decode step (a prompt of one token is past == 0)
+            self._run_captured(profile, shapes, addresses)
+        else:
+            self.decoder.run(profile, shapes, addresses)
         self._copy_out(dev["logits"], host["logits"], host["logits"].array.nbytes)
         self._sync()
         self._pos, self._current = past + n, 1 - self._current
         return host["logits"].array.astype(np.float32)  # a copy, and fp16 -> fp32 for sampling
+
+    def _run_captured(self, profile: int, shapes: dict, addresses: dict) -> None:
+        """This parity's decode step: the first time on its own context, then captured; afterwards the graph."""
+        parity = self._current
+        if parity in self._graphs:
+            self._graphs[parity][1].launch()
+            return
+        context = self.decoder.new_context(profile)
+        self.decoder.run(profile, shapes, addresses, context)
+        graph = CudaGraph(self.cudart, self.stream, lambda: context.execute_async_v3(self.stream),
+                          f"the decode step (KV parity {parity})")
+        self._graphs[parity] = (context, graph)
 
     # -- memory ----------------------------------------------------------------------------------------------
 
@@ -400,6 +473,9 @@ class TensorRTBackend:
         return report
 
     def close(self) -> None:
+        for _, graph in (self._graphs or {}).values():
+            graph.close()
+        self._graphs = {} if self._graphs is not None else None
         for engine in (self.vision, self.decoder):
             engine.close()
         for buffer in [*self._vision_dev.values(), *self._vision_host.values(), *self._dec_dev.values(),

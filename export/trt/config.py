@@ -1,15 +1,23 @@
 """What `edgevl build` asks TensorRT for, as plain data: precisions, optimization profiles, the graph each
 engine is built from, and the manifest's `tensorrt` section. No TensorRT here, so all of it is tested on CPU.
 
-KV cache and profiles. The exported decoder grows the cache by Concat: it reads past [1, kv, P, d] and writes
-present [1, kv, P + S, d], both dense. The runtime keeps two device buffers of max_seq capacity per KV tensor
-and ping-pongs them (present of step t is bound as past of step t + 1, no copy, no host round trip). In-place
-is impossible with this layout: a dense [kv, P + 1, d] tensor moves every head's rows relative to
-[kv, P, d]. Two profiles cover every call the runtime makes:
-  prefill: seq 1..max_seq, past 0 (a prompt always starts a new sequence; `Decoder.prefill` says so);
-  decode:  seq 1,          past 1..max_seq - 1.
-Each is tuned at its opt shape (prefill at a one-image prompt, decode at mid-context); the runtime picks the
-profile whose ranges contain the call's shapes (edgevl.backends.tensorrt_backend.profile_for).
+KV cache and profiles: one decoder plan, built from one of the export's two decoder graphs (--kv-cache):
+- concat (default, decoder.onnx): reads past [1, kv, P, d] and writes present [1, kv, P + S, d], both dense. The
+  runtime keeps two device buffers of max_seq capacity per KV tensor and ping-pongs them (present of step t is
+  bound as past of step t + 1, no copy, no host round trip); in place is impossible, a dense [kv, P + 1, d] moves
+  every head's rows relative to [kv, P, d]. Profiles:
+    prefill: seq 1..max_seq, past 0 (a prompt always starts a new sequence; `Decoder.prefill` says so);
+    decode:  seq 1,          past 1..max_seq - 1.
+  Each is tuned at its opt shape (prefill at a one-image prompt, decode at mid-context).
+- fixed (decoder_fixed.onnx): past and present are [1, kv, max_seq, d] whatever the position, the step's rows
+  scattered in at position_ids, so every shape but the prompt length is static and the decode step can be a
+  captured CUDA graph (TensorRTBackend cuda_graph=True). The same graph serves prefill and decode, so one plan
+  holds the weights once (a second, decode-only engine would hold a second copy: 1-8 GB on a Jetson whose GPU
+  shares 8-64 GB with the CPU). The cost is O(max_seq) per step instead of O(position) (attention and the cache
+  copies span the whole capacity), so it is opt-in: it pays off where launch overhead dominates (small models,
+  slow host cores) and max_seq is not much larger than the conversations. Profiles:
+    prefill: seq 2..max_seq; decode: seq 1 (a one-token prompt is a decode step at position 0).
+The runtime picks the profile whose ranges contain the call's shapes (edgevl.backends.tensorrt_backend.profile_for).
 """
 from __future__ import annotations
 
@@ -20,6 +28,24 @@ PRECISIONS = {
     "fp16": ("fp16", "fp16"),
     "int8": ("int8", "int8-weight-only"),
     "int8-vision-fp16-llm": ("int8", "fp16"),
+    "int4-llm": ("fp16", "int4-weight-only"),
+    "int8-vision-int4-llm": ("int8", "int4-weight-only"),
+}
+# Graph precision -> (oldest TensorRT, oldest compute capability, why). INT4 weight-only (blocked INT4
+# DequantizeLinear before a MatMul) arrived in TensorRT 10.0 (release notes; onnx-tensorrt 10.0 EA: "Added support
+# for INT4 quantization"); NVIDIA Model Optimizer's support matrix lists W4A16 for "Ampere and later" (sm_80+:
+# Orin is sm_87, Thor sm_110). Checked before anything is built.
+GRAPH_REQUIREMENTS = {
+    "int4-weight-only": ((10, 0), (8, 0), "INT4 weight-only decoders (blocked INT4 DequantizeLinear)"),
+}
+KV_CACHE_LAYOUTS = {"concat": "decoder", "fixed": "decoder_fixed"}  # --kv-cache -> manifest graphs key
+DEFAULT_KV_CACHE = "concat"
+KV_CACHE_SECTIONS = {
+    "concat": {"layout": "concat-ping-pong", "dtype": "float16",
+               "note": "two max_seq-capacity device buffers per KV tensor; present(t) is past(t+1)"},
+    "fixed": {"layout": "fixed-ping-pong", "dtype": "float16", "cuda_graph": True,
+              "note": "two [1, kv, max_seq, d] device buffers per KV tensor (zeroed once: rows past the position "
+                      "are masked, never NaN); present(t) is past(t+1); static decode shapes"},
 }
 DEFAULT_PRECISION = "fp16"
 # Tile counts tuned for: one tile (video frames, small images), 2x3 + thumbnail, 12 + thumbnail.
@@ -63,9 +89,11 @@ def vision_profiles(max_tiles: int, image_size: int = 448) -> list[Profile]:
 
 
 def decoder_profiles(max_seq: int, hidden_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                     prefill_opt: int = PREFILL_OPT_TOKENS) -> list[Profile]:
+                     prefill_opt: int = PREFILL_OPT_TOKENS, kv_cache: str = DEFAULT_KV_CACHE) -> list[Profile]:
     if max_seq < 2:
         raise ValueError(f"max_seq={max_seq}: expected >= 2 (a prompt token and a generated one)")
+    if kv_cache not in KV_CACHE_LAYOUTS:
+        raise ValueError(f"kv_cache={kv_cache!r}: expected one of {tuple(KV_CACHE_LAYOUTS)}")
     opt = min(prefill_opt, max_seq)
     past_opt = max(1, min(max_seq - 1, max_seq // 2))
 
@@ -77,8 +105,32 @@ def decoder_profiles(max_seq: int, hidden_size: int, num_layers: int, num_kv_hea
                 out[f"past_key_values.{i}.{kind}"] = tuple((1, num_kv_heads, p, head_dim) for p in past)
         return out
 
+    if kv_cache == "fixed":
+        capacity = (max_seq,) * 3
+        return [Profile("prefill", shapes((2, max(2, opt), max_seq), capacity)),
+                Profile("decode", shapes((1, 1, 1), capacity))]
     return [Profile("prefill", shapes((1, opt, max_seq), (0, 0, 0))),
             Profile("decode", shapes((1, 1, 1), (1, past_opt, max_seq - 1)))]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
+def check_tensorrt_supports(precision: str, trt_version: str, compute_capability: str) -> None:
+    """Refuse, before building, a precision this TensorRT or GPU cannot build, naming what it needs."""
+    for graph_precision in PRECISIONS[precision]:
+        if graph_precision not in GRAPH_REQUIREMENTS:
+            continue
+        (trt_min, cc_min, what) = GRAPH_REQUIREMENTS[graph_precision]
+        if _version_tuple(trt_version) < trt_min:
+            raise ValueError(f"--precision {precision}: {what} need TensorRT >= {'.'.join(map(str, trt_min))}, "
+                             f"this is TensorRT {trt_version}: upgrade TensorRT (JetPack 6 ships 10.3), or build "
+                             "--precision int8 (int8 weight-only decoder)")
+        if _version_tuple(compute_capability) < cc_min:
+            raise ValueError(f"--precision {precision}: {what} need a GPU of compute capability >= "
+                             f"{'.'.join(map(str, cc_min))} (Ampere or newer), this GPU is {compute_capability}: "
+                             "build --precision int8 instead")
 
 
 def check_limits(manifest: dict, max_tiles: int | None, max_seq: int | None) -> tuple[int, int]:
@@ -95,13 +147,16 @@ def check_limits(manifest: dict, max_tiles: int | None, max_seq: int | None) -> 
     return max_tiles, max_seq
 
 
-def source_graphs(manifest: dict, precision: str) -> dict[str, tuple[str, bool]]:
+def source_graphs(manifest: dict, precision: str, kv_cache: str = DEFAULT_KV_CACHE) -> dict[str, tuple[str, bool]]:
     """kind -> (exported ONNX the engine starts from, whether build must quantize it to int8 Q/DQ first), or a
     ValueError saying which export to make instead. The decoder always starts from fp32 weights: the export's
     weight-only decoders are ONNX Runtime's MatMulNBits, which TensorRT does not parse. Vision int8 uses the
-    export's static Q/DQ graph when it has one, else build calibrates one (export/quantize.py)."""
+    export's static Q/DQ graph when it has one, else build calibrates one (export/quantize.py). kv_cache picks
+    the decoder graph (see the module docstring)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {tuple(PRECISIONS)}")
+    if kv_cache not in KV_CACHE_LAYOUTS:
+        raise ValueError(f"kv_cache={kv_cache!r}: expected one of {tuple(KV_CACHE_LAYOUTS)}")
     vision_want, _ = PRECISIONS[precision]
     have = manifest["precision"]
     if have["decoder"] != "fp32":
@@ -112,12 +167,16 @@ def source_graphs(manifest: dict, precision: str) -> dict[str, tuple[str, bool]]
         raise ValueError(f"--precision {precision} builds vision from fp32 weights; this export's vision is "
                          f"{have['vision']}: export with --precision fp32")
     graphs = manifest["graphs"]
+    if KV_CACHE_LAYOUTS[kv_cache] not in graphs:
+        raise ValueError(f"--kv-cache {kv_cache} builds from the export's fixed-capacity decoder graph, which this "
+                         "export lacks: re-export it with this edgevl (`edgevl export --precision fp32`)")
     return {"vision": (graphs["vision"], vision_want == "int8" and have["vision"] == "fp32"),
-            "decoder": (graphs["decoder"], False)}
+            "decoder": (graphs[KV_CACHE_LAYOUTS[kv_cache]], False)}
 
 
 def tensorrt_section(trt_version: str, gpu: dict, precision: str, max_tiles: int, max_seq: int,
-                     profiles: dict[str, list[Profile]], build_seconds: dict[str, float]) -> dict:
+                     profiles: dict[str, list[Profile]], build_seconds: dict[str, float],
+                     kv_cache: str = DEFAULT_KV_CACHE) -> dict:
     """The manifest's `tensorrt` section; the runtime refuses plans whose version or GPU differ from it."""
     vision, decoder = PRECISIONS[precision]
     return {
@@ -130,8 +189,7 @@ def tensorrt_section(trt_version: str, gpu: dict, precision: str, max_tiles: int
         "plans": dict(PLAN_NAMES),
         "limits": {"max_tiles": max_tiles, "max_seq": max_seq},
         "profiles": {kind: [p.to_dict() for p in ps] for kind, ps in profiles.items()},
-        "kv_cache": {"layout": "concat-ping-pong", "dtype": "float16",
-                     "note": "two max_seq-capacity device buffers per KV tensor; present(t) is past(t+1)"},
+        "kv_cache": KV_CACHE_SECTIONS[kv_cache],
         "io_dtypes": {"pixel_values": "float32", "image_embeds": "float32", "inputs_embeds": "float32",
                       "position_ids": "int64", "logits": "float16"},
         "build_seconds": {k: round(v, 2) for k, v in build_seconds.items()},
