@@ -99,8 +99,8 @@ class _DecoderWithFixedCache(nn.Module):
         x, present = inputs_embeds, []
         for i, layer in enumerate(lm.layers):
             x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1], mask)
-            present += [past[2 * i].scatter(2, index, k[:, :, capacity:]),
-                        past[2 * i + 1].scatter(2, index, v[:, :, capacity:])]
+            present += [past[2 * i].scatter(2, index, k.narrow(2, capacity, s)),
+                        past[2 * i + 1].scatter(2, index, v.narrow(2, capacity, s))]
         return (lm.lm_head(lm.norm(x[:, -1:])).float(), *present)
 
 

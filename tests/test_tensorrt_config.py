@@ -23,7 +23,7 @@ from edgevl.export.trt_ops import trt_incompatibilities
 from edgevl.manifest import read_manifest, write_manifest
 
 NO_TRT = tensorrt_unavailable_reason()
-MAX_SEQ = 256
+MAX_SEQ = 384  # > 300 prompt + 32 decode positions, for the fixed-cache parity runs
 FP16_COSINE = 0.999  # the issue's gate for fp16 engines vs fp32
 WEIGHT_INT8_COSINE = 0.99  # tiny random model (hidden 64): quantization noise is relatively large
 WEIGHT_INT4_COSINE = 0.95  # int4 blocks of 32-64 on the same model: measured min 0.978 over 9 steps
@@ -31,8 +31,16 @@ WEIGHT_INT4_COSINE = 0.95  # int4 blocks of 32-64 on the same model: measured mi
 
 @pytest.fixture(scope="module")
 def export_dir(tiny_checkpoint, tmp_path_factory):
+    """A qwen2 export with its weights in external data files, as a real model's are (> 1 GB), so the fixed
+    cache decoder's sharing of decoder.onnx.data is exercised."""
+    from edgevl.export import graphs
+
     out = tmp_path_factory.mktemp("trt-export")
-    export_model(tiny_checkpoint("qwen2"), out, max_seq=MAX_SEQ, log=lambda _: None)
+    threshold, graphs.EXTERNAL_DATA_BYTES = graphs.EXTERNAL_DATA_BYTES, 0
+    try:
+        export_model(tiny_checkpoint("qwen2"), out, max_seq=MAX_SEQ, log=lambda _: None)
+    finally:
+        graphs.EXTERNAL_DATA_BYTES = threshold
     return out
 
 
@@ -383,31 +391,28 @@ def test_parser_table_int4_restrictions():
 
 # -- fixed-capacity KV cache (TensorRT decode step as a CUDA graph) -----------------------------------------
 
-FIXED_CAPACITY = 384  # > 300 prompt + 32 decode positions; phi3's LongRoPE switches at 320 on the way
+FIXED_CAPACITY = MAX_SEQ  # phi3's LongRoPE switches at 320 on the way to 332 positions
 
 
 @pytest.fixture(scope="module")
-def decoder_pair(tiny_checkpoint, tmp_path_factory):
-    """family -> directory with decoder.onnx and decoder_fixed.onnx, exported from the same model. qwen2 is
-    exported with external weights (as a real model is), to check the fixed graph shares the decoder's file."""
+def decoder_pair(tiny_checkpoint, export_dir):
+    """family -> (directory with decoder.onnx and decoder_fixed.onnx exported from the same model, its decoder
+    spec); qwen2's is the export above (external weights), the others export just the two decoders."""
     from edgevl.backends.torch_backend import TorchBackend
     from edgevl.checkpoint import load_checkpoint
     from edgevl.export import graphs
+    from edgevl.specs import spec_from_dict
 
-    made = {}
+    made = {"qwen2": (export_dir, spec_from_dict(read_manifest(export_dir)["spec"]).decoder)}
 
     def make(family):
         if family not in made:
-            out = tmp_path_factory.mktemp(f"fixed-{family}")
+            out = export_dir.parent / f"fixed-{family}"
+            out.mkdir()
             lm = TorchBackend(load_checkpoint(tiny_checkpoint(family)), dtype="float32").lm
-            threshold = graphs.EXTERNAL_DATA_BYTES
-            graphs.EXTERNAL_DATA_BYTES = 0 if family == "qwen2" else threshold
-            try:
-                graphs.export_decoder(lm, out / "decoder.onnx", MAX_SEQ * 2)
-                graphs.export_decoder_fixed_cache(lm, out / "decoder_fixed.onnx", MAX_SEQ * 2,
-                                                  weights_from=out / "decoder.onnx")
-            finally:
-                graphs.EXTERNAL_DATA_BYTES = threshold
+            graphs.export_decoder(lm, out / "decoder.onnx", FIXED_CAPACITY)
+            graphs.export_decoder_fixed_cache(lm, out / "decoder_fixed.onnx", FIXED_CAPACITY,
+                                              weights_from=out / "decoder.onnx")
             made[family] = (out, lm.spec)
         return made[family]
 
