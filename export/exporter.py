@@ -148,6 +148,9 @@ def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=pr
     with _stage(log, f"decoder {decoder} ({scheme})"):
         quantize_decoder_weights(reference_dir / "decoder.onnx", out_dir / "decoder.onnx", bits)
     manifest["precision"] = {"vision": vision, "decoder": decoder}
+    # TensorRT's fixed-cache decoder is built from fp32 exports only; a quantized export does not carry it.
+    manifest["graphs"].pop("decoder_fixed", None)
+    manifest["kv_cache"].pop("decoder_fixed", None)
     manifest["quantization"] = {"vision": "static int8 Q/DQ, symmetric; attention and normalisations fp32",
                                 "decoder": scheme}
     manifest.pop("files")

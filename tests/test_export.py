@@ -121,6 +121,7 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
     # Only the quantized graphs: no fp32 weights left behind from the export it was made from.
     assert not list(out.glob("*.onnx.data"))
     assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
+    assert "decoder_fixed" not in manifest["graphs"] and "decoder_fixed" not in manifest["kv_cache"]
     graph = onnx.load(out / "decoder.onnx").graph
     weights = {init.name for init in graph.initializer}
     # Every weight matmul is quantized (4 per layer + lm_head); attention's activation matmuls are not.
