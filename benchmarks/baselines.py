@@ -218,16 +218,19 @@ def write_test_image(path: Path, size: int = 448) -> Path:
 
 
 def llama_vision(build: Path, text: Path, mmproj: Path, args, image: Path, log_path: Path) -> dict:
-    """ms per tile from llama-mtmd-cli's 'image slice encoded in N ms': one process, the image given repeat + 1
-    times (each its own encode), the first dropped as the warm-up."""
+    """ms per tile from llama-mtmd-cli's 'mtmd batch encoding done in N ms': one process, the image given
+    repeat + 1 times (text between them, so each is its own batch of one 448x448 overview tile; mtmd slices only
+    images larger than a tile), the first dropped as the warm-up."""
     run_logged([build / "bin" / "llama-mtmd-cli", "-m", text, "--mmproj", mmproj, "--image",
                 ",".join([str(image)] * (args.repeat + 1)), "-p", "Describe.", "-n", 1, "-t", args.threads,
                 "-c", 4096, "--chat-template", "chatml", "--temp", 0, "--no-repack" if args.llama_no_repack else "--repack"],
                log_path, timed=True)
-    encoded = [float(ms) for ms in re.findall(r"image slice encoded in (\d+) ms", log_path.read_text())]
-    if len(encoded) != args.repeat + 1:
-        raise RuntimeError(f"expected {args.repeat + 1} 'image slice encoded' lines in {log_path}, "
-                           f"found {len(encoded)} (more than one slice per 448x448 image?)")
+    log_text = log_path.read_text(errors="replace")
+    encoded = [float(ms) for ms in re.findall(r"mtmd batch encoding done in (\d+) ms", log_text)]
+    batches = re.findall(r"encoding mtmd batch, n_chunks = (\d+)", log_text)
+    if len(encoded) != args.repeat + 1 or set(batches) != {"1"}:
+        raise RuntimeError(f"expected {args.repeat + 1} one-image 'mtmd batch encoding done' lines in {log_path}, "
+                           f"found {len(encoded)} (batches of {batches} images)")
     return spread(encoded[1:])
 
 
