@@ -145,3 +145,100 @@ def _drop_unused_initializers(graph) -> None:
 def _use_ms_domain(model) -> None:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> int:
+    """Each layer's attention (the split of the packed QKV projection, RoPE, Concat onto the cache, Q x K^T,
+    scale, causal mask, softmax, x V and the head merge) becomes one com.microsoft GroupQueryAttention node
+    reading the packed QKV with RoPE inside it (cos/sin tables up to max_seq). The KV contract is unchanged:
+    past [1, kv, P, d] in, present [1, kv, P + S, d] out. LongRoPE (Phi-3) picks its factors from the sequence
+    length, which GQA's fixed tables cannot, so those graphs keep the exported attention. In place; returns how
+    many layers were fused."""
+    if decoder_spec.get("long_rope"):
+        return 0
+    graph = model.graph
+    inits, consumers = _initializers(graph), _consumers(graph)
+    producer = {out: n for n in graph.node for out in n.output}
+    fused, remove, replace = 0, set(), {}
+    for output in graph.output:
+        if not (output.name.startswith("present.") and output.name.endswith(".key")):
+            continue
+        layer = output.name[len("present."):-len(".key")]
+        core = _attention_core(layer, producer, consumers, inits)
+        if core is None:
+            continue
+        packed, concat_k, concat_v, merged, scale = core
+        remove.update((id(concat_k), id(concat_v)))
+        replace[id(merged)] = helper.make_node(
+            "GroupQueryAttention", [packed, "", "", concat_k.input[0], concat_v.input[0], "gqa.seqlens_k",
+                                    "gqa.total_length", "gqa.cos", "gqa.sin"],
+            [merged.output[0], concat_k.output[0], concat_v.output[0]], name=f"gqa.{layer}", domain="com.microsoft",
+            num_heads=decoder_spec["num_heads"], kv_num_heads=decoder_spec["num_kv_heads"], scale=float(scale),
+            do_rotary=1, rotary_interleaved=0)
+        fused += 1
+    if not fused:
+        return 0
+    head_dim = decoder_spec["hidden_size"] // decoder_spec["num_heads"]
+    inv_freq = 1.0 / decoder_spec["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.arange(max_seq, dtype=np.float64)[:, None] * inv_freq
+    graph.initializer.extend([numpy_helper.from_array(np.cos(angles).astype(np.float32), "gqa.cos"),
+                              numpy_helper.from_array(np.sin(angles).astype(np.float32), "gqa.sin")])
+    nodes = _sequence_lengths(graph) + [replace.get(id(n), n) for n in graph.node if id(n) not in remove]
+    _replace_nodes(graph, nodes)
+    _drop_dead_nodes(graph)
+    _drop_unused_initializers(graph)
+    _use_ms_domain(model)
+    return fused
+
+
+def _attention_core(layer: str, producer: dict, consumers: dict, inits: dict):
+    """(packed QKV, Concat K, Concat V, last node of the head merge, softmax scale) of one exported layer, or
+    None where the graph does not have the exported shape (modeling.DecoderLayer.forward)."""
+    concat_k, concat_v = producer.get(f"present.{layer}.key"), producer.get(f"present.{layer}.value")
+    if concat_k is None or concat_v is None or {concat_k.op_type, concat_v.op_type} != {"Concat"}:
+        return None
+    # V is the third output of the packed projection's Split, reshaped to heads and transposed.
+    v_heads = producer.get(concat_v.input[1])
+    v_view = producer.get(v_heads.input[0]) if v_heads is not None and v_heads.op_type == "Transpose" else None
+    split = producer.get(v_view.input[0]) if v_view is not None and v_view.op_type == "Reshape" else None
+    if split is None or split.op_type != "Split" or len(split.output) != 3 or split.output[2] != v_view.input[0]:
+        return None
+    scores = [u for t in consumers.get(concat_k.output[0], []) if t.op_type == "Transpose"
+              for u in consumers.get(t.output[0], []) if u.op_type == "MatMul"]
+    weighted = [u for u in consumers.get(concat_v.output[0], []) if u.op_type == "MatMul"]
+    if len(scores) != 1 or len(weighted) != 1:
+        return None
+    scale_mul = consumers[scores[0].output[0]][0]
+    scale = _scalar(inits, scale_mul.input[1]) if scale_mul.op_type == "Mul" else None
+    merged = weighted[0]
+    while len(consumers.get(merged.output[0], [])) == 1 and consumers[merged.output[0]][0].op_type in (
+            "Reshape", "Transpose"):
+        merged = consumers[merged.output[0]][0]
+    if scale is None or merged is weighted[0]:
+        return None
+    return split.input[0], concat_k, concat_v, merged, scale
+
+
+def _sequence_lengths(graph) -> list:
+    """GQA's int32 total length (past + new) and seqlens_k = total - 1, from the last position id (positions are
+    always past + 0..S-1): not from the past's shape, which is the buffer's capacity when past and present share
+    one buffer."""
+    graph.initializer.extend([numpy_helper.from_array(np.array(1, np.int32), "gqa.one"),
+                              numpy_helper.from_array(np.array([1], np.int64), "gqa.one_dim")])
+    return [
+        helper.make_node("ReduceMax", ["position_ids"], ["gqa.last_position"], keepdims=0, name="gqa.last_position"),
+        helper.make_node("Cast", ["gqa.last_position"], ["gqa.last32"], to=onnx.TensorProto.INT32, name="gqa.last32"),
+        helper.make_node("Add", ["gqa.last32", "gqa.one"], ["gqa.total_length"], name="gqa.total_length"),
+        helper.make_node("Reshape", ["gqa.last32", "gqa.one_dim"], ["gqa.seqlens_k"], name="gqa.seqlens_k"),
+    ]
+
+
+def _drop_dead_nodes(graph) -> None:
+    """Remove nodes none of whose outputs reach a graph output (the replaced attention, RoPE and mask)."""
+    live = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(out in live for out in node.output):
+            keep.append(node)
+            live.update(node.input)
+    _replace_nodes(graph, reversed(keep))

@@ -38,6 +38,14 @@ FIXED_KV_CACHE = {"layout": "fixed", "dtype": "float32",
                   "capacity": "2..max_seq, fixed per TensorRT plan; cached rows at and after the step's first "
                               "position are masked, so they must hold finite values (zero-initialise)"}
 
+# The CPU decoders whose attention is ONNX Runtime's GroupQueryAttention (export/cpu_graph.py): past and present
+# are one buffer, written in place, so a step copies nothing and attends over the valid rows only.
+SHARED_KV_CACHE = {"layout": "shared", "dtype": "float32",
+                   "inputs": "past_key_values.{layer}.{key|value} [1, kv_heads, capacity, head_dim]",
+                   "outputs": "present.{layer}.{key|value}: bound to the same buffer as past; the step's rows are "
+                              "written at position_ids, whose last value + 1 is the valid length",
+                   "capacity": "the runtime's max_seq (<= limits.max_seq)"}
+
 
 @contextmanager
 def _stage(log, name: str):
@@ -146,11 +154,14 @@ def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=pr
     scheme = {8: "int8 weights per channel, int8 activations per token",
               4: f"int4 weights in blocks of {BLOCK_SIZE}"}[bits]
     with _stage(log, f"decoder {decoder} ({scheme})"):
-        quantize_decoder_weights(reference_dir / "decoder.onnx", out_dir / "decoder.onnx", bits)
+        fused_attention = quantize_decoder_weights(reference_dir / "decoder.onnx", out_dir / "decoder.onnx", bits,
+                                                   manifest["spec"]["decoder"], manifest["limits"]["max_seq"])
     manifest["precision"] = {"vision": vision, "decoder": decoder}
     # TensorRT's fixed-cache decoder is built from fp32 exports only; a quantized export does not carry it.
     manifest["graphs"].pop("decoder_fixed", None)
     manifest["kv_cache"].pop("decoder_fixed", None)
+    if fused_attention:
+        manifest["kv_cache"] = SHARED_KV_CACHE
     manifest["quantization"] = {"vision": "static int8 Q/DQ, symmetric; attention and normalisations fp32",
                                 "decoder": scheme}
     manifest.pop("files")

@@ -69,28 +69,32 @@ def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray) -> 
     root.setLevel(level)
 
 
-def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int) -> None:
-    """The decoder for ONNX Runtime on CPU, RMSNorm fused. bits=8: int8 weights per output channel with
-    activations quantized per token (cpu_graph.quantize_matmuls_per_token: integer GEMM, fast prefill).
+def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int, decoder_spec: dict, max_seq: int) -> bool:
+    """The decoder for ONNX Runtime on CPU: RMSNorm fused, attention fused into GroupQueryAttention where the
+    family allows (cpu_graph.fuse_attention), then the weights quantized. bits=8: int8 weights per output channel
+    with activations quantized per token (cpu_graph.quantize_matmuls_per_token: integer GEMM, fast prefill).
     bits=4: int4 weights in symmetric blocks of BLOCK_SIZE (MatMulNBits, activations quantized to int8 per
-    block, accuracy_level 4): the fastest decode, prefill ~5x slower than int8's."""
+    block, accuracy_level 4): the fastest decode, prefill ~3x slower than int8's. Returns whether attention was
+    fused (the KV cache is then one shared buffer per tensor: the manifest's "shared" layout)."""
     import onnx
 
-    from .cpu_graph import fuse_rms_norm, quantize_matmuls_per_token
+    from .cpu_graph import fuse_attention, fuse_rms_norm, quantize_matmuls_per_token
 
     model = onnx.load(str(fp32_path))
     fuse_rms_norm(model)
+    fused = fuse_attention(model, decoder_spec, max_seq) > 0
     if bits == 8:
         quantize_matmuls_per_token(model)
         onnx.save(model, str(out_path), save_as_external_data=_needs_external_data(fp32_path, 1),
                   location=out_path.name + ".data")
-        return
+        return fused
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out_path),
                                        use_external_data_format=_needs_external_data(fp32_path, bits / 8))
+    return fused
 
 
 def _needs_external_data(fp32_path: Path, bytes_per_weight: float) -> bool:

@@ -3,11 +3,12 @@ and the fused RMSNorm."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgevl.export.cpu_graph import fuse_rms_norm, quantize_matmuls_per_token
+from edgevl.export.cpu_graph import fuse_attention, fuse_rms_norm, quantize_matmuls_per_token
 
 K, N = 128, 96
 
@@ -76,3 +77,55 @@ def test_rms_norm_chain_becomes_one_node_with_the_same_output():
     assert [n.op_type for n in model.graph.node] == ["SimplifiedLayerNormalization"]
     np.testing.assert_allclose(_run(model, x), before, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(before, gain * x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6), rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "internlm2", "phi3"])
+def test_fused_attention_matches_the_exported_attention(tiny_checkpoint, tmp_path, family):
+    """GroupQueryAttention (RoPE inside) in place of each layer's exported attention: same logits and KV through
+    a prefill and decode steps; Phi-3's LongRoPE keeps the exported attention."""
+    from edgevl.backends.torch_backend import TorchBackend
+    from edgevl.checkpoint import load_checkpoint
+    from edgevl.export.graphs import export_decoder
+    from edgevl.specs import spec_to_dict
+
+    checkpoint = load_checkpoint(tiny_checkpoint(family))
+    lm = TorchBackend(checkpoint, dtype="float32").lm
+    export_decoder(lm, tmp_path / "decoder.onnx", max_seq=64)
+    model = onnx.load(tmp_path / "decoder.onnx")
+    spec = spec_to_dict(checkpoint.spec)["decoder"]
+    fused = fuse_attention(model, spec, max_seq=64)
+    if spec["long_rope"]:
+        assert fused == 0
+        return
+    assert fused == spec["num_layers"]
+    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == spec["num_layers"]
+    assert not any(n.op_type in ("Softmax", "Concat") for n in model.graph.node)
+    reference = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    candidate = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    kv_shape = (1, spec["num_kv_heads"], 0, spec["hidden_size"] // spec["num_heads"])
+    # The "shared" layout: one buffer per KV tensor bound as past and present, left holding the previous
+    # sequence's rows (a second generation) that the new one must not read.
+    shared = [ort.OrtValue.ortvalue_from_numpy(np.random.default_rng(4).standard_normal(
+        kv_shape[:2] + (64,) + kv_shape[3:]).astype(np.float32)) for _ in reference.get_inputs()[2:]]
+    rng = np.random.default_rng(3)
+    past = {i.name: np.zeros(kv_shape, np.float32) for i in reference.get_inputs()[2:]}
+    position = 0
+    for step in [9, 1, 1, 1]:
+        feeds = {"inputs_embeds": rng.standard_normal((1, step, spec["hidden_size"])).astype(np.float32),
+                 "position_ids": np.arange(position, position + step)[None], **past}
+        want, got = reference.run(None, feeds), candidate.run(None, feeds)
+        for name, a, b in zip([o.name for o in reference.get_outputs()], want, got):
+            np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4, err_msg=f"{name} after {position + step}")
+        binding = candidate.io_binding()
+        binding.bind_cpu_input("inputs_embeds", feeds["inputs_embeds"])
+        binding.bind_cpu_input("position_ids", feeds["position_ids"])
+        binding.bind_output("logits", "cpu")
+        for name, value in zip(past, shared):
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        candidate.run_with_iobinding(binding)
+        np.testing.assert_allclose(binding.get_outputs()[0].numpy(), want[0], atol=1e-4, rtol=1e-4)
+        for value, a in zip(shared, want[1:]):
+            np.testing.assert_allclose(value.numpy()[:, :, :position + step], a, atol=1e-4, rtol=1e-4)
+        past = dict(zip(past, want[1:]))
+        position += step

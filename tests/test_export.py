@@ -122,6 +122,7 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
     assert not list(out.glob("*.onnx.data"))
     assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
     assert "decoder_fixed" not in manifest["graphs"] and "decoder_fixed" not in manifest["kv_cache"]
+    assert manifest["kv_cache"]["layout"] == "shared"  # qwen2: GroupQueryAttention over one buffer per tensor
     graph = onnx.load(out / "decoder.onnx").graph
     weights = {init.name for init in graph.initializer}
     # Every weight matmul is quantized (4 per layer + lm_head); attention's activation matmuls are not.
@@ -133,8 +134,13 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
     # Two RMSNorms per layer + the final one, each fused into one node.
     assert sum(n.op_type == "SimplifiedLayerNormalization" for n in graph.node) == 2 * 2 + 1
     assert not any(n.op_type in ("Pow", "Reciprocal") for n in graph.node)
-    result = EdgeVL.from_pretrained(out).generate("Describe.", synthetic_image(640, 480), max_new_tokens=8)
-    assert result.token_ids
+    model = EdgeVL.from_pretrained(out)
+    first = model.generate("Describe.", synthetic_image(640, 480), max_new_tokens=8)
+    assert first.token_ids
+    # The shared KV buffers still hold this run's rows when the next one starts: it must not read them.
+    model.generate("Something else, and longer than the first question.", max_new_tokens=12)
+    again = model.generate("Describe.", synthetic_image(640, 480), max_new_tokens=8)
+    assert again.token_ids == first.token_ids
 
 
 def _copy(src, dst):

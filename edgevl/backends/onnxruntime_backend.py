@@ -1,8 +1,10 @@
 """ONNX Runtime backend for an exported directory (CPU or CUDA). Never imports torch.
 
-The decoder runs through IOBinding: each step's `present.*` OrtValues are bound as the next step's
-`past_key_values.*` without a round trip through numpy, so on CUDA the KV cache stays on the device and on CPU
-it is not copied beyond the Concat inside the graph. Only the logits come back to the host.
+The decoder runs through IOBinding and the KV cache never leaves the device. Two layouts (the manifest's
+kv_cache.layout): "concat" (each step's `present.*` OrtValues are bound as the next step's `past_key_values.*`,
+the Concat inside the graph is the only copy) and "shared" (GroupQueryAttention graphs: one max_seq-capacity
+buffer per KV tensor, bound as both past and present and written in place; nothing is copied). Only the logits
+come back to the host.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class OnnxRuntimeBackend:
         self.max_seq, self.max_tiles = max_seq or limits["max_seq"], limits["max_tiles"]
         self._kv_shape = (1, spec["num_kv_heads"], 0, spec["hidden_size"] // spec["num_heads"])
         self._kv_dtype = np.dtype(manifest["kv_cache"]["dtype"])
+        self._shared_kv = manifest["kv_cache"]["layout"] == "shared"
         names = [i.name for i in self.decoder.get_inputs()]
         self._past_names = [n for n in names if n.startswith("past_key_values.")]
         self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
@@ -92,9 +95,14 @@ class OnnxRuntimeBackend:
 
     def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
         ort = _ort()
-        empty = [ort.OrtValue.ortvalue_from_shape_and_type(self._kv_shape, self._kv_dtype, self.device, 0)
-                 for _ in self._past_names]
-        self._past, self._pos = empty, 0
+        if not self._shared_kv:
+            self._past = [ort.OrtValue.ortvalue_from_shape_and_type(self._kv_shape, self._kv_dtype, self.device, 0)
+                          for _ in self._past_names]
+        elif not self._past:  # allocated once and reused: rows past the valid length are never read
+            shape = self._kv_shape[:2] + (self.max_seq,) + self._kv_shape[3:]
+            self._past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_dtype, self.device, 0)
+                          for _ in self._past_names]
+        self._pos = 0
         return self._step(inputs_embeds)
 
     def decode(self, token_id: int) -> np.ndarray:
@@ -108,9 +116,14 @@ class OnnxRuntimeBackend:
         for name, value in zip(self._past_names, self._past):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name in self._present_names:
-            binding.bind_output(name, self.device)
+        for name, value in zip(self._present_names, self._past):
+            if self._shared_kv:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self.device)
         self.decoder.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        self._past, self._pos = outputs[1:], self._pos + n
+        if not self._shared_kv:
+            self._past = outputs[1:]
+        self._pos += n
         return outputs[0].numpy()[0, -1].astype(np.float32, copy=False)
