@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from edgevl.specs import ModelSpec
 
 GIB = 1 << 30
-BLOCK_SIZE = 32  # edgevl.export.quantize.BLOCK_SIZE: one fp32 scale per 32 weights
+INT4_BLOCK_SIZE = 128  # edgevl.export.quantize.BLOCK_SIZE: one fp32 scale per 128 int4 weights
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ DEVICES: dict[str, Device] = {
 }
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # precision -> (vision bytes per weight, decoder matrix bytes per weight); int4 keeps vision at int8 (export).
-_BYTES_PER_WEIGHT = {"fp32": (4.0, 4.0), "fp16": (2.0, 2.0), "int8": (1.0, 1 + 4 / BLOCK_SIZE),
-                     "int4": (1.0, 0.5 + 4 / BLOCK_SIZE)}
+# int8 decoder scales are per output channel: negligible per weight.
+_BYTES_PER_WEIGHT = {"fp32": (4.0, 4.0), "fp16": (2.0, 2.0), "int8": (1.0, 1.0),
+                     "int4": (1.0, 0.5 + 4 / INT4_BLOCK_SIZE)}
 
 
 def cpu_device(ram_bytes: int) -> Device:

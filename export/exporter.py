@@ -135,7 +135,7 @@ def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=pr
     from edgevl.drift import measure_drift
     from edgevl.specs import spec_from_dict
 
-    from .quantize import BLOCK_SIZE, calibration_tiles, quantize_decoder_weights, quantize_vision_int8
+    from .quantize import calibration_tiles, quantize_decoder_weights, quantize_vision_int8
 
     if precision not in PRECISIONS or precision == "fp32":
         raise ValueError(f"precision={precision!r}: expected one of {tuple(PRECISIONS)[1:]}")
@@ -150,12 +150,11 @@ def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=pr
     with _stage(log, f"vision int8 (static Q/DQ, calibrated on {calib_images or 'generated images'})"):
         quantize_vision_int8(reference_dir / "vision.onnx", out_dir / "vision.onnx",
                              calibration_tiles(calib_images, spec.tiling))
-    bits = {"int8": 8, "int4": 4}[decoder]
-    scheme = {8: "int8 weights per channel, int8 activations per token",
-              4: f"int4 weights in blocks of {BLOCK_SIZE}"}[bits]
-    with _stage(log, f"decoder {decoder} ({scheme})"):
-        fused_attention = quantize_decoder_weights(reference_dir / "decoder.onnx", out_dir / "decoder.onnx", bits,
-                                                   manifest["spec"]["decoder"], manifest["limits"]["max_seq"])
+    with _stage(log, f"decoder {decoder}"):
+        scheme, fused_attention = quantize_decoder_weights(
+            reference_dir / "decoder.onnx", out_dir / "decoder.onnx", {"int8": 8, "int4": 4}[decoder],
+            manifest["spec"]["decoder"], manifest["limits"]["max_seq"])
+    log(f"[export] decoder: {scheme}" + (", attention fused (GroupQueryAttention)" if fused_attention else ""))
     manifest["precision"] = {"vision": vision, "decoder": decoder}
     # TensorRT's fixed-cache decoder is built from fp32 exports only; a quantized export does not carry it.
     manifest["graphs"].pop("decoder_fixed", None)
