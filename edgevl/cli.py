@@ -161,11 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="export a checkpoint to ONNX for ONNX Runtime / TensorRT",
                          description="Export a local checkpoint to vision.onnx + decoder.onnx (KV cache) + "
-                         "manifest.json. int8: static int8 vision (calibrated) + weight-only int8 decoder; "
-                         "int4: int8 vision + int4 decoder; both print their drift against fp32.")
+                         "manifest.json. fp32: standard ops, the input of `edgevl build`. fp16: fp16 graphs with fp32 "
+                         "normalisations, for ONNX Runtime on CUDA. int8: static int8 "
+                         "vision (calibrated) + a CPU decoder with int8 weights and per-token int8 activations "
+                         "(fastest prefill); int4: int8 vision + a CPU decoder with int4 weights in blocks of 128 "
+                         "(fastest decode, least memory); fp16/int8/int4 print and record their drift against fp32.")
     exp.add_argument("--model", required=True, help="checkpoint directory")
     exp.add_argument("--out", required=True, help="output directory (empty, or an earlier export to replace)")
-    exp.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"])
+    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+                     help="fp32 (default; for TensorRT and as the reference), fp16 (ONNX Runtime on CUDA), int8 or "
+                     "int4 (ONNX Runtime on CPU)")
     exp.add_argument("--max-tiles", type=int, default=13, help="largest tile batch for vision (13 = 12 + "
                      "thumbnail; ~40 for video)")
     exp.add_argument("--max-seq", type=int, default=4096, help="longest sequence (prompt + answer) the KV cache "

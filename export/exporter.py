@@ -26,7 +26,7 @@ from edgevl.prompts import IMG_CONTEXT, IMG_END, IMG_START, checkpoint_system_me
 from edgevl.specs import spec_to_dict
 
 # --precision -> (vision, decoder)
-PRECISIONS = {"fp32": ("fp32", "fp32"), "int8": ("int8", "int8"), "int4": ("int8", "int4")}
+PRECISIONS = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "int8": ("int8", "int8"), "int4": ("int8", "int4")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt")
 DEFAULT_MAX_TILES = 13  # 12 + thumbnail
@@ -57,7 +57,7 @@ def _stage(log, name: str):
 
 def export_model(model_dir, out_dir, precision: str = "fp32", max_tiles: int = DEFAULT_MAX_TILES,
                  max_seq: int = DEFAULT_MAX_SEQ, calib_images=None, log=print) -> Path:
-    """Export `model_dir` to `out_dir`; returns the manifest path. int8/int4 also measure drift against fp32."""
+    """Export `model_dir` to `out_dir`; returns the manifest path. fp16/int8/int4 also measure drift against fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {tuple(PRECISIONS)}")
     if not 1 <= max_tiles <= 64:
@@ -129,8 +129,9 @@ def _export_fp32(model_dir: Path, out_dir: Path, max_tiles: int, max_seq: int, l
 
 
 def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=print) -> Path:
-    """An fp32 export -> a quantized copy in out_dir (int8: int8 vision + int8 decoder weights; int4: int8
-    vision + int4 decoder weights), with its drift against the fp32 export recorded in the manifest."""
+    """An fp32 export -> a lower-precision copy in out_dir (fp16: fp16 graphs with fp32 islands, for ONNX Runtime
+    on CUDA; int8: int8 vision + int8 decoder weights; int4: int8 vision + int4 decoder weights), with its drift
+    against the fp32 export recorded in the manifest."""
     from edgevl import EdgeVL
     from edgevl.drift import measure_drift
     from edgevl.specs import spec_from_dict
@@ -147,22 +148,32 @@ def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=pr
         shutil.rmtree(out_dir)
     # Everything but the fp32 graphs (and their external weights), which the quantized ones replace.
     shutil.copytree(reference_dir, out_dir, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data"))
-    with _stage(log, f"vision int8 (static Q/DQ, calibrated on {calib_images or 'generated images'})"):
-        quantize_vision_int8(reference_dir / "vision.onnx", out_dir / "vision.onnx",
-                             calibration_tiles(calib_images, spec.tiling))
-    with _stage(log, f"decoder {decoder}"):
-        scheme, fused_attention = quantize_decoder_weights(
-            reference_dir / "decoder.onnx", out_dir / "decoder.onnx", {"int8": 8, "int4": 4}[decoder],
-            manifest["spec"]["decoder"], manifest["limits"]["max_seq"])
-    log(f"[export] decoder: {scheme}" + (", attention fused (GroupQueryAttention)" if fused_attention else ""))
-    manifest["precision"] = {"vision": vision, "decoder": decoder}
-    # TensorRT's fixed-cache decoder is built from fp32 exports only; a quantized export does not carry it.
+    # TensorRT's fixed-cache decoder is built from fp32 exports only; the copy does not carry it.
     manifest["graphs"].pop("decoder_fixed", None)
     manifest["kv_cache"].pop("decoder_fixed", None)
-    if fused_attention:
-        manifest["kv_cache"] = SHARED_KV_CACHE
-    manifest["quantization"] = {"vision": "static int8 Q/DQ, symmetric; attention and normalisations fp32",
-                                "decoder": scheme}
+    if precision == "fp16":
+        from .trt.precision import write_precision_graph
+
+        for kind in ("vision", "decoder"):
+            with _stage(log, f"{kind} fp16 (normalisations, softmax and residual adds fp32)"):
+                write_precision_graph(reference_dir / f"{kind}.onnx", out_dir / f"{kind}.onnx", kind, "fp16")
+        manifest["kv_cache"]["dtype"] = "float16"
+        quantization = {kind: "fp16 weights and activations; normalisations, softmax and residual adds fp32"
+                        for kind in ("vision", "decoder")}
+    else:
+        with _stage(log, f"vision int8 (static Q/DQ, calibrated on {calib_images or 'generated images'})"):
+            quantize_vision_int8(reference_dir / "vision.onnx", out_dir / "vision.onnx",
+                                 calibration_tiles(calib_images, spec.tiling))
+        with _stage(log, f"decoder {decoder}"):
+            scheme, fused_attention = quantize_decoder_weights(
+                reference_dir / "decoder.onnx", out_dir / "decoder.onnx", {"int8": 8, "int4": 4}[decoder],
+                manifest["spec"]["decoder"], manifest["limits"]["max_seq"])
+        log(f"[export] decoder: {scheme}" + (", attention fused (GroupQueryAttention)" if fused_attention else ""))
+        if fused_attention:
+            manifest["kv_cache"] = SHARED_KV_CACHE
+        quantization = {"vision": "static int8 Q/DQ, symmetric; attention and normalisations fp32", "decoder": scheme}
+    manifest["precision"] = {"vision": vision, "decoder": decoder}
+    manifest["quantization"] = quantization
     manifest.pop("files")
     write_manifest(out_dir, manifest)
     with _stage(log, "drift against fp32"):

@@ -59,14 +59,19 @@ def export_vision(vision: VisionModel, path: Path, max_tiles: int) -> None:
 
 
 def export_decoder(lm: LanguageModel, path: Path, max_seq: int) -> None:
-    spec = lm.spec
-    past = [torch.zeros(1, spec.num_kv_heads, 3, spec.head_dim) for _ in range(2 * spec.num_layers)]
+    _export_decoder_module(_DecoderWithFlatCache(lm.float().eval()), path, max_seq, example_cache=3,
+                           cache=torch.export.Dim("past", min=0, max=max_seq))
+
+
+def _export_decoder_module(module: nn.Module, path: Path, max_seq: int, example_cache: int, cache) -> None:
+    """inputs_embeds [1, seq, H] + position_ids [1, seq] + per-layer KV [1, kv, cache, d] -> logits + present KV;
+    seq dynamic in 1..max_seq, the KV's dim 2 as `cache` says."""
+    spec = module.lm.spec
+    past = [torch.zeros(1, spec.num_kv_heads, example_cache, spec.head_dim) for _ in range(2 * spec.num_layers)]
     args = (torch.zeros(1, 5, spec.hidden_size), torch.arange(3, 8)[None], *past)
     seq = torch.export.Dim("seq", min=1, max=max_seq)
-    past_len = torch.export.Dim("past", min=0, max=max_seq)
-    dynamic = ({1: seq}, {1: seq}, tuple({2: past_len} for _ in past))
-    _export(_DecoderWithFlatCache(lm.float().eval()), args, path,
-            ["inputs_embeds", "position_ids"] + kv_names(spec.num_layers, "past_key_values"),
+    dynamic = ({1: seq}, {1: seq}, tuple({2: cache} for _ in past))
+    _export(module, args, path, ["inputs_embeds", "position_ids"] + kv_names(spec.num_layers, "past_key_values"),
             ["logits"] + kv_names(spec.num_layers, "present"), dynamic)
 
 
@@ -108,15 +113,8 @@ def export_decoder_fixed_cache(lm: LanguageModel, path: Path, max_seq: int, weig
     """decoder_fixed.onnx: the decoder with past/present [1, kv_heads, capacity, head_dim], capacity and seq dynamic
     up to max_seq (TensorRT fixes the capacity per plan). When `weights_from` (decoder.onnx, exported from the same
     model) keeps its weights in external data, this graph's initializers point into that file instead of a copy."""
-    spec = lm.spec
-    past = [torch.zeros(1, spec.num_kv_heads, 16, spec.head_dim) for _ in range(2 * spec.num_layers)]
-    args = (torch.zeros(1, 5, spec.hidden_size), torch.arange(3, 8)[None], *past)
-    seq = torch.export.Dim("seq", min=1, max=max_seq)
-    capacity = torch.export.Dim("capacity", min=2, max=max_seq)
-    dynamic = ({1: seq}, {1: seq}, tuple({2: capacity} for _ in past))
-    _export(_DecoderWithFixedCache(lm.float().eval()), args, path,
-            ["inputs_embeds", "position_ids"] + kv_names(spec.num_layers, "past_key_values"),
-            ["logits"] + kv_names(spec.num_layers, "present"), dynamic)
+    _export_decoder_module(_DecoderWithFixedCache(lm.float().eval()), path, max_seq, example_cache=16,
+                           cache=torch.export.Dim("capacity", min=2, max=max_seq))
     if weights_from is not None:
         share_external_weights(path, weights_from)
 

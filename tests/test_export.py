@@ -210,3 +210,20 @@ def test_cli_export_then_generate(tiny_checkpoint, tmp_path, capsys):
                  "--max-new-tokens", "3", "--threads", "1"]) == 0
     assert main(["export", "--model", str(tiny_checkpoint("phi3")), "--out", str(tmp_path)]) == 2
     assert "not an edgevl export" in capsys.readouterr().err
+
+
+def test_fp16_export_runs_on_onnxruntime_with_bounded_drift(exported):
+    """fp16 graphs with fp32 islands (for ONNX Runtime on CUDA; run here on CPU): fp16 weights, an fp16 KV
+    cache, fp32 embeddings in and image embeddings out, drift within the fp16 bounds."""
+    out = exported("qwen2", "fp16")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == {"vision": "fp16", "decoder": "fp16"} and manifest["kv_cache"]["dtype"] == "float16"
+    for metric, floor in DRIFT_BOUNDS["fp16"].items():
+        assert manifest["drift_vs_fp32"][metric] >= floor, metric
+    for kind in ("vision", "decoder"):
+        graph = onnx.load(out / f"{kind}.onnx").graph
+        matrices = [t for t in graph.initializer if len(t.dims) == 2 and min(t.dims) > 8]
+        assert matrices and all(t.data_type == onnx.TensorProto.FLOAT16 for t in matrices), kind
+        assert trt_incompatibilities(onnx.load(out / f"{kind}.onnx")) == []
+    model = EdgeVL.from_pretrained(out)
+    assert model.generate("Describe.", synthetic_image(640, 480), max_new_tokens=8).token_ids

@@ -51,6 +51,7 @@ class OnnxRuntimeBackend:
         self.max_seq, self.max_tiles = max_seq or limits["max_seq"], limits["max_tiles"]
         self._kv_shape = (1, spec["num_kv_heads"], 0, spec["hidden_size"] // spec["num_heads"])
         self._kv_dtype = np.dtype(manifest["kv_cache"]["dtype"])
+        self._embeds_dtype = _TENSOR_DTYPES[self.decoder.get_inputs()[0].type]  # fp32 even in fp16 graphs
         self._shared_kv = manifest["kv_cache"]["layout"] == "shared"
         names = [i.name for i in self.decoder.get_inputs()]
         self._past_names = [n for n in names if n.startswith("past_key_values.")]
@@ -111,7 +112,7 @@ class OnnxRuntimeBackend:
     def _step(self, embeds: np.ndarray) -> np.ndarray:
         n = len(embeds)
         binding = self.decoder.io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], dtype=self._kv_dtype))
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], dtype=self._embeds_dtype))
         binding.bind_cpu_input("position_ids", np.arange(self._pos, self._pos + n, dtype=np.int64)[None])
         for name, value in zip(self._past_names, self._past):
             binding.bind_ortvalue_input(name, value)

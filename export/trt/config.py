@@ -150,7 +150,8 @@ def check_limits(manifest: dict, max_tiles: int | None, max_seq: int | None) -> 
 def source_graphs(manifest: dict, precision: str, kv_cache: str = DEFAULT_KV_CACHE) -> dict[str, tuple[str, bool]]:
     """kind -> (exported ONNX the engine starts from, whether build must quantize it to int8 Q/DQ first), or a
     ValueError saying which export to make instead. The decoder always starts from fp32 weights: the export's
-    weight-only decoders are ONNX Runtime's MatMulNBits, which TensorRT does not parse. Vision int8 uses the
+    int8/int4 decoders are ONNX Runtime CPU graphs (contrib ops TensorRT does not parse) and the fp16 one has
+    already lost the fp32 weights the build's own precision rewrite starts from. Vision int8 uses the
     export's static Q/DQ graph when it has one, else build calibrates one (export/quantize.py). kv_cache picks
     the decoder graph (see the module docstring)."""
     if precision not in PRECISIONS:
@@ -160,8 +161,8 @@ def source_graphs(manifest: dict, precision: str, kv_cache: str = DEFAULT_KV_CAC
     vision_want, _ = PRECISIONS[precision]
     have = manifest["precision"]
     if have["decoder"] != "fp32":
-        raise ValueError(f"this export's decoder is {have['decoder']} weight-only (ONNX Runtime MatMulNBits), "
-                         "which TensorRT cannot parse: export with `edgevl export --precision fp32`, then "
+        raise ValueError(f"this export's decoder is {have['decoder']} (an ONNX Runtime graph), which TensorRT does "
+                         "not build from: export with `edgevl export --precision fp32`, then "
                          f"`edgevl build --precision {precision}` (int8 vision is calibrated during the build)")
     if vision_want == "fp16" and have["vision"] != "fp32":
         raise ValueError(f"--precision {precision} builds vision from fp32 weights; this export's vision is "
