@@ -125,26 +125,34 @@ def dir_bytes(path: Path, skip=(EXPORT_RECORD,)) -> int:
 
 def onnx_bytes(path: Path) -> int:
     """A graph file plus the external data files its initializers point to (not other files beside it)."""
+    return sum(f.stat().st_size for f in _onnx_files(path))
+
+
+def _onnx_files(path: Path) -> set[Path]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    locations = {entry.value for init in model.graph.initializer
-                 if init.data_location == onnx.TensorProto.EXTERNAL for entry in init.external_data
-                 if entry.key == "location"}
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+    return {path} | {path.parent / entry.value for init in model.graph.initializer
+                     if init.data_location == onnx.TensorProto.EXTERNAL for entry in init.external_data
+                     if entry.key == "location"}
+
+
+# The graphs the ONNX Runtime backend opens; decoder_fixed.onnx is read only by `edgevl build`.
+RUNTIME_GRAPHS = ("vision", "decoder")
 
 
 def loaded_bytes(model_dir: Path) -> int:
-    """Bytes of the files a backend reads: for an export, the manifest's graphs with the external data they
-    reference, the embedding table and the small files; for a checkpoint, the whole directory."""
+    """Bytes of the files a backend reads: for an export, the graphs ONNX Runtime opens with the external data
+    they reference (each file once: graphs may share one), the embedding table and the small files; for a
+    checkpoint, the whole directory."""
     model_dir = Path(model_dir)
     manifest_path = model_dir / "manifest.json"
     if not manifest_path.is_file():
         return dir_bytes(model_dir)
     graphs = json.loads(manifest_path.read_text())["graphs"]
-    onnx_files = {model_dir / name for name in graphs.values() if name.endswith(".onnx")}
-    total = sum(onnx_bytes(p) for p in onnx_files)
-    big = {p.name for p in onnx_files} | {p.name for p in model_dir.glob("*.onnx.data")} | {p.name for p in model_dir.glob("*.onnx")}
+    files = set().union(*(_onnx_files(model_dir / graphs[kind]) for kind in RUNTIME_GRAPHS))
+    total = sum(f.stat().st_size for f in files)
+    big = {p.name for p in model_dir.glob("*.onnx.data")} | {p.name for p in model_dir.glob("*.onnx")}
     return total + dir_bytes(model_dir, skip=(EXPORT_RECORD, *big))
 
 
