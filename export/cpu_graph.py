@@ -10,6 +10,8 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
   every row and flatten them to a few levels.
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
   SimplifiedLayerNormalization node; ONNX Runtime's own fusion matches only the Div form.
+- `fuse_attention`: each layer's attention as one GroupQueryAttention node (RoPE inside), whose past and present
+  can be one buffer written in place (the manifest's "shared" KV layout): no per-step copy of the cache.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from onnx import helper, numpy_helper
 
 MIN_WEIGHT_ELEMENTS = 1 << 12  # smaller MatMul weights (none in a real model) stay fp32
 _ZERO_POINT = 128  # symmetric per-token scale, shifted into uint8: MLAS's fast GEMM is u8 x s8
+ROPE_INV_FREQ = "lm.rope.inv_freq"  # the decoder's RoPE buffer, as export/graphs.py's wrapper names it
 
 
 def _initializers(graph) -> dict:
@@ -130,23 +133,6 @@ def fuse_rms_norm(model: onnx.ModelProto) -> int:
     return fused
 
 
-def _replace_nodes(graph, nodes) -> None:
-    del graph.node[:]
-    graph.node.extend(nodes)
-
-
-def _drop_unused_initializers(graph) -> None:
-    used = {name for node in graph.node for name in node.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-
-
-def _use_ms_domain(model) -> None:
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-
-
 def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> int:
     """Each layer's attention (the split of the packed QKV projection, RoPE, Concat onto the cache, Q x K^T,
     scale, causal mask, softmax, x V and the head merge) becomes one com.microsoft GroupQueryAttention node
@@ -158,6 +144,8 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> 
         return 0
     graph = model.graph
     inits, consumers = _initializers(graph), _consumers(graph)
+    if ROPE_INV_FREQ not in inits:
+        return 0
     producer = {out: n for n in graph.node for out in n.output}
     fused, remove, replace = 0, set(), {}
     for output in graph.output:
@@ -178,9 +166,8 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> 
         fused += 1
     if not fused:
         return 0
-    head_dim = decoder_spec["hidden_size"] // decoder_spec["num_heads"]
-    inv_freq = 1.0 / decoder_spec["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    angles = np.arange(max_seq, dtype=np.float64)[:, None] * inv_freq
+    # The exported graph's own RoPE frequencies, so the tables are the model's whatever its RoPE variant.
+    angles = np.arange(max_seq, dtype=np.float64)[:, None] * numpy_helper.to_array(inits[ROPE_INV_FREQ])
     graph.initializer.extend([numpy_helper.from_array(np.cos(angles).astype(np.float32), "gqa.cos"),
                               numpy_helper.from_array(np.sin(angles).astype(np.float32), "gqa.sin")])
     nodes = _sequence_lengths(graph) + [replace.get(id(n), n) for n in graph.node if id(n) not in remove]
@@ -242,3 +229,20 @@ def _drop_dead_nodes(graph) -> None:
             keep.append(node)
             live.update(node.input)
     _replace_nodes(graph, reversed(keep))
+
+
+def _replace_nodes(graph, nodes) -> None:
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _use_ms_domain(model) -> None:
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))

@@ -78,7 +78,7 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int, decoder
     """The decoder for ONNX Runtime on CPU: RMSNorm fused, attention fused into GroupQueryAttention where the
     family allows (cpu_graph.fuse_attention), then the weights quantized. bits=8: int8 weights per output channel
     with activations quantized per token (cpu_graph.quantize_matmuls_per_token: integer GEMM, fast prefill).
-    bits=4: int4 weights in symmetric blocks (int4_block_size; MatMulNBits, activations quantized to int8 per
+    bits=4: int4 weights in symmetric blocks (matmulnbits_block_size; MatMulNBits, activations quantized to int8 per
     block, accuracy_level 4): the fastest decode, a slower prefill than int8's. Returns the scheme in words and
     whether attention was fused (the KV cache is then one shared buffer per tensor: the manifest's "shared"
     layout)."""
@@ -96,7 +96,7 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int, decoder
         return "int8 weights per channel, int8 activations per token", fused
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    block = int4_block_size(decoder_spec)
+    block = matmulnbits_block_size(decoder_spec)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out_path),
@@ -104,7 +104,7 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int, decoder
     return f"int4 weights in blocks of {block}", fused
 
 
-def int4_block_size(decoder_spec: dict) -> int:
+def matmulnbits_block_size(decoder_spec: dict) -> int:
     """BLOCK_SIZE when every weight's K (hidden and intermediate size) holds MIN_BLOCKS of it, else SMALL_BLOCK_SIZE."""
     narrowest = min(decoder_spec["hidden_size"], decoder_spec["intermediate_size"])
     return BLOCK_SIZE if narrowest >= MIN_BLOCKS * BLOCK_SIZE else SMALL_BLOCK_SIZE

@@ -132,8 +132,8 @@ def test_fused_attention_matches_the_exported_attention(tiny_checkpoint, tmp_pat
 
 
 def test_int4_blocks_are_128_where_every_k_holds_four_and_32_below():
-    from edgevl.export.quantize import int4_block_size
+    from edgevl.export.quantize import matmulnbits_block_size
 
-    assert int4_block_size({"hidden_size": 896, "intermediate_size": 4864}) == 128  # Qwen2-0.5B
-    assert int4_block_size({"hidden_size": 2048, "intermediate_size": 8192}) == 128  # InternLM2-1.8B
-    assert int4_block_size({"hidden_size": 64, "intermediate_size": 96}) == 32  # the tests' tiny models
+    assert matmulnbits_block_size({"hidden_size": 896, "intermediate_size": 4864}) == 128  # Qwen2-0.5B
+    assert matmulnbits_block_size({"hidden_size": 2048, "intermediate_size": 8192}) == 128  # InternLM2-1.8B
+    assert matmulnbits_block_size({"hidden_size": 64, "intermediate_size": 96}) == 32  # the tests' tiny models
