@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON, table and plots go")
     run.add_argument("--cache", type=Path, default=None, help=f"checkpoints and exports (default {DEFAULT_CACHE})")
     run.add_argument("--quick", action="store_true", help="tiny random model, seconds: the smoke test")
+    run.add_argument("--default-malloc", action="store_true",
+                     help="start the workers with glibc's default malloc, not with huge pages (edgevl doctor)")
     run.add_argument("--no-plots", action="store_true")
     plan = sub.add_parser("plan", help="weights + KV cache + activations against a device's memory")
     plan.add_argument("--shape", choices=sorted(KNOWN_SPECS), default=None)
@@ -80,7 +82,8 @@ def _run(args, argv) -> int:
         tiles=args.tiles or _ints(defaults["tiles"]),
         prompt_tokens=args.prompt_tokens or defaults["prompt_tokens"],
         new_tokens=args.new_tokens or defaults["new_tokens"], repeat=args.repeat or defaults["repeat"],
-        threads=args.threads, bandwidth_mib=64 if args.quick else 2048, quick=args.quick)
+        threads=args.threads, bandwidth_mib=64 if args.quick else 2048, quick=args.quick,
+        huge_page_malloc=not args.default_malloc)
     if args.quick and (args.model or args.shape):
         print("--quick runs the tiny random model; drop --model/--shape", file=sys.stderr)
         return 2

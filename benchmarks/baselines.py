@@ -379,7 +379,8 @@ def format_table(result: dict) -> str:
                      f"{_cell(row['prefill_ms'], '.0f')} | {ttft} | {_cell(row['decode_tok_s'], '.1f')} | "
                      f"{vision} | {row['version']}{'' if row.get('repack', True) else ' --repack 0'} |")
     c = result["config"]
-    lines += ["", f"{c['threads']} threads; median [min–max] of {c['repeat']} runs after a warm-up; random token ids.",
+    lines += ["", f"{c['threads']} threads; median [min–max] of {c['repeat']} runs after a warm-up; random token ids; "
+                  f"malloc: {c.get('malloc', 'glibc defaults')}.",
               "¹ llama-bench has no TTFT: prefill of the prompt plus one decode step after it.",
               "² onnxruntime-genai has no InternVL vision path."]
     return "\n".join(lines)
@@ -399,6 +400,9 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-no-repack", action="store_true",
                         help="llama.cpp without its repacked/AMX weight buffers (--repack 0): a native build on an "
                              "AMX CPU crashed in ggml_backend_amx_mul_mat on quantized weights")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="run the tools with glibc's default malloc, not with the huge pages edgevl's benchmark "
+                             "gives its own workers (edgevl doctor)")
     parser.add_argument("--ortgenai-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ortgenai_worker:
@@ -409,13 +413,20 @@ def main(argv=None) -> int:
         parser.error("--model: an InternVL2 checkpoint directory (with config.json) is required")
     args.model, args.out = args.model.resolve(), args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    from edgevl.doctor import with_huge_page_malloc
+
     from . import machine
+
+    if not args.default_malloc:  # every tool started from here on: the same malloc as edgevl's benchmark workers
+        os.environ.update(with_huge_page_malloc(dict(os.environ)))
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     result = {"schema": "edgevl-baselines/1", "command": "python -m benchmarks.baselines " + " ".join(
                   sys.argv[1:] if argv is None else argv),
               "config": {"model": str(args.model), "prompt_tokens": args.prompt_tokens,
-                         "new_tokens": args.new_tokens, "repeat": args.repeat, "threads": args.threads},
+                         "new_tokens": args.new_tokens, "repeat": args.repeat, "threads": args.threads,
+                         "malloc": f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}" if os.environ.get("GLIBC_TUNABLES")
+                         else "glibc defaults"},
               "machine": machine.describe(), "background": {"before": machine.background_activity(1.0)}}
     rows = []
     for tool_rows in (llama_rows, ortgenai_rows):

@@ -242,6 +242,7 @@ def run_header(result: dict) -> str:
         f"- {m['os']}, Python {m['python']}; {versions}",
         f"- threads: {threads}; thread env: {m['thread_env'] or 'none set'} "
         f"(OPENBLAS_CORETYPE {m['thread_env'].get('OPENBLAS_CORETYPE', 'not set')})",
+        f"- malloc in every worker: {c.get('malloc', 'glibc defaults')}",
         f"- memory bandwidth ({bw['buffer_bytes'] / GIB:.1f} GiB buffer, best of repeats): sum 1 thread "
         f"{bw['sum_1_thread_bytes_per_s'] / 1e9:.1f} GB/s, sum all cores "
         f"{next(v for k, v in bw.items() if k.startswith('sum_') and '_1_' not in k) / 1e9:.1f} GB/s, BLAS gemv "

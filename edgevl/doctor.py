@@ -3,8 +3,33 @@ a missing library or driver becomes a line in the report, never an exception."""
 from __future__ import annotations
 
 import importlib
+import os
 import platform
+import sys
 from dataclasses import asdict, dataclass, field
+
+# glibc malloc settings for CPU inference: transparent huge pages for what it allocates, and no trimming of the
+# heap or mmap of mid-size blocks (either would keep re-faulting 2 MiB pages). Without them a decode step streams
+# every weight through 4 KiB pages (a TLB miss per page; hardware prefetchers stop at page edges): on the
+# project's 2-core Xeon the InternVL2-1B int8 decode step went from 25.2 to 23.6 ms, load and prefill unchanged
+# (hugetlb=1 alone cost +1.3 s of load). glibc >= 2.35 reads GLIBC_TUNABLES once, when the process starts.
+HUGE_PAGE_MALLOC = {"glibc.malloc.hugetlb": "1", "glibc.malloc.trim_threshold": str(1 << 30),
+                    "glibc.malloc.mmap_threshold": str(32 << 20)}
+
+
+def _tunables(env) -> dict:
+    return dict(item.split("=", 1) for item in env.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
+
+
+def with_huge_page_malloc(env: dict) -> dict:
+    """A copy of env whose GLIBC_TUNABLES holds HUGE_PAGE_MALLOC; tunables already set there win."""
+    tunables = {**HUGE_PAGE_MALLOC, **_tunables(env)}
+    return {**env, "GLIBC_TUNABLES": ":".join(f"{k}={v}" for k, v in tunables.items())}
+
+
+def huge_page_malloc_active(env=os.environ) -> bool:
+    tunables = _tunables(env)
+    return all(tunables.get(k) == v for k, v in HUGE_PAGE_MALLOC.items())
 
 
 @dataclass
@@ -130,6 +155,9 @@ def _notes(r: DoctorReport) -> list[str]:
                          f"{r.cuda_driver}: install cuda-python=={driver_major}.* (JetPack 6 is CUDA 12)")
     if r.gpu and r.gpu["integrated"]:
         notes.append("integrated GPU (Jetson): GPU memory is the system's DRAM; memory reports are process totals")
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and not huge_page_malloc_active():
+        notes.append("CPU inference: start Python with GLIBC_TUNABLES=" + with_huge_page_malloc({})["GLIBC_TUNABLES"]
+                     + " (huge pages for the weights: int8 decode ~6% faster; glibc >= 2.35)")
     return notes
 
 

@@ -7,7 +7,8 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
   against 2.4 s for MatMulNBits int8 (block 32, accuracy_level 4), and one decode token 22.9 ms against 24.5 ms.
   Per token, not per tensor (DynamicQuantizeMatMul is 7% faster at decode): a prompt's outlier tokens (the
   "attention sink" rows, 10-1000x the others in down_proj's input on Qwen2) would otherwise set the scale of
-  every row and flatten them to a few levels.
+  every row and flatten them to a few levels. The logits' MatMul only ever sees one row, so it is the
+  DynamicQuantizeMatMul.
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
   SimplifiedLayerNormalization node; ONNX Runtime's own fusion matches only the Div form.
 - `fuse_attention`: each layer's attention as one GroupQueryAttention node (RoPE inside), whose past and present
@@ -45,47 +46,50 @@ def _scalar(inits: dict, name: str):
 
 
 def quantize_matmuls_per_token(model: onnx.ModelProto) -> int:
-    """Replace each MatMul(x, W) with a constant 2-D W by
-        s = max(|x|, last axis) / 127;  y = MatMulIntegerToFloat(round(x / s) + 128, Wq, 1, w_scale, 128) * s
-    with Wq = round(W / w_scale) int8, w_scale = max(|W|, axis 0) / 127. In place; returns how many."""
+    """Replace each MatMul(x, W) with a constant 2-D W by int8 weights Wq = round(W / w_scale), w_scale =
+    max(|W|, axis 0) / 127, and activations quantized per token:
+        m = max(|x|, last axis);  y = MatMulIntegerToFloat(round(127 x / m) + 128, Wq, 1/127, w_scale, 128) * m
+    (m rides outside the integer product because MatMulIntegerToFloat takes one activation scale per tensor).
+    An all-zero row makes 0 / 0 quantize to some finite code, and the final * m = 0 still zeroes it exactly. A
+    MatMul whose output is a one-row graph output (the last position's logits) is one DynamicQuantizeMatMul
+    instead: per tensor is per token there, and one fused node replaces six. In place; returns how many."""
     graph = model.graph
     inits = _initializers(graph)
-    constants = [numpy_helper.from_array(np.array([-1], np.int64), "pt.axes"),
-                 numpy_helper.from_array(np.array(1 / 127, np.float32), "pt.inv127"),
-                 numpy_helper.from_array(np.array(np.finfo(np.float32).tiny, np.float32), "pt.tiny"),
-                 numpy_helper.from_array(np.array(1, np.float32), "pt.one"),
-                 numpy_helper.from_array(np.array(_ZERO_POINT, np.uint8), "pt.zero_point")]
+    single_row = _one_row_outputs(graph)
     nodes, done, replaced = [], set(), 0
     for node in graph.node:
         w = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         if w is None or len(w.dims) != 2 or int(np.prod(w.dims)) < MIN_WEIGHT_ELEMENTS:
             nodes.append(node)
             continue
-        weight = numpy_helper.to_array(w).astype(np.float32)
-        scale = np.maximum(np.abs(weight).max(axis=0), np.finfo(np.float32).tiny) / 127
-        p = f"{node.name or node.output[0]}.pt"
         if w.name not in done:  # a weight shared by two MatMuls is quantized once
+            weight = numpy_helper.to_array(w).astype(np.float32)
+            scale = np.maximum(np.abs(weight).max(axis=0), np.finfo(np.float32).tiny) / 127
             graph.initializer.extend([
                 numpy_helper.from_array(np.clip(np.rint(weight / scale), -127, 127).astype(np.int8), f"{w.name}.int8"),
                 numpy_helper.from_array(scale.astype(np.float32), f"{w.name}.scale")])
             done.add(w.name)
-        x, y = node.input[0], node.output[0]
-        nodes += [
-            helper.make_node("Abs", [x], [f"{p}.abs"], name=f"{p}.abs"),
-            helper.make_node("ReduceMax", [f"{p}.abs", "pt.axes"], [f"{p}.max"], keepdims=1, name=f"{p}.max"),
-            # An all-zero row would divide 0 by 0; any positive scale quantizes it to the zero point exactly.
-            helper.make_node("Max", [f"{p}.max", "pt.tiny"], [f"{p}.maxpos"], name=f"{p}.maxpos"),
-            helper.make_node("Mul", [f"{p}.maxpos", "pt.inv127"], [f"{p}.scale"], name=f"{p}.scale"),
-            helper.make_node("Div", [x, f"{p}.scale"], [f"{p}.scaled"], name=f"{p}.scaled"),
-            helper.make_node("QuantizeLinear", [f"{p}.scaled", "pt.one", "pt.zero_point"], [f"{p}.q"], name=f"{p}.q"),
-            helper.make_node("MatMulIntegerToFloat", [f"{p}.q", f"{w.name}.int8", "pt.one", f"{w.name}.scale",
-                                                      "pt.zero_point"], [f"{p}.mm"], name=f"{p}.mm",
-                             domain="com.microsoft"),
-            helper.make_node("Mul", [f"{p}.mm", f"{p}.scale"], [y], name=f"{p}.out"),
-        ]
+        x, y, p = node.input[0], node.output[0], f"{node.name or node.output[0]}.pt"
+        if y in single_row:
+            nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"{w.name}.int8", f"{w.name}.scale"], [y],
+                                          name=f"{p}.mm", domain="com.microsoft"))
+        else:
+            nodes += [
+                helper.make_node("Abs", [x], [f"{p}.abs"], name=f"{p}.abs"),
+                helper.make_node("ReduceMax", [f"{p}.abs", "pt.axes"], [f"{p}.max"], keepdims=1, name=f"{p}.max"),
+                helper.make_node("Div", [x, f"{p}.max"], [f"{p}.unit"], name=f"{p}.unit"),
+                helper.make_node("QuantizeLinear", [f"{p}.unit", "pt.inv127", "pt.zero_point"], [f"{p}.q"],
+                                 name=f"{p}.q"),
+                helper.make_node("MatMulIntegerToFloat", [f"{p}.q", f"{w.name}.int8", "pt.inv127",
+                                                          f"{w.name}.scale", "pt.zero_point"], [f"{p}.mm"],
+                                 name=f"{p}.mm", domain="com.microsoft"),
+                helper.make_node("Mul", [f"{p}.mm", f"{p}.max"], [y], name=f"{p}.out"),
+            ]
         replaced += 1
     if replaced:
-        graph.initializer.extend(constants)
+        graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), "pt.axes"),
+                                  numpy_helper.from_array(np.array(1 / 127, np.float32), "pt.inv127"),
+                                  numpy_helper.from_array(np.array(_ZERO_POINT, np.uint8), "pt.zero_point")])
         _replace_nodes(graph, nodes)
         _drop_unused_initializers(graph)
         _use_ms_domain(model)
@@ -138,8 +142,11 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> 
     scale, causal mask, softmax, x V and the head merge) becomes one com.microsoft GroupQueryAttention node
     reading the packed QKV with RoPE inside it (cos/sin tables up to max_seq). The KV contract is unchanged:
     past [1, kv, P, d] in, present [1, kv, P + S, d] out. LongRoPE (Phi-3) picks its factors from the sequence
-    length, which GQA's fixed tables cannot, so those graphs keep the exported attention. In place; returns how
-    many layers were fused."""
+    length, which GQA's fixed tables cannot, so those graphs keep the exported attention. The softmax scale moves
+    into the query columns of the QKV projection where it can (_fold_query_scale): ONNX Runtime's CPU kernel
+    passes the scale as Q x K^T's GEMM alpha, and MLAS takes its one-row kernel only for alpha 1 (without it the
+    24 layers' decode attention at 700 tokens costs ~0.5 ms more per step on the 2-core Xeon). In place;
+    returns how many layers were fused."""
     if decoder_spec.get("long_rope"):
         return 0
     graph = model.graph
@@ -156,6 +163,9 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> 
         if core is None:
             continue
         packed, concat_k, concat_v, merged, scale = core
+        query_width = decoder_spec["num_heads"] * (decoder_spec["hidden_size"] // decoder_spec["num_heads"])
+        if _fold_query_scale(packed, query_width, scale, producer, consumers, inits):
+            scale = 1.0
         remove.update((id(concat_k), id(concat_v)))
         replace[id(merged)] = helper.make_node(
             "GroupQueryAttention", [packed, "", "", concat_k.input[0], concat_v.input[0], "gqa.seqlens_k",
@@ -206,6 +216,29 @@ def _attention_core(layer: str, producer: dict, consumers: dict, inits: dict):
     return split.input[0], concat_k, concat_v, merged, scale
 
 
+def _fold_query_scale(packed: str, query_width: int, scale: float, producer: dict, consumers: dict,
+                      inits: dict) -> bool:
+    """Multiply the first query_width columns of the projection producing `packed` (MatMul with a constant
+    weight, then optionally Add of a constant bias) by scale, so attention can use scale 1 (RoPE is linear, so
+    scaling before it is the same). False, and nothing changed, where the graph has another shape or the
+    constants are shared."""
+    node, bias = producer.get(packed), None
+    if node is not None and node.op_type == "Add":
+        bias = next((i for i in node.input if i in inits), None)
+        rest = [i for i in node.input if i != bias]
+        node = producer.get(rest[0]) if bias is not None and len(rest) == 1 else None
+    if node is None or node.op_type != "MatMul" or node.input[1] not in inits:
+        return False
+    constants = [node.input[1]] + ([bias] if bias else [])
+    if any(len(consumers.get(name, [])) != 1 for name in constants):
+        return False
+    for name in constants:
+        array = numpy_helper.to_array(inits[name]).copy()
+        array[..., :query_width] *= np.asarray(scale, array.dtype)
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+    return True
+
+
 def _sequence_lengths(graph) -> list:
     """GQA's int32 total length (past + new) and seqlens_k = total - 1, from the last position id (positions are
     always past + 0..S-1): not from the past's shape, which is the buffer's capacity when past and present share
@@ -218,6 +251,16 @@ def _sequence_lengths(graph) -> list:
         helper.make_node("Add", ["gqa.last32", "gqa.one"], ["gqa.total_length"], name="gqa.total_length"),
         helper.make_node("Reshape", ["gqa.last32", "gqa.one_dim"], ["gqa.seqlens_k"], name="gqa.seqlens_k"),
     ]
+
+
+def _one_row_outputs(graph) -> set[str]:
+    """Graph outputs whose static shape is one row: [1, ..., 1, N]."""
+    rows = set()
+    for output in graph.output:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in output.type.tensor_type.shape.dim]
+        if len(dims) >= 2 and all(d == 1 for d in dims[:-1]):
+            rows.add(output.name)
+    return rows
 
 
 def _drop_dead_nodes(graph) -> None:

@@ -18,10 +18,10 @@ def _run(model, x):
     return session.run(None, {"x": x})[0]
 
 
-def _matmul_model(weight):
+def _matmul_model(weight, rows="s"):
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", N])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, N])],
                               [numpy_helper.from_array(weight, "w")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
@@ -53,6 +53,24 @@ def test_per_token_scales_keep_an_outlier_row_from_flattening_the_others():
     assert np.all(y[0, 3] == 0)
     for row in range(3):
         assert np.abs(y[0, row] - exact[0, row]).max() / np.abs(exact[0, row]).max() < 0.02, row
+
+
+def test_a_one_row_output_is_one_dynamic_quantize_matmul():
+    """The logits' MatMul (graph output [1, 1, vocab]): per tensor is per token, in one fused node."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((K, N)).astype(np.float32)
+    x = rng.standard_normal((1, 1, K)).astype(np.float32)
+    model = _matmul_model(weight, rows=1)
+    assert quantize_matmuls_per_token(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["DynamicQuantizeMatMul"]
+    # ONNX's DynamicQuantizeLinear written out: asymmetric uint8 over [min(x, 0), max(x, 0)].
+    lo, hi = min(x.min(), 0), max(x.max(), 0)
+    x_scale = (hi - lo) / 255
+    zero_point = np.clip(np.rint(-lo / x_scale), 0, 255)
+    x_q = np.clip(np.rint(x / x_scale) + zero_point, 0, 255)
+    w_scale = np.abs(weight).max(0) / 127
+    expected = ((x_q - zero_point) @ np.rint(weight / w_scale)) * x_scale * w_scale
+    np.testing.assert_allclose(_run(model, x), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_rms_norm_chain_becomes_one_node_with_the_same_output():
@@ -98,7 +116,10 @@ def test_fused_attention_matches_the_exported_attention(tiny_checkpoint, tmp_pat
         assert fused == 0
         return
     assert fused == spec["num_layers"]
-    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == spec["num_layers"]
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == spec["num_layers"]
+    # The softmax scale went into the QKV projection's query columns (MLAS's one-row GEMM needs alpha 1).
+    assert all(helper.get_node_attr_value(n, "scale") == 1.0 for n in gqa)
     assert not any(n.op_type in ("Softmax", "Concat") for n in model.graph.node)
     reference = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
     candidate = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

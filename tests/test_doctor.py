@@ -40,3 +40,31 @@ def test_cli_json(capsys):
     assert main(["doctor", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {"gpu", "tensorrt", "onnxruntime_providers", "backends", "nvrtc"} <= set(data)
+
+
+def test_huge_page_malloc_is_added_to_glibc_tunables_and_what_the_user_set_wins():
+    from edgevl.doctor import HUGE_PAGE_MALLOC, huge_page_malloc_active, with_huge_page_malloc
+
+    env = with_huge_page_malloc({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.cpu.x86_ibt=on"})
+    tunables = dict(item.split("=") for item in env["GLIBC_TUNABLES"].split(":"))
+    assert env["PATH"] == "/bin"
+    assert tunables["glibc.malloc.hugetlb"] == "0" and tunables["glibc.cpu.x86_ibt"] == "on"
+    assert tunables["glibc.malloc.trim_threshold"] == HUGE_PAGE_MALLOC["glibc.malloc.trim_threshold"]
+    assert not huge_page_malloc_active(env)  # the user turned huge pages off
+    assert huge_page_malloc_active(with_huge_page_malloc({}))
+    assert not huge_page_malloc_active({})
+
+
+def test_doctor_tells_a_linux_user_without_it_how_to_start_python(monkeypatch):
+    import platform
+    import sys
+
+    from edgevl import doctor
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    report = doctor.diagnose()
+    assert any("GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in n for n in report.notes)
+    monkeypatch.setenv("GLIBC_TUNABLES", doctor.with_huge_page_malloc({})["GLIBC_TUNABLES"])
+    assert not any("GLIBC_TUNABLES" in n for n in doctor.diagnose().notes)
