@@ -99,10 +99,17 @@ class OnnxRuntimeBackend:
         if not self._shared_kv:
             self._past = [ort.OrtValue.ortvalue_from_shape_and_type(self._kv_shape, self._kv_dtype, self.device, 0)
                           for _ in self._past_names]
-        elif not self._past:  # allocated once and reused: rows past the valid length are never read
+        elif not self._past:  # allocated and bound once: rows past the valid length are never read
             shape = self._kv_shape[:2] + (self.max_seq,) + self._kv_shape[3:]
             self._past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_dtype, self.device, 0)
                           for _ in self._past_names]
+            self._binding = self.decoder.io_binding()
+            for past, present, value in zip(self._past_names, self._present_names, self._past):
+                self._binding.bind_ortvalue_input(past, value)
+                self._binding.bind_ortvalue_output(present, value)
+            logits = self.decoder.get_outputs()[0]  # [1, 1, vocab]: the last position's only
+            self._logits = ort.OrtValue.ortvalue_from_shape_and_type(logits.shape, _TENSOR_DTYPES[logits.type], "cpu", 0)
+            self._binding.bind_ortvalue_output("logits", self._logits)
         self._pos = 0
         return self._step(inputs_embeds)
 
@@ -111,20 +118,19 @@ class OnnxRuntimeBackend:
 
     def _step(self, embeds: np.ndarray) -> np.ndarray:
         n = len(embeds)
-        binding = self.decoder.io_binding()
+        # Shared layout: the KV and logits bindings never change, only the step's embeddings and positions.
+        binding = self._binding if self._shared_kv else self.decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], dtype=self._embeds_dtype))
         binding.bind_cpu_input("position_ids", np.arange(self._pos, self._pos + n, dtype=np.int64)[None])
-        for name, value in zip(self._past_names, self._past):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name, value in zip(self._present_names, self._past):
-            if self._shared_kv:
-                binding.bind_ortvalue_output(name, value)
-            else:
-                binding.bind_output(name, self.device)
-        self.decoder.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
         if not self._shared_kv:
-            self._past = outputs[1:]
+            binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+            for past, present, value in zip(self._past_names, self._present_names, self._past):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_output(present, self.device)
+        self.decoder.run_with_iobinding(binding)
         self._pos += n
-        return outputs[0].numpy()[0, -1].astype(np.float32, copy=False)
+        if self._shared_kv:
+            logits = self._logits
+        else:
+            logits, *self._past = binding.get_outputs()
+        return logits.numpy()[0, -1].astype(np.float32, copy=False)
