@@ -413,7 +413,7 @@ def main(argv=None) -> int:
         parser.error("--model: an InternVL2 checkpoint directory (with config.json) is required")
     args.model, args.out = args.model.resolve(), args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    from edgevl.doctor import with_huge_page_malloc
+    from edgevl.doctor import malloc_setting, with_huge_page_malloc
 
     from . import machine
 
@@ -425,8 +425,7 @@ def main(argv=None) -> int:
                   sys.argv[1:] if argv is None else argv),
               "config": {"model": str(args.model), "prompt_tokens": args.prompt_tokens,
                          "new_tokens": args.new_tokens, "repeat": args.repeat, "threads": args.threads,
-                         "malloc": f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}" if os.environ.get("GLIBC_TUNABLES")
-                         else "glibc defaults"},
+                         "malloc": malloc_setting(os.environ)},
               "machine": machine.describe(), "background": {"before": machine.background_activity(1.0)}}
     rows = []
     for tool_rows in (llama_rows, ortgenai_rows):

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgevl.doctor import with_huge_page_malloc
+from edgevl.doctor import malloc_setting, with_huge_page_malloc
 
 from . import machine
 from .models import BACKENDS, NOT_AVAILABLE, REPO_ROOT, ModelSource, dir_bytes, ensure_export, loaded_bytes, onnx_bytes
@@ -33,10 +33,10 @@ class RunConfig:
     huge_page_malloc: bool = True  # workers start with edgevl.doctor.HUGE_PAGE_MALLOC in GLIBC_TUNABLES
 
 
-def worker_malloc(config: RunConfig) -> str:
-    """The workers' malloc settings, as the report prints them."""
-    env = with_huge_page_malloc(dict(os.environ)) if config.huge_page_malloc else os.environ
-    return f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}" if env.get("GLIBC_TUNABLES") else "glibc defaults"
+def worker_env(config: RunConfig) -> dict:
+    """The environment every worker starts with: this repository importable, and the malloc config asks for."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    return with_huge_page_malloc(env) if config.huge_page_malloc else env
 
 
 def run_benchmarks(source: ModelSource, config: RunConfig, out_dir: Path, command: str = "", log=print) -> dict:
@@ -64,7 +64,8 @@ def run_benchmarks(source: ModelSource, config: RunConfig, out_dir: Path, comman
               "config": {"model": source.name, "model_dir": str(source.original), "backends": list(config.backends),
                          "tiles": list(config.tiles), "prompt_tokens": config.prompt_tokens,
                          "new_tokens": config.new_tokens, "repeat": config.repeat, "threads": config.threads,
-                         "quick": config.quick, "malloc": worker_malloc(config), "frame": "1920x1080 synthetic",
+                         "quick": config.quick, "malloc": malloc_setting(worker_env(config)),
+                         "frame": "1920x1080 synthetic",
                          "ttft_image": "448x448 synthetic (1 tile)"},
               "machine": machine.describe(), "bandwidth": bandwidth,
               "background": {"before": machine.background_activity(1.0)}, "raw_dir": str(raw_dir), "rows": []}
@@ -110,9 +111,7 @@ def _measure(backend: str, source: ModelSource, config: RunConfig, export, raw_d
     row["others_busy_before"] = machine.background_activity(1.0)
     log(f"[bench] {backend}: measuring ({model_dir}) ...")
     start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    if config.huge_page_malloc:
-        env = with_huge_page_malloc(env)
+    env = worker_env(config)
     with open(raw_dir / f"{backend}.log", "w") as worker_log:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(config_path), str(result_path)],
                               stdout=worker_log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)

@@ -27,6 +27,11 @@ def with_huge_page_malloc(env: dict) -> dict:
     return {**env, "GLIBC_TUNABLES": ":".join(f"{k}={v}" for k, v in tunables.items())}
 
 
+def malloc_setting(env) -> str:
+    """A process started with env: its glibc malloc settings, as reports print them."""
+    return f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}" if env.get("GLIBC_TUNABLES") else "glibc defaults"
+
+
 def huge_page_malloc_active(env=os.environ) -> bool:
     tunables = _tunables(env)
     return all(tunables.get(k) == v for k, v in HUGE_PAGE_MALLOC.items())

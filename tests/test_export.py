@@ -110,6 +110,17 @@ def test_int8_vision_qdq_is_tensorrt_explicit_quantization(exported):
     assert attention and not any(set(n.input) & dequantized for n in attention)
 
 
+def test_each_steps_logits_stay_the_callers_own(exported):
+    """The shared-KV backend binds one logits buffer for every step: what a step returned must not change when
+    the next step runs."""
+    backend = EdgeVL.from_pretrained(exported("qwen2", "int8")).backend
+    first = backend.prefill(backend.embed_tokens(np.arange(12)))
+    kept = first.copy()
+    second = backend.decode(int(np.argmax(first)))
+    assert not np.array_equal(second, kept)
+    np.testing.assert_array_equal(first, kept)
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
     out = exported("qwen2", precision)

@@ -108,7 +108,8 @@ class OnnxRuntimeBackend:
                 self._binding.bind_ortvalue_input(past, value)
                 self._binding.bind_ortvalue_output(present, value)
             logits = self.decoder.get_outputs()[0]  # [1, 1, vocab]: the last position's only
-            self._logits = ort.OrtValue.ortvalue_from_shape_and_type(logits.shape, _TENSOR_DTYPES[logits.type], "cpu", 0)
+            self._logits = ort.OrtValue.ortvalue_from_shape_and_type(logits.shape, _TENSOR_DTYPES[logits.type],
+                                                                     "cpu", 0)
             self._binding.bind_ortvalue_output("logits", self._logits)
         self._pos = 0
         return self._step(inputs_embeds)
@@ -133,4 +134,5 @@ class OnnxRuntimeBackend:
             logits = self._logits
         else:
             logits, *self._past = binding.get_outputs()
-        return logits.numpy()[0, -1].astype(np.float32, copy=False)
+        # A copy: OrtValue.numpy() is a view, and the shared layout writes every step into the same logits buffer.
+        return np.array(logits.numpy()[0, -1], dtype=np.float32)
