@@ -3,6 +3,7 @@ contract, TensorRT-parser compatibility of the graphs, and a torch-free runtime.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,16 +56,55 @@ def test_image_embeddings_match_torch(pair, tiles):
                                torch_model.backend.encode_images(pixel_values), atol=EMBED_ATOL, rtol=0)
 
 
-def test_logits_match_torch_through_prefill_and_decode(pair):
+@pytest.mark.parametrize("chunk", [None, 7], ids=["one-run", "chunks-of-7"])
+def test_logits_match_torch_through_prefill_and_decode(pair, chunk):
     torch_model, ort_model = pair
-    ids = np.array(torch_model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8))
+    ids = np.array(torch_model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8))[:60]
+    assert len(ids) == 60  # 8 chunks of 7 and a partial one
     embeds = torch_model.backend.embed_tokens(ids)
     np.testing.assert_array_equal(ort_model.backend.embed_tokens(ids), embeds)
-    a, b = torch_model.backend.prefill(embeds), ort_model.backend.prefill(embeds)
-    for _ in range(8):
-        np.testing.assert_allclose(b, a, atol=LOGITS_ATOL, rtol=0)
-        token = int(np.argmax(a))
-        a, b = torch_model.backend.decode(token), ort_model.backend.decode(token)
+    ort_model.backend.prefill_chunk, default = chunk, ort_model.backend.prefill_chunk
+    try:
+        a, b = torch_model.backend.prefill(embeds), ort_model.backend.prefill(embeds)
+        for _ in range(8):
+            np.testing.assert_allclose(b, a, atol=LOGITS_ATOL, rtol=0)
+            token = int(np.argmax(a))
+            a, b = torch_model.backend.decode(token), ort_model.backend.decode(token)
+    finally:
+        ort_model.backend.prefill_chunk = default
+
+
+@pytest.mark.parametrize("family, precision, length", [("qwen2", "fp32", 37), ("qwen2", "int8", 37),
+                                                       ("qwen2", "int4", 37), ("phi3", "fp32", 330),
+                                                       ("phi3", "int8", 330)])
+def test_chunked_prefill_equals_one_run(exported, family, precision, length):
+    """CPU prefill runs in chunks that extend the cache (concat layout for fp32, GQA's shared buffer for int8/int4):
+    the logits of the prompt's last position and of the decode steps after it must not depend on the chunking.
+    Phi-3's prompt crosses its LongRoPE switch (320), which makes it one run."""
+    backend = EdgeVL.from_pretrained(exported(family, precision)).backend
+    assert backend.prefill_chunk == 256
+    embeds = backend.embed_tokens(np.arange(3, 3 + length))
+
+    def run(chunk):
+        backend.prefill_chunk = chunk
+        logits = [backend.prefill(embeds)]
+        for _ in range(3):
+            logits.append(backend.decode(int(np.argmax(logits[-1]))))
+        return np.stack(logits)
+
+    np.testing.assert_allclose(run(5), run(None), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="at least one position"):
+        backend.prefill(embeds[:0])
+
+
+def test_decoder_session_leaves_the_environment_as_it_was(exported, monkeypatch):
+    """The plain-GQA switch is set only while the decoder session is built; a value the user set is kept."""
+    monkeypatch.delenv("ORT_GQA_DISABLE_FLASH_ATTENTION", raising=False)
+    EdgeVL.from_pretrained(exported("qwen2", "int8"))
+    assert "ORT_GQA_DISABLE_FLASH_ATTENTION" not in os.environ
+    monkeypatch.setenv("ORT_GQA_DISABLE_FLASH_ATTENTION", "0")
+    EdgeVL.from_pretrained(exported("qwen2", "int8"))
+    assert os.environ["ORT_GQA_DISABLE_FLASH_ATTENTION"] == "0"
 
 
 @pytest.mark.parametrize("sizes, tiles", [([(448, 448)], [1]), ([(900, 450)], [3]), ([(1400, 1000)], [13]),
