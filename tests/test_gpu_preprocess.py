@@ -186,12 +186,12 @@ def test_encode_device_tiles_equals_encode_images_across_chunks(pair):
     _, device = pair
     backend = device.backend
     pixels = preprocess_image(synthetic_image(900, 500), TWELVE)  # 3 tiles
-    want = backend.encode_images(pixels)
-    saved, backend.max_tiles = backend.max_tiles, 2  # chunks of 2 + 1: the pointer offsets are exercised
+    want = backend.encode_images(pixels)  # one tile per run on CPU
+    saved, backend.vision_batch = backend.vision_batch, 2  # runs of 2 + 1: the pointer offsets are exercised
     try:
         got = backend.encode_device_tiles(pixels.ctypes.data, len(pixels), np.float32)
     finally:
-        backend.max_tiles = saved
+        backend.vision_batch = saved
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.allclose(got, want, atol=1e-5)
     with pytest.raises(ValueError, match="device tiles are float16"):
