@@ -118,6 +118,9 @@ class OnnxRuntimeBackend:
         return np.asarray(self.embed_table[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
 
     def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        n = len(inputs_embeds)
+        if n == 0:
+            raise ValueError("prefill needs at least one position; inputs_embeds has none")
         ort = _ort()
         if not self._shared_kv:
             self._past = [ort.OrtValue.ortvalue_from_shape_and_type(self._kv_shape, self._kv_dtype, self.device, 0)
@@ -134,10 +137,7 @@ class OnnxRuntimeBackend:
             self._logits = ort.OrtValue.ortvalue_from_shape_and_type(logits.shape, _TENSOR_DTYPES[logits.type],
                                                                      "cpu", 0)
             self._binding.bind_ortvalue_output("logits", self._logits)
-        if len(inputs_embeds) == 0:
-            raise ValueError("prefill needs at least one position; inputs_embeds has none")
         self._pos = 0
-        n = len(inputs_embeds)
         chunk = self.prefill_chunk or n
         if self._one_run_beyond is not None and n > self._one_run_beyond:
             chunk = n
