@@ -7,8 +7,8 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
   against 2.4 s for MatMulNBits int8 (block 32, accuracy_level 4), and one decode token 22.9 ms against 24.5 ms.
   Per token, not per tensor (DynamicQuantizeMatMul everywhere decodes ~1 ms a step faster: benchmarks/RESULTS.md,
   session 4): a prompt's outlier tokens (the "attention sink" rows, 10-1000x the others in down_proj's input on
-  Qwen2) would otherwise set the scale of every row and flatten them to a few levels. The logits' MatMul only ever sees one row, so it is the
-  DynamicQuantizeMatMul.
+  Qwen2) would otherwise set the scale of every row and flatten them to a few levels. The logits' MatMul only
+  ever sees one row, so it is the DynamicQuantizeMatMul.
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
   SimplifiedLayerNormalization node; ONNX Runtime's own fusion matches only the Div form.
 - `fuse_attention`: each layer's attention as one GroupQueryAttention node (RoPE inside), whose past and present
