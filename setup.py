@@ -11,7 +11,8 @@ setup(
               "edgevl.kernels"],
     package_dir={"edgevl": "edgevl", "edgevl.export": "export", "edgevl.kernels": "kernels"},
     # CUDA sources are compiled by NVRTC at first use; the .cpp is the host-emulation build for `edgevl selftest`.
-    package_data={"edgevl.kernels": ["*.cu", "*.cuh", "*.cpp"]},
+    # data/u8s8_probe.onnx: edgevl.cpu's check of ONNX Runtime's integer GEMM, which must not need the onnx package.
+    package_data={"edgevl.kernels": ["*.cu", "*.cuh", "*.cpp"], "edgevl": ["data/*.onnx"]},
     install_requires=["numpy>=1.24", "ml_dtypes>=0.3", "pillow>=10", "tokenizers>=0.19", "sentencepiece>=0.2",
                       "onnxruntime>=1.20"],
     extras_require={

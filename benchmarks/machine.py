@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from edgevl import cpu
+
 THREAD_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
               "ORT_NUM_THREADS")
 
@@ -18,7 +20,7 @@ def describe() -> dict:
     lscpu = _lscpu()
     return {"cpu_model": lscpu.get("Model name", platform.processor()), "cpus": os.cpu_count(),
             "cores_per_socket": lscpu.get("Core(s) per socket"), "threads_per_core": lscpu.get("Thread(s) per core"),
-            "hypervisor": lscpu.get("Hypervisor vendor"), "flags_of_note": _flags_of_note(lscpu.get("Flags", "")),
+            "hypervisor": lscpu.get("Hypervisor vendor"), **cpu.describe(),
             "ram_bytes": _meminfo_bytes("MemTotal"), "ram_available_bytes": _meminfo_bytes("MemAvailable"),
             "os": platform.platform(), "python": platform.python_version(), "versions": versions(),
             "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
@@ -42,12 +44,6 @@ def _lscpu() -> dict:
     except (OSError, subprocess.CalledProcessError):
         return {}
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
-
-
-def _flags_of_note(flags: str) -> list[str]:
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16", "avx512_fp16")
-    have = set(flags.split())
-    return [f for f in wanted if f in have]
 
 
 def _meminfo_bytes(key: str) -> int:

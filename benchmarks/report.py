@@ -231,7 +231,10 @@ def run_header(result: dict) -> str:
     m, c, bw = result["machine"], result["config"], result["bandwidth"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     threads = _thread_summary(result)
-    flags = ", ".join(m.get("flags_of_note") or [])
+    # ISA classes and how ONNX Runtime computes int8 on them (older results list lscpu flags instead).
+    flags = ", ".join(m.get("isa") or m.get("flags_of_note") or [])
+    if m.get("integer_gemm"):
+        flags += f"; int8 GEMM: {m['integer_gemm']['description']}"
     lines = [
         f"- command: `{result['command']}`",
         f"- started {result['started']}, took {result.get('duration_s', 0) / 60:.1f} min (exports excluded when cached)",

@@ -8,6 +8,8 @@ import platform
 import sys
 from dataclasses import asdict, dataclass, field
 
+from .cpu import integer_gemm, isa_classes
+
 # glibc malloc settings for CPU inference: transparent huge pages for what it allocates, and no trimming of the
 # heap or mmap of mid-size blocks (either would keep re-faulting 2 MiB pages). Without them a decode step streams
 # every weight through 4 KiB pages (a TLB miss per page; hardware prefetchers stop at page edges): on the
@@ -58,6 +60,8 @@ class DoctorReport:
     onnxruntime: str | None
     onnxruntime_providers: list[str] = field(default_factory=list)
     torch: str | None = None
+    cpu_isa: list[str] = field(default_factory=list)  # edgevl.cpu.isa_classes()
+    integer_gemm: dict | None = None  # edgevl.cpu.IntegerGemm.to_dict(): how int8 graphs are computed here
     notes: list[str] = field(default_factory=list)
     backends: list[BackendStatus] = field(default_factory=list)
 
@@ -135,12 +139,20 @@ def _ort_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
+def _integer_gemm() -> dict | None:
+    try:
+        return integer_gemm().to_dict()
+    except Exception:  # no onnxruntime, or one that cannot load
+        return None
+
+
 def diagnose() -> DoctorReport:
     report = DoctorReport(python=platform.python_version(), machine=f"{platform.system()} {platform.machine()}",
                           jetson=_jetson_release(), gpu=None, gpu_problem=None, cuda_driver=_cuda_driver_version(),
                           cuda_python=_version("cuda.bindings"), nvrtc=_nvrtc_version(),
                           tensorrt=_version("tensorrt"), onnxruntime=_version("onnxruntime"),
-                          onnxruntime_providers=_ort_providers(), torch=_version("torch"))
+                          onnxruntime_providers=_ort_providers(), torch=_version("torch"),
+                          cpu_isa=list(isa_classes()), integer_gemm=_integer_gemm())
     try:
         report.gpu = gpu_info()
     except RuntimeError as e:
@@ -229,7 +241,9 @@ def format_report(r: DoctorReport) -> str:
     lines += [f"gpu           {gpu}", f"cuda driver   {show(r.cuda_driver)}", f"cuda-python   {show(r.cuda_python)}",
               f"nvrtc         {show(r.nvrtc)}", f"tensorrt      {show(r.tensorrt)}",
               f"onnxruntime   {show(r.onnxruntime)} (providers: {', '.join(r.onnxruntime_providers) or 'none'})",
-              f"torch         {show(r.torch)}", "", "backends:"]
+              f"torch         {show(r.torch)}", f"cpu isa       {', '.join(r.cpu_isa) or 'not read'}",
+              f"int8 gemm     {r.integer_gemm['description'] if r.integer_gemm else 'not probed (no onnxruntime)'}",
+              "", "backends:"]
     for b in r.backends:
         lines.append(f"  {b.name:<15} {'yes' if b.available else 'NO '}  {b.reason}")
     lines += [f"note: {n}" for n in r.notes]

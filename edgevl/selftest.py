@@ -8,6 +8,7 @@ with an fp16 decoder), and the CUDA kernels against the CPU preprocessing. What 
 
 JSON output (`--json FILE`, stable; `format_version` changes on any incompatible change):
   {"format_version": 1, "edgevl_version": str, "passed": bool, "seconds": float,
+   "cpu": {"isa": [str], "integer_gemm": {...}} or null (edgevl.cpu.describe(): how int8 is computed here),
    "checks":  [{"component", "family", "backend", "check", "value", "threshold", "passed", "seconds"}],
    "not_run": [{"what", "why"}]}
 `threshold` is a string such as ">= 0.9999" or "<= 0.0001"; `value` a float.
@@ -25,11 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .cpu import describe as describe_cpu
 from .drift import DRIFT_BOUNDS, cosine, greedy_agreement, measure_drift
 
 FAMILIES = ("qwen2", "internlm2", "phi3")
 BACKENDS = ("pytorch", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "kernels")
 TRT_PRECISIONS = ("fp16", "int8-vision-fp16-llm")
+QUANTIZED = ("int8", "int4")  # ONNX Runtime exports checked against the fp32 one
 JSON_FORMAT_VERSION = 1
 # fp32 backends against the fp32 PyTorch reference: the same math in another runtime.
 FP32_EMBED_COSINE = 0.99999
@@ -55,6 +58,7 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     not_run: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    cpu: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -62,7 +66,7 @@ class Report:
 
     def to_json(self) -> dict:
         return {"format_version": JSON_FORMAT_VERSION, "edgevl_version": __version__, "passed": self.passed,
-                "seconds": round(self.seconds, 2), "checks": [asdict(c) for c in self.checks],
+                "seconds": round(self.seconds, 2), "cpu": self.cpu, "checks": [asdict(c) for c in self.checks],
                 "not_run": self.not_run}
 
 
@@ -75,20 +79,21 @@ def _check(report: Report, component, family, backend, name, value, op: str, bou
                                bool(_OPS[op](value, bound)), time.perf_counter() - started))
 
 
-def _available(backends) -> tuple[list[str], list[dict]]:
-    """Which of BACKENDS run here, and why the others do not."""
+def _available(backends, kept_exports: bool) -> tuple[list[str], list[dict], bool]:
+    """Which of BACKENDS run here, why the others do not, and whether PyTorch (the reference) is here."""
     wanted = list(BACKENDS) if backends == "auto" else list(backends)
     unknown = sorted(set(wanted) - set(BACKENDS))
     if unknown:
         raise ValueError(f"unknown backends {unknown}: expected some of {BACKENDS} or 'auto'")
-    reasons = _unavailable_reasons()
+    reasons = _unavailable_reasons(kept_exports)
     run = [b for b in wanted if b not in reasons]
     skipped = [{"what": b, "why": reasons[b]} for b in wanted if b in reasons]
-    return run, skipped
+    return run, skipped, "pytorch" not in reasons
 
 
-def _unavailable_reasons() -> dict[str, str]:
-    """Why a backend cannot run here, in `edgevl doctor`'s words."""
+def _unavailable_reasons(kept_exports: bool) -> dict[str, str]:
+    """Why a backend cannot run here, in `edgevl doctor`'s words. With kept_exports (every family's fp32, int8 and
+    int4 exports from an earlier run's --keep directory) ONNX Runtime's drift checks need no PyTorch."""
     from .doctor import diagnose
 
     status = {b.name: b for b in diagnose().backends}
@@ -108,7 +113,7 @@ def _unavailable_reasons() -> dict[str, str]:
         if not status[doctor_name].available:
             reasons[name] = status[doctor_name].reason
     if "pytorch" in reasons:  # the reference and the exports need it
-        for name in ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"):
+        for name in ("tensorrt",) if kept_exports else ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"):
             reasons.setdefault(name, f"the reference and the test exports need PyTorch ({reasons['pytorch']})")
     return reasons
 
@@ -218,13 +223,16 @@ def _kernel_checks(report: Report) -> None:
 def selftest(backends="auto", keep=None, families=FAMILIES, log=print) -> Report:
     """Run every check this machine can run; see the module docstring for what and the JSON schema."""
     start = time.perf_counter()
-    run, not_run = _available(backends)
-    report = Report(not_run=not_run)
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="edgevl-selftest-"))
-    if {"pytorch", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"} & set(run):  # all need the reference
+    run, not_run, has_torch = _available(backends, kept_exports=all(
+        (work / family / f"export-{p}" / "manifest.json").is_file() for family in families
+        for p in ("fp32", *QUANTIZED)))
+    report = Report(not_run=not_run, cpu=_cpu())
+    if {"pytorch", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"} & set(run):
         for family in families:
-            log(f"[selftest] {family}: pytorch reference, export, onnxruntime ...")
-            _family_checks(report, family, work / family, run)
+            log(f"[selftest] {family}: " + ("pytorch reference, export, " if has_torch else "kept exports, ")
+                + "onnxruntime ...")
+            _family_checks(report, family, work / family, run, has_torch)
     if "kernels" in run:
         log("[selftest] CUDA kernels vs CPU preprocessing ...")
         _kernel_checks(report)
@@ -232,24 +240,39 @@ def selftest(backends="auto", keep=None, families=FAMILIES, log=print) -> Report
     return report
 
 
-def _family_checks(report: Report, family: str, work: Path, run: list[str]) -> None:
+def _cpu() -> dict | None:
+    try:
+        return describe_cpu()
+    except ImportError:  # no onnxruntime: nothing here computes int8
+        return None
+
+
+def _family_checks(report: Report, family: str, work: Path, run: list[str], has_torch: bool) -> None:
     from . import EdgeVL
-    from .export import export_model, quantize_export
-    from .testing.checkpoints import write_tiny_checkpoint
 
     quiet = lambda _: None  # noqa: E731
-    checkpoint = write_tiny_checkpoint(work / "checkpoint", family)
-    reference = EdgeVL.from_pretrained(checkpoint)
-    _reference_checks(report, family, reference, write_tiny_checkpoint(work / "checkpoint-hf", family, fmt="hf"))
-    fp32_dir = work / "export-fp32"
-    export_model(checkpoint, fp32_dir, log=quiet)
+    fp32_dir, reference = work / "export-fp32", None
+    if has_torch:
+        from .export import export_model
+        from .testing.checkpoints import write_tiny_checkpoint
+
+        checkpoint = write_tiny_checkpoint(work / "checkpoint", family)
+        reference = EdgeVL.from_pretrained(checkpoint)
+        _reference_checks(report, family, reference, write_tiny_checkpoint(work / "checkpoint-hf", family, fmt="hf"))
+        export_model(checkpoint, fp32_dir, log=quiet)
+    else:  # no PyTorch here: the exports kept by an earlier run (made on any machine) against each other
+        report.not_run.append({"what": f"onnxruntime fp32 vs pytorch ({family})",
+                               "why": "PyTorch is not installed; the kept exports were checked against each other"})
     for backend in (b for b in run if b.startswith("onnxruntime")):
         device = backend.split("-")[1]
         fp32 = EdgeVL.from_pretrained(fp32_dir, device=device)
-        _fp32_backend_checks(report, family, f"{backend} fp32", reference, fp32)
-        for precision in ("int8", "int4"):
+        if reference is not None:
+            _fp32_backend_checks(report, family, f"{backend} fp32", reference, fp32)
+        for precision in QUANTIZED:
             out = work / f"export-{precision}"
             if not (out / "manifest.json").is_file():
+                from .export import quantize_export
+
                 quantize_export(fp32_dir, out, precision, log=quiet)
             _drift_checks(report, family, f"{backend} {precision} vs fp32", precision, fp32,
                           EdgeVL.from_pretrained(out, device=device))
@@ -264,6 +287,9 @@ def format_report(report: Report) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths))  # noqa: E731
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows), ""]
+    if report.cpu:
+        out.append(f"cpu: {', '.join(report.cpu['isa']) or 'ISA not read'}; int8 GEMM: "
+                   f"{report.cpu['integer_gemm']['description']}")
     out += ["not run:"] + [f"  {n['what']}: {n['why']}" for n in report.not_run] if report.not_run else []
     failed = sum(not c.passed for c in report.checks)
     out.append(f"\n{len(report.checks) - failed} passed, {failed} failed, {len(report.not_run)} not run "

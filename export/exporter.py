@@ -133,6 +133,7 @@ def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=pr
     on CUDA; int8: int8 vision + int8 decoder weights; int4: int8 vision + int4 decoder weights), with its drift
     against the fp32 export recorded in the manifest."""
     from edgevl import EdgeVL
+    from edgevl.cpu import describe as describe_cpu
     from edgevl.drift import measure_drift
     from edgevl.specs import spec_from_dict
 
@@ -179,7 +180,8 @@ def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=pr
     with _stage(log, "drift against fp32"):
         drift = measure_drift(EdgeVL.from_pretrained(reference_dir), EdgeVL.from_pretrained(out_dir))
     log("[export] drift vs fp32: " + format_drift(drift))
-    write_manifest(out_dir, {**manifest, "drift_vs_fp32": drift})
+    # The CPU it was measured on: integer kernels differ between ISA classes (edgevl.cpu).
+    write_manifest(out_dir, {**manifest, "drift_vs_fp32": {**drift, "measured_on": describe_cpu()}})
     return out_dir / MANIFEST_NAME
 
 

@@ -19,3 +19,20 @@ def tiny_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_checkpoint, tmp_path_factory):
+    """exported(family, precision="fp32") -> an `edgevl export` directory of tiny_checkpoint(family), cached."""
+    from edgevl.export import export_model
+
+    made = {}
+
+    def make(family: str, precision: str = "fp32"):
+        if (family, precision) not in made:
+            out = tmp_path_factory.mktemp(f"export-{family}-{precision}")
+            export_model(tiny_checkpoint(family), out, precision=precision, log=lambda _: None)
+            made[family, precision] = out
+        return made[family, precision]
+
+    return make

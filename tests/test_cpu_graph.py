@@ -8,13 +8,16 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from edgevl.cpu import configure_session
 from edgevl.export.cpu_graph import fuse_attention, fuse_rms_norm, quantize_matmuls_per_token
 
 K, N = 128, 96
 
 
 def _run(model, x):
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    configure_session(options)  # exact integer products on x86 without VNNI too
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
 

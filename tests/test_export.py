@@ -26,20 +26,6 @@ EMBED_ATOL = 1e-4  # fp32 ONNX Runtime vs fp32 PyTorch: measured max diffs ~1e-6
 LOGITS_ATOL = 1e-3
 
 
-@pytest.fixture(scope="session")
-def exported(tiny_checkpoint, tmp_path_factory):
-    made = {}
-
-    def make(family: str, precision: str = "fp32"):
-        if (family, precision) not in made:
-            out = tmp_path_factory.mktemp(f"export-{family}-{precision}")
-            export_model(tiny_checkpoint(family), out, precision=precision, log=lambda _: None)
-            made[family, precision] = out
-        return made[family, precision]
-
-    return make
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, tiny_checkpoint, exported):
     family = request.param

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from edgevl import EdgeVL
-from edgevl.export import export_model
 from edgevl.formats.driving import CAMERA_ORDER, assemble_views
 from edgevl.gpu_preprocess import (DevicePreprocessor, HostPreprocessor, PreprocessUnavailable, make_preprocessor,
                                    resolve_preprocess)
@@ -28,10 +27,8 @@ def host_device(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export-qwen2")
-    export_model(tiny_checkpoint("qwen2"), out, log=lambda _: None)
-    return out
+def qwen2_export(exported):
+    return exported("qwen2")
 
 
 def device_pixels(preprocessor: DevicePreprocessor, tiles) -> np.ndarray:
@@ -64,9 +61,9 @@ def test_unknown_choice():
         resolve_preprocess("GPU", "tensorrt", "cuda")
 
 
-def test_from_pretrained_gpu_on_cpu_onnxruntime_raises(exported):
+def test_from_pretrained_gpu_on_cpu_onnxruntime_raises(qwen2_export):
     with pytest.raises(PreprocessUnavailable, match="backend='onnxruntime' device='cpu'"):
-        EdgeVL.from_pretrained(exported, preprocess="gpu")
+        EdgeVL.from_pretrained(qwen2_export, preprocess="gpu")
 
 
 def test_from_pretrained_gpu_on_torch_raises(tiny_checkpoint):
@@ -74,8 +71,8 @@ def test_from_pretrained_gpu_on_torch_raises(tiny_checkpoint):
         EdgeVL.from_pretrained(tiny_checkpoint("qwen2"), preprocess="gpu")
 
 
-def test_from_pretrained_defaults_to_host_tiling_on_cpu(exported, tiny_checkpoint):
-    assert EdgeVL.from_pretrained(exported).preprocessor.name == "cpu"
+def test_from_pretrained_defaults_to_host_tiling_on_cpu(qwen2_export, tiny_checkpoint):
+    assert EdgeVL.from_pretrained(qwen2_export).preprocessor.name == "cpu"
     assert EdgeVL.from_pretrained(tiny_checkpoint("qwen2")).preprocessor.name == "cpu"
 
 
@@ -175,9 +172,9 @@ def test_cache_key(host_device, tmp_path):
 # -- the whole pipeline -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pair(exported, host_device):
-    host = EdgeVL.from_pretrained(exported, preprocess="cpu")
-    device = EdgeVL.from_pretrained(exported, preprocess="cpu")
+def pair(qwen2_export, host_device):
+    host = EdgeVL.from_pretrained(qwen2_export, preprocess="cpu")
+    device = EdgeVL.from_pretrained(qwen2_export, preprocess="cpu")
     device.preprocessor = DevicePreprocessor(host_device, device.backend.vision_input_dtype)
     return host, device
 
@@ -252,14 +249,14 @@ def test_gpu_device_tiles_equal_preprocess_image(cuda_kernels, dtype):
     assert np.array_equal(bits(got), bits(want))
 
 
-def test_gpu_onnxruntime_cuda_generate_equals_host_tiling(cuda_kernels, exported):
+def test_gpu_onnxruntime_cuda_generate_equals_host_tiling(cuda_kernels, qwen2_export):
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("GPU check: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-    device = EdgeVL.from_pretrained(exported, device="cuda")
+    device = EdgeVL.from_pretrained(qwen2_export, device="cuda")
     assert device.preprocessor.name == "gpu"
-    host = EdgeVL.from_pretrained(exported, device="cuda", preprocess="cpu")
+    host = EdgeVL.from_pretrained(qwen2_export, device="cuda", preprocess="cpu")
     for images in ([synthetic_image(1920, 1080)], _views(1)):
         want = host.generate("Describe.", images, max_new_tokens=8)
         assert device.generate("Describe.", images, max_new_tokens=8).token_ids == want.token_ids

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import onnx
 import pytest
@@ -18,18 +19,19 @@ CHECK_FIELDS = {"component", "family", "backend", "check", "value", "threshold",
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("selftest")
     code = main(["selftest", "--json", str(out / "selftest.json"), "--keep", str(out / "work")])
-    return code, json.loads((out / "selftest.json").read_text())
+    return code, json.loads((out / "selftest.json").read_text()), out / "work"
 
 
 def test_passes_and_exits_zero(result):
-    code, report = result
+    code, report, _ = result
     assert code == 0 and report["passed"] is True
     assert report["checks"] and all(c["passed"] for c in report["checks"])
 
 
 def test_json_is_the_documented_schema(result):
-    _, report = result
-    assert set(report) == {"format_version", "edgevl_version", "passed", "seconds", "checks", "not_run"}
+    _, report, _ = result
+    assert set(report) == {"format_version", "edgevl_version", "passed", "seconds", "cpu", "checks", "not_run"}
+    assert report["cpu"]["integer_gemm"]["exact"] is True and report["cpu"]["integer_gemm"]["description"]
     assert report["format_version"] == 1
     for check in report["checks"]:
         assert set(check) == CHECK_FIELDS
@@ -39,7 +41,7 @@ def test_json_is_the_documented_schema(result):
 
 
 def test_every_family_and_backend_is_checked_or_explained(result):
-    _, report = result
+    _, report, _ = result
     for family in FAMILIES:
         assert {c["backend"] for c in report["checks"] if c["family"] == family} >= {
             "pytorch vs transformers", "onnxruntime-cpu fp32", "onnxruntime-cpu int8 vs fp32",
@@ -47,6 +49,23 @@ def test_every_family_and_backend_is_checked_or_explained(result):
     not_run = {n["what"] for n in report["not_run"]}
     for backend in BACKENDS:
         assert backend in not_run or any(c["backend"].startswith(backend) for c in report["checks"]), backend
+
+
+def test_without_pytorch_the_kept_exports_are_checked_against_each_other(result, tmp_path, monkeypatch):
+    """A device without PyTorch (a Jetson, an emulated ARM64 Python) checks int8/int4 exports made elsewhere."""
+    import edgevl.selftest as st
+
+    work = tmp_path / "work"
+    shutil.copytree(result[2], work, ignore=shutil.ignore_patterns("checkpoint*"))
+    real = st._unavailable_reasons
+    monkeypatch.setattr(st, "_unavailable_reasons", lambda kept: {**real(kept), "pytorch": "not installed"})
+    report = selftest("auto", keep=work, families=FAMILIES, log=lambda _: None)
+    assert report.passed
+    for family in FAMILIES:
+        drift = {c.backend for c in report.checks if c.family == family}
+        assert drift == {"onnxruntime-cpu int8 vs fp32", "onnxruntime-cpu int4 vs fp32"}, family
+    assert any(n["what"] == "pytorch" for n in report.not_run)
+    assert not list(work.glob("*/checkpoint*"))  # nothing was re-made from a checkpoint
 
 
 def test_a_corrupted_graph_fails_and_names_the_component(monkeypatch, tmp_path):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cpu import configure_session, integer_gemm
+
 _DEVICE_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _TENSOR_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
 PREFILL_CHUNK_CPU = 256
@@ -53,6 +55,14 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads or 0  # 0: one per physical core
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.integer_gemm = None
+        if device == "cpu" and "int8" in manifest["precision"].values():
+            self.integer_gemm = integer_gemm()
+            if not self.integer_gemm.exact:
+                raise RuntimeError(f"{export_dir}: this is an int8 export, and ONNX Runtime {ort.__version__} cannot "
+                                   f"compute its integer products exactly on this CPU ({self.integer_gemm.describe()})"
+                                   "; use an fp32 export")
+            configure_session(options)
         files = manifest["graphs"]
         self.vision = ort.InferenceSession(str(export_dir / files["vision"]), options, providers=[provider])
         with _plain_gqa_kernel(device == "cpu"):

@@ -1,0 +1,130 @@
+"""The CPU this process runs on: its ISA classes, and how ONNX Runtime's integer GEMM (MLAS) computes the int8
+graphs' u8 x s8 products here. Torch-free; ONNX Runtime is imported only when the product is probed.
+
+The int8 exports multiply u8 activations (zero point 128, the full 0..255 range) by s8 weights (-127..127). On x86
+without VNNI (AVX2, or AVX-512 without VNNI) MLAS pairs those products with vpmaddubsw, whose int16 sum saturates
+(255 * 127 * 2 > 32767): the matmuls come out wrong, not just noisier (next-token logits cosine 0.98 instead of
+0.9998 on the tiny test models; 85 of 96 outputs of a full-range 128-deep product wrong). ONNX Runtime's session
+option `session.x64quantprecision` rewrites each constant s8 weight to u8 (w + 128, its zero point with it) when the
+session is built, so MLAS's u8 x u8 kernels run: the same integer products, exact. edgevl sets it only where the
+u8 x s8 product is measured to be wrong (`integer_gemm` runs it): with VNNI (vpdpbusd), AMX, and on ARM the u8 x s8
+kernels are exact, and the u8 x u8 ones were slower on AMX. So every machine computes the same integers, and the
+export's bytes are the same everywhere: an export made on one machine runs correctly on any other.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PRECISION_MODE = "session.x64quantprecision"  # ONNX Runtime's u8 x u8 switch; a no-op outside x86
+
+# /proc/cpuinfo flag (x86) -> ISA class, in the order reports print them.
+_X86_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
+              "amx_int8": "AMX"}
+# ARM64: (auxiliary vector entry, bit) -> ISA class; the Linux uapi's HWCAP_ASIMD, HWCAP_ASIMDDP, HWCAP2_I8MM.
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+_ARM_HWCAPS = {(_AT_HWCAP, 1): "NEON", (_AT_HWCAP, 20): "dot-product", (_AT_HWCAP2, 13): "i8mm"}
+ISA_NAMES = (*_X86_FLAGS.values(), *_ARM_HWCAPS.values())
+
+
+def _is_arm64() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
+@functools.cache
+def isa_classes() -> tuple[str, ...]:
+    """The integer-relevant ISA classes of this CPU ("AVX2", "AVX-512 VNNI", "AMX", "NEON", "dot-product", ...);
+    empty where the OS does not say (not Linux). x86 reads /proc/cpuinfo, which under user-mode emulation (qemu)
+    is the host's; ARM64 reads the process's own hardware capabilities."""
+    if _is_arm64():
+        try:
+            getauxval = ctypes.CDLL(None).getauxval
+        except (OSError, AttributeError):
+            return ()
+        getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+        return tuple(name for (entry, bit), name in _ARM_HWCAPS.items() if getauxval(entry) >> bit & 1)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.partition(":")[2].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(name for flag, name in _X86_FLAGS.items() if flag in flags)
+
+
+def _mlas_kernel(isa: tuple[str, ...]) -> str:
+    """MLAS's u8 x s8 kernel for these ISA classes (its own dispatch order: AMX, AVX-512 VNNI, AVX-VNNI, ...)."""
+    if _is_arm64():
+        return "NEON i8mm" if "i8mm" in isa else "NEON dot-product" if "dot-product" in isa else "NEON"
+    for name in ("AMX", "AVX-512 VNNI", "AVX-VNNI"):
+        if name in isa:
+            return name
+    return "AVX-512 (vpmaddubsw)" if "AVX-512" in isa else "AVX2 (vpmaddubsw)" if "AVX2" in isa else "SSE"
+
+
+@dataclass(frozen=True)
+class IntegerGemm:
+    kernel: str  # MLAS's u8 x s8 kernel by this CPU's flags, e.g. "AVX-512 VNNI"
+    u8s8_exact: bool  # a full-range u8 x s8 product comes out exact with ONNX Runtime's defaults
+    precision_mode: bool  # edgevl sets session.x64quantprecision (u8 x u8 kernels) on its sessions
+    exact: bool  # with edgevl's session options, the product is exact: int8 graphs are computed as exported
+
+    def describe(self) -> str:
+        if self.u8s8_exact:
+            return f"u8 x s8 on {self.kernel}: exact"
+        if self.exact:
+            return (f"u8 x s8 saturates int16 pair sums here (x86 without VNNI), so int8 weights run on ONNX Runtime's "
+                    f"u8 x u8 kernels ({PRECISION_MODE}): exact")
+        return f"u8 x s8 saturates here, and {PRECISION_MODE} did not make it exact: int8 exports are refused"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "description": self.describe()}
+
+
+PROBE_MODEL = Path(__file__).with_name("data") / "u8s8_probe.onnx"  # MatMulInteger(a, W, 128), W = probe_operands()[1]
+
+
+def probe_operands():
+    """u8 activations x s8 weights spanning both full ranges, with a row and columns that saturate any int16
+    pair sum (255 * 127 * 2), and their exact int64 product with the activations' zero point 128. A formula, not
+    random numbers, so PROBE_MODEL's constant weights can be checked against it (tests/test_cpu.py)."""
+    import numpy as np
+
+    m, k, n = np.arange(4)[:, None], np.arange(128)[:, None], np.arange(96)[None, :]
+    a = ((m * 97 + k.T * 31 + 7) % 256).astype(np.uint8)
+    w = ((k * 53 + n * 29 + 11) % 255 - 127).astype(np.int8)
+    a[0], w[:, 0], w[:, 1] = 255, 127, -127
+    return a, w, (a.astype(np.int64) - 128) @ w.astype(np.int64)
+
+
+def _product_is_exact(precision_mode: bool) -> bool:
+    import numpy as np
+    import onnxruntime as ort
+
+    a, _, exact = probe_operands()
+    options = ort.SessionOptions()
+    options.add_session_config_entry(PRECISION_MODE, "1" if precision_mode else "0")
+    session = ort.InferenceSession(str(PROBE_MODEL), options, providers=["CPUExecutionProvider"])
+    return bool(np.array_equal(session.run(None, {"a": a})[0], exact))
+
+
+@functools.cache
+def integer_gemm() -> IntegerGemm:
+    """How ONNX Runtime computes u8 x s8 here, measured once per process (two tiny sessions, a few ms)."""
+    kernel = _mlas_kernel(isa_classes())
+    if _product_is_exact(precision_mode=False):
+        return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True)
+    return IntegerGemm(kernel, u8s8_exact=False, precision_mode=True, exact=_product_is_exact(precision_mode=True))
+
+
+def configure_session(options) -> None:
+    """Set on an onnxruntime.SessionOptions what makes int8 graphs exact on this CPU (nothing where they are)."""
+    if integer_gemm().precision_mode:
+        options.add_session_config_entry(PRECISION_MODE, "1")
+
+
+def describe() -> dict:
+    """This CPU for a report or a manifest: {"isa": [...], "integer_gemm": IntegerGemm.to_dict()}."""
+    return {"isa": list(isa_classes()), "integer_gemm": integer_gemm().to_dict()}

@@ -1,0 +1,169 @@
+"""Integer products on whatever CPU runs the suite: every quantized op edgevl's int8 graphs use, with operands
+spanning the full u8 / s8 ranges, checked against exact integer arithmetic through the session options edgevl
+builds its sessions with (edgevl.cpu). On x86 without VNNI the u8 x s8 kernels saturate int16 pair sums: these
+tests fail there unless edgevl switches ONNX Runtime to its exact u8 x u8 kernels."""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgevl import EdgeVL, cpu
+
+A, W, EXACT = cpu.probe_operands()
+ROWS, K = A.shape
+N = W.shape[1]
+
+
+def _session(graph, opset=13):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    cpu.configure_session(options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _const(array, name):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def test_probe_model_holds_the_probe_operands():
+    model = onnx.load(cpu.PROBE_MODEL)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert [n.op_type for n in model.graph.node] == ["MatMulInteger"]
+    np.testing.assert_array_equal(inits["w"], W)
+    assert inits["a_zero_point"] == 128
+
+
+def test_probe_operands_saturate_an_int16_pair_sum():
+    """The probe can only catch vpmaddubsw's saturation if some adjacent pair of u8 x s8 products exceeds int16."""
+    products = A.astype(np.int64)[:, :, None] * W.astype(np.int64)[None]
+    pair_sums = products[:, 0::2] + products[:, 1::2]
+    assert np.abs(pair_sums).max() > np.iinfo(np.int16).max
+    assert A.min() == 0 and A.max() == 255 and W.min() == -127 and W.max() == 127
+
+
+def test_matmul_integer_is_exact():
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w", "azp"], ["y"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+                              [_const(W, "w"), _const(np.uint8(128), "azp")])
+    np.testing.assert_array_equal(_session(graph).run(None, {"a": A})[0], EXACT)
+
+
+def test_matmul_integer_to_float_is_exact():
+    """The int8 decoder's per-token matmuls (export/cpu_graph.py); unit scales keep every sum an exact float."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMulIntegerToFloat", ["a", "w", "one", "w_scale", "azp"], ["y"],
+                          domain="com.microsoft")], "g",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_const(W, "w"), _const(np.float32(1), "one"), _const(np.ones(N, np.float32), "w_scale"),
+         _const(np.uint8(128), "azp")])
+    np.testing.assert_array_equal(_session(graph).run(None, {"a": A})[0], EXACT)
+
+
+def test_dynamic_quantize_matmul_is_exact():
+    """The int8 decoder's logits matmul. Activations -128..127 quantize with scale 1 and zero point 128 exactly."""
+    x = A.astype(np.float32) - 128
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "w_scale"], ["y"], domain="com.microsoft")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_const(W, "w"), _const(np.ones(N, np.float32), "w_scale")])
+    np.testing.assert_array_equal(_session(graph).run(None, {"x": x})[0], EXACT)
+
+
+def _qdq(x, name, dtype=np.int8, scale=1.0, axis=None):
+    """QuantizeLinear + DequantizeLinear of a float tensor, symmetric: what the int8 vision graph holds."""
+    extra = {"axis": axis} if axis is not None else {}
+    scales = np.float32(scale) if axis is None else np.full(scale, 1.0, np.float32)
+    inits = [_const(scales, f"{name}.scale"), _const(dtype(0), f"{name}.zp")]
+    nodes = [helper.make_node("QuantizeLinear", [x, f"{name}.scale", f"{name}.zp"], [f"{name}.q"], **extra),
+             helper.make_node("DequantizeLinear", [f"{name}.q", f"{name}.scale", f"{name}.zp"], [f"{name}.dq"],
+                              **extra)]
+    return nodes, inits
+
+
+def test_vision_qdq_matmul_is_exact():
+    """The int8 vision graph's weight MatMuls: s8 activations and per-channel s8 weights as Q/DQ, which ONNX Runtime
+    fuses into integer ops (and on x86 moves to u8 activations with zero point 128: the full range again)."""
+    x = A.astype(np.float32) - 128
+    x[x < -127] = -127  # symmetric s8 activations: -127..127
+    exact = x.astype(np.int64) @ W.astype(np.int64)
+    x_nodes, x_inits = _qdq("x", "x")
+    w_nodes = [helper.make_node("DequantizeLinear", ["w", "w.scale", "w.zp"], ["w.dq"], axis=1)]
+    graph = helper.make_graph(
+        x_nodes + w_nodes + [helper.make_node("MatMul", ["x.dq", "w.dq"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        x_inits + [_const(W, "w"), _const(np.ones(N, np.float32), "w.scale"), _const(np.zeros(N, np.int8), "w.zp")])
+    np.testing.assert_array_equal(_session(graph).run(None, {"x": x})[0], exact)
+
+
+def test_vision_qdq_patch_conv_is_exact():
+    """The int8 vision graph's patch embedding: a Q/DQ Conv whose kernel covers the whole input (one output
+    pixel per sample = one K-deep product per channel)."""
+    side = 8  # K = 2 x 8 x 8 = 128 input values per output channel
+    x = (A.astype(np.float32) - 128).clip(-127, 127).reshape(ROWS, 2, side, side)
+    w = W.T.reshape(N, 2, side, side).copy()
+    exact = x.reshape(ROWS, -1).astype(np.int64) @ w.reshape(N, -1).T.astype(np.int64)
+    x_nodes, x_inits = _qdq("x", "x")
+    w_nodes = [helper.make_node("DequantizeLinear", ["w", "w.scale", "w.zp"], ["w.dq"], axis=0)]
+    graph = helper.make_graph(
+        x_nodes + w_nodes + [helper.make_node("Conv", ["x.dq", "w.dq"], ["y"], kernel_shape=[side, side],
+                                              strides=[side, side])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, 2, side, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        x_inits + [_const(w, "w"), _const(np.ones(N, np.float32), "w.scale"), _const(np.zeros(N, np.int8), "w.zp")])
+    np.testing.assert_array_equal(_session(graph).run(None, {"x": x})[0].reshape(ROWS, N), exact)
+
+
+def test_precision_mode_is_set_exactly_where_u8s8_saturates():
+    gemm = cpu.integer_gemm()
+    assert gemm.exact
+    assert gemm.precision_mode == (not gemm.u8s8_exact)
+    options = ort.SessionOptions()
+    cpu.configure_session(options)
+    if gemm.precision_mode:
+        assert options.get_session_config_entry(cpu.PRECISION_MODE) == "1"
+    else:
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            options.get_session_config_entry(cpu.PRECISION_MODE)
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+_VNNI = bool({"AVX-512 VNNI", "AVX-VNNI", "AMX"} & set(cpu.isa_classes()))
+
+
+@pytest.mark.skipif(not (_X86 and _VNNI), reason="checks the VNNI/AMX class: this CPU has no VNNI or is not x86")
+def test_vnni_cpus_keep_the_fast_u8s8_kernels():
+    assert cpu.integer_gemm().u8s8_exact and not cpu.integer_gemm().precision_mode
+
+
+@pytest.mark.skipif(not _X86 or _VNNI or "AVX2" not in cpu.isa_classes(),
+                    reason="checks the AVX2-without-VNNI class: this CPU is not one")
+def test_avx2_cpus_without_vnni_switch_to_exact_u8u8():
+    gemm = cpu.integer_gemm()
+    assert not gemm.u8s8_exact and gemm.precision_mode and gemm.exact
+
+
+def test_isa_classes_come_from_the_kernels_flags():
+    isa = cpu.isa_classes()
+    assert set(isa) <= set(cpu.ISA_NAMES)
+    if _X86 and platform.system() == "Linux":
+        assert "AVX2" in isa  # every machine class this project runs on has at least AVX2
+
+
+def test_int8_backend_records_its_integer_path_and_refuses_an_inexact_one(exported, monkeypatch):
+    out = exported("qwen2", "int8")
+    assert EdgeVL.from_pretrained(out).backend.integer_gemm == cpu.integer_gemm()
+    assert EdgeVL.from_pretrained(exported("qwen2", "fp32")).backend.integer_gemm is None
+    broken = cpu.IntegerGemm("AVX2 (vpmaddubsw)", u8s8_exact=False, precision_mode=True, exact=False)
+    monkeypatch.setattr("edgevl.backends.onnxruntime_backend.integer_gemm", lambda: broken)
+    with pytest.raises(RuntimeError, match="cannot compute its integer products exactly"):
+        EdgeVL.from_pretrained(out)
