@@ -18,12 +18,13 @@ setup(
     extras_require={
         "torch": ["torch>=2.1"],
         "export": ["torch>=2.1", "onnx>=1.16", "onnxscript>=0.2"],
+        "video": ["opencv-python-headless>=4.8"],
         # onnxruntime-gpu replaces the base onnxruntime on CUDA machines (uninstall onnxruntime first).
         "gpu": ["cuda-python>=12", "nvidia-cuda-nvrtc", "tensorrt>=10"],
         # NVRTC runs without a GPU, so CI compiles every kernel for the target architectures.
         "dev": ["pytest>=8", "torch>=2.1", "transformers>=5,<6", "opencv-python-headless>=4.8", "onnx>=1.16",
                 "onnxscript>=0.2", "cuda-python>=12", "nvidia-cuda-nvrtc", "matplotlib", "psutil",
-                "threadpoolctl"],
+                "threadpoolctl", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["edgevl=edgevl.cli:main"]},
 )

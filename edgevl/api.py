@@ -1,7 +1,9 @@
 """EdgeVL: the user-facing pipeline. tiling -> vision -> prompt -> splice -> decode, on any backend."""
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -69,9 +71,19 @@ def _as_list(images) -> list:
 
 
 class EdgeVL:
+    """A loaded model: generate(), stream() and chat() over one backend.
+
+    One generation at a time: the backend holds one KV cache, so calls from several threads are serialized (each
+    waits for the model; a result never mixes two calls). A stream() holds the model from the call until it is
+    exhausted, closed (`.close()`, or leaving a `with` block) or garbage-collected: another thread's call waits
+    for it, and a second call from the thread that holds an open stream raises RuntimeError, since it would wait
+    for itself. Read each call's result from its return value: `last_result` is whichever call finished last."""
+
     def __init__(self, backend, spec: ModelSpec, tokenizer: Tokenizer, template: str | None = None,
-                 system_message: str | None = None, preprocessor=None):
+                 system_message: str | None = None, preprocessor=None, allow_special_tokens: bool = False):
         self.backend, self.spec, self.tokenizer = backend, spec, tokenizer
+        # False: special tokens typed in prompts, history or the system message are plain text (prompts.TextChunk).
+        self.allow_special_tokens = allow_special_tokens
         self.preprocessor = preprocessor or HostPreprocessor()  # see gpu_preprocess: where images are tiled
         self.template = get_template(template or spec.template)
         self.system_message = system_message
@@ -82,13 +94,14 @@ class EdgeVL:
         if tokenizer.eos_token_id is not None:
             stops.append(tokenizer.eos_token_id)
         self.stop_token_ids = tuple(dict.fromkeys(stops))
+        self._lock, self._holder = threading.Lock(), None  # the thread running a generation (see the class doc)
 
     @classmethod
     def from_pretrained(cls, path, backend: str | None = None, device: str = "cpu", dtype: str = "float32",
                         max_seq: int | None = None, template: str | None = None,
                         system_message: str | None = None, num_threads: int | None = None,
                         verify_checksums: bool = True, preprocess: str | None = None,
-                        cuda_graph: bool = False) -> "EdgeVL":
+                        cuda_graph: bool = False, allow_special_tokens: bool = False) -> "EdgeVL":
         """Load a local directory: an InternVL checkpoint (original or -hf format; backend "torch") or an
         `edgevl export` directory (backend "onnxruntime", chosen by default when manifest.json is present;
         "tensorrt" instead when `edgevl build` plans are there and tensorrt + a GPU are usable).
@@ -97,12 +110,19 @@ class EdgeVL:
         preprocess: where images are tiled, "gpu" (the image goes to the device once, as uint8) or "cpu"; None
         picks "gpu" for backend "tensorrt" and for "onnxruntime" with device="cuda", else "cpu". "gpu" where it
         cannot run raises PreprocessUnavailable (no fallback). cuda_graph: backend "tensorrt" with plans built
-        `--kv-cache fixed` only; replays each decode step as a captured CUDA graph (a failed capture raises)."""
+        `--kv-cache fixed` only; replays each decode step as a captured CUDA graph (a failed capture raises).
+        allow_special_tokens: parse special tokens written in prompts, history and the system message, as InternVL's
+        chat() does (`<|im_start|>` opens a turn, `<IMG_CONTEXT>` an image slot); by default they are plain text."""
         from .manifest import is_export_dir
         from .tokenizer import load_tokenizer
 
         path = Path(path)
         exported = is_export_dir(path)
+        if not exported and any(path.glob("*.onnx")):
+            from .manifest import ExportError
+
+            raise ExportError(f"{path}: incomplete export (ONNX graphs but no manifest.json: the export was "
+                              "interrupted): re-run edgevl export")
         manifest = None
         if exported:
             from .manifest import read_manifest
@@ -146,7 +166,8 @@ class EdgeVL:
             spec = checkpoint.spec
             stored_message = checkpoint_system_message(path, template or spec.template)
         preprocessor = make_preprocessor(preprocess, runtime, device)
-        return cls(runtime, spec, load_tokenizer(path), template, system_message or stored_message, preprocessor)
+        return cls(runtime, spec, load_tokenizer(path), template, system_message or stored_message, preprocessor,
+                   allow_special_tokens=allow_special_tokens)
 
     # -- one call ----------------------------------------------------------------------------------------
 
@@ -159,39 +180,73 @@ class EdgeVL:
 
         generation: GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p,
         repetition_penalty, seed, stop_token_ids, stop_strings)."""
-        visual = (images, channel_order, video, num_frames)
-        for _ in self._decode(self._prepare(prompt, visual, generation, history=())):
-            pass
-        return self.last_result
+        with self._holding():
+            for _ in self._decode(self._prepare(prompt, (images, channel_order, video, num_frames), generation,
+                                                history=())):
+                pass
+            return self.last_result
 
     def stream(self, prompt: str, images=None, *, channel_order: str = "RGB", video=None, num_frames: int = 8,
                **generation) -> Iterator[str]:
         """Like generate(), yielding text as it is decoded; `last_result` holds the result afterwards.
-        Bad input raises here, before the first piece is asked for."""
-        return self._decode(self._prepare(prompt, (images, channel_order, video, num_frames), generation, history=()))
+        Bad input raises here, before the first piece is asked for. The stream holds the model until it is
+        exhausted or closed (see the class doc); use it as `with model.stream(...) as pieces:` to close it early."""
+        self._acquire()
+        try:
+            prepared = self._prepare(prompt, (images, channel_order, video, num_frames), generation, history=())
+        except BaseException:
+            self._release()
+            raise
+        return _Stream(self._decode(prepared), self._release)
 
     def chat(self, prompt: str, images=None, *, channel_order: str = "RGB", video=None, num_frames: int = 8,
              **generation) -> GenerationResult:
         """generate() with the conversation so far as history. Images of earlier turns are not re-encoded,
         nor is an image identical to one already encoded in this chat (timings.vision_cache_hits counts both)."""
-        visual = (images, channel_order, video, num_frames)
-        for _ in self._decode(self._prepare(prompt, visual, generation, history=self.history)):
-            pass
-        return self.last_result
+        with self._holding():
+            for _ in self._decode(self._prepare(prompt, (images, channel_order, video, num_frames), generation,
+                                                history=self.history)):
+                pass
+            return self.last_result
 
     def reset_chat(self) -> None:
-        self.history = []
+        with self._holding():
+            self.history = []
+
+    # -- one generation at a time ------------------------------------------------------------------------
+
+    def _acquire(self) -> None:
+        if self._holder == threading.get_ident():
+            raise RuntimeError("this EdgeVL has an open stream() in this thread: exhaust it or close() it before "
+                               "the next call (one generation at a time per model)")
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+
+    def _release(self) -> None:
+        self._holder = None
+        self._lock.release()
+
+    @contextmanager
+    def _holding(self):
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
 
     # -- the pipeline ------------------------------------------------------------------------------------
 
     def _prepare(self, prompt, visual, generation, history) -> "_Prepared":
         start = time.perf_counter()
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         config = self._generation_config(generation)
         query, pixel_values = self._visual_inputs(prompt, *visual, max_new_tokens=config.max_new_tokens)
         past_embeds = [e for turn in history for e in turn.image_embeds]
         tiles = [e.shape[0] for e in past_embeds] + [p.shape[0] for p in pixel_values]
         text = render_prompt(self.template, query, [(t.query, t.answer) for t in history], self.system_message)
-        prompt_ids = tokenize_prompt(self.tokenizer, text, tiles, self.spec.image_tokens_per_tile)
+        prompt_ids = tokenize_prompt(self.tokenizer, text, tiles, self.spec.image_tokens_per_tile,
+                                     allow_special_tokens=self.allow_special_tokens)
         if len(prompt_ids) >= self.backend.max_seq:
             raise PromptError(f"the prompt is {len(prompt_ids)} tokens ({sum(tiles)} image tiles), but the model "
                               f"holds {self.backend.max_seq}: use fewer or smaller images, or a larger max_seq")
@@ -265,6 +320,40 @@ class EdgeVL:
             raise AssertionError(f"{slots.sum()} image slots in the prompt but {len(features)} image features")
         embeds[slots] = features
         return embeds
+
+
+class _Stream:
+    """stream()'s iterator: text pieces; gives the model back (release) once exhausted, closed or collected."""
+
+    def __init__(self, pieces: Iterator[str], release):
+        self._pieces, self._release = pieces, release
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self._release is None:
+            raise StopIteration
+        try:
+            return next(self._pieces)
+        except BaseException:  # StopIteration included: the stream is over either way
+            self.close()
+            raise
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            self._pieces.close()
+            release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
 
 
 def _default_export_backend(path: Path, manifest: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -77,15 +78,21 @@ def cmd_generate(args) -> None:
     from . import EdgeVL
 
     model = EdgeVL.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                   max_seq=args.max_seq, num_threads=args.threads, cuda_graph=args.cuda_graph)
+                                   max_seq=args.max_seq, num_threads=args.threads, cuda_graph=args.cuda_graph,
+                                   allow_special_tokens=args.allow_special_tokens)
     _run(model, args)
 
 
 def cmd_export(args) -> None:
     try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401  torch.onnx.export's exporter
+        import torch  # noqa: F401
+
         from .export import export_model
     except ImportError as e:
-        raise ImportError(f"edgevl export needs torch and onnx ({e}): pip install 'edgevl[export]'") from None
+        raise ImportError(f"edgevl export needs torch, onnx and onnxscript ({e}): pip install 'edgevl[export]'") \
+            from None
     manifest = export_model(args.model, args.out, precision=args.precision, max_tiles=args.max_tiles,
                             max_seq=args.max_seq, calib_images=args.calib_images)
     print(f"exported to {manifest.parent} (run it: edgevl generate --model {manifest.parent} ...)")
@@ -127,23 +134,36 @@ def cmd_demo(args) -> None:
     from .testing.checkpoints import write_tiny_checkpoint
     from .testing.images import write_demo_image
 
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="edgevl-demo-"))
-    print(f"edgevl demo: TINY RANDOM-WEIGHT {args.family} InternVL checkpoint (not a trained model: the "
-          f"text below is meaningless; it shows the pipeline runs end to end)\n  checkpoint: {work / 'model'}")
-    write_tiny_checkpoint(work / "model", family=args.family)
-    if not args.video:
-        args.image = args.image or [str(write_demo_image(work / "demo.png"))]
-    print(f"  input: {args.video or args.image[0]}\n  stages: tiling -> vision encoder -> prompt -> KV-cached decode\n")
-    model = EdgeVL.from_pretrained(work / "model", backend="torch")
-    _run(model, args)
+    with _work_dir(args.keep, "edgevl-demo-") as work:
+        print(f"edgevl demo: TINY RANDOM-WEIGHT {args.family} InternVL checkpoint (not a trained model: the "
+              f"text below is meaningless; it shows the pipeline runs end to end)\n  checkpoint: {work / 'model'}")
+        write_tiny_checkpoint(work / "model", family=args.family)
+        if not args.video:
+            args.image = args.image or [str(write_demo_image(work / "demo.png"))]
+        print(f"  input: {args.video or args.image[0]}\n  stages: tiling -> vision encoder -> prompt -> KV-cached "
+              "decode\n")
+        model = EdgeVL.from_pretrained(work / "model", backend="torch")
+        _run(model, args)
+
+
+@contextmanager
+def _work_dir(keep, prefix: str):
+    """keep, or a temporary directory removed on every way out."""
+    if keep:
+        yield Path(keep)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgevl", description="Run Mini-InternVL vision-language models on "
                                      "edge hardware. Checkpoints are local directories; nothing is downloaded.")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, print the Python traceback too")
 
-    gen = sub.add_parser("generate", help="answer a prompt about images with a local checkpoint",
+    gen = sub.add_parser("generate", parents=[common], help="answer a prompt about images with a local checkpoint",
                          description="Load a local InternVL checkpoint (original InternVLChatModel or -hf "
                          "format) and answer a prompt about one or more images.")
     gen.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
@@ -154,12 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: the model's context)")
+    gen.add_argument("--allow-special-tokens", action="store_true", help="parse special tokens typed in --prompt "
+                     "(<|im_start|>, <img>, ...) as InternVL's chat() does; by default they are plain text")
     gen.add_argument("--cuda-graph", action="store_true", help="tensorrt: replay each decode step as a captured CUDA "
                      "graph (plans built with `edgevl build --kv-cache fixed`)")
     _add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    exp = sub.add_parser("export", help="export a checkpoint to ONNX for ONNX Runtime / TensorRT",
+    exp = sub.add_parser("export", parents=[common], help="export a checkpoint to ONNX for ONNX Runtime / TensorRT",
                          description="Export a local checkpoint to vision.onnx + decoder.onnx (KV cache) + "
                          "manifest.json. fp32: standard ops, the input of `edgevl build`. fp16: fp16 graphs with fp32 "
                          "normalisations, for ONNX Runtime on CUDA. int8: static int8 "
@@ -179,11 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images to calibrate int8 vision on (default: generated synthetic images)")
     exp.set_defaults(func=cmd_export)
 
-    st = sub.add_parser("selftest", help="check every backend and kernel this machine can run against the "
+    st = sub.add_parser("selftest", parents=[common], help="check every backend and kernel this machine can run against the "
                         "reference (run this first on a new device)",
                         description="Writes tiny random checkpoints for each LLM family, exports them and compares "
                         "every backend this machine can run (PyTorch, ONNX Runtime CPU/CUDA at fp32/int8/int4, "
-                        "TensorRT, CUDA kernels) with the reference. Exit status 0 only if every check passed.")
+                        "TensorRT, CUDA kernels) with the reference. Exit status 0 only if at least one check ran "
+                        "and every check passed.")
     st.add_argument("--backends", default="auto", help="auto, or a comma list of: pytorch, onnxruntime-cpu, "
                     "onnxruntime-cuda, tensorrt, kernels")
     st.add_argument("--json", metavar="FILE", help="also write the results as JSON (schema: edgevl.selftest)")
@@ -193,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--families", default="qwen2,internlm2,phi3", help="LLM families to check (default: all)")
     st.set_defaults(func=cmd_selftest)
 
-    bld = sub.add_parser("build", help="compile an export into TensorRT plans for this machine's GPU",
+    bld = sub.add_parser("build", parents=[common], help="compile an export into TensorRT plans for this machine's GPU",
                          description="Build vision.plan and decoder.plan from an `edgevl export --precision fp32` "
                          "directory, in place, and record TensorRT version, GPU and precisions in its manifest. "
                          "Needs an NVIDIA GPU and TensorRT; plans only run on the GPU model and TensorRT version "
@@ -217,13 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images to calibrate int8 vision on when the export's vision is fp32 (default: generated)")
     bld.set_defaults(func=cmd_build)
 
-    doc = sub.add_parser("doctor", help="show what this machine can run (GPU, CUDA, TensorRT, ONNX Runtime)",
+    doc = sub.add_parser("doctor", parents=[common], help="show what this machine can run (GPU, CUDA, TensorRT, ONNX Runtime)",
                          description="Print GPU, compute capability, CUDA driver, cuda-python, NVRTC, TensorRT, "
                          "ONNX Runtime providers, and why each backend is or is not available.")
     doc.add_argument("--json", action="store_true", help="print the report as JSON")
     doc.set_defaults(func=cmd_doctor)
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny RANDOM-weight model",
+    demo = sub.add_parser("demo", parents=[common], help="run the whole pipeline on a built-in tiny RANDOM-weight model",
                           description="Write a tiny random-weight InternVL checkpoint and a synthetic image, then "
                           "run tiling -> vision -> prompt -> decode and print text and timings. The weights are "
                           "random: the text is meaningless; the point is that every stage runs.")
@@ -239,9 +262,25 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"edgevl {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"edgevl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line naming what was wrong; --debug for the traceback
+        if args.debug:
+            raise
+        print(f"edgevl {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: Exception) -> str:
+    from .errors import SettingError
+
+    if isinstance(e, SettingError):
+        return f"{e.flag} {e.value}: {e.requirement}"
+    # edgevl's own errors and the usual user mistakes say what is wrong; anything else is a bug to report.
+    expected = (ValueError, OSError, ImportError, RuntimeError, TypeError)
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, expected) else f"{type(e).__name__}: {text} (unexpected: rerun with --debug)"
 
 
 if __name__ == "__main__":

@@ -14,13 +14,15 @@ from typing import Iterator
 
 import numpy as np
 
+from .errors import SettingError
+
 from .sampling import sample_next
 
 STOP_REASONS = ("stop_token", "stop_string", "max_new_tokens", "max_seq")
 
 
-def _invalid(name: str, value, requirement: str) -> ValueError:
-    return ValueError(f"GenerationConfig.{name}={value!r} is invalid: {requirement}")
+def _invalid(name: str, value, requirement: str) -> SettingError:
+    return SettingError("GenerationConfig", name, value, requirement)
 
 
 @dataclass
@@ -62,8 +64,8 @@ class GenerationConfig:
             raise _invalid("top_p", self.top_p, "must be in (0, 1] (1 disables top-p)")
         if not (isinstance(self.repetition_penalty, Real) and self.repetition_penalty > 0):
             raise _invalid("repetition_penalty", self.repetition_penalty, "must be > 0 (1 disables it)")
-        if not (self.seed is None or is_int(self.seed)):
-            raise _invalid("seed", self.seed, "must be an integer or None")
+        if not (self.seed is None or (is_int(self.seed) and self.seed >= 0)):
+            raise _invalid("seed", self.seed, "must be an integer >= 0, or None for fresh entropy")
         if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise _invalid("stop_token_ids", self.stop_token_ids, "must be non-negative integer token ids")
         if not all(isinstance(s, str) and s for s in self.stop_strings):

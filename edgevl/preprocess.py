@@ -93,9 +93,12 @@ def num_tiles(width: int, height: int, config: TilingConfig) -> int:
 
 
 def load_image(image, channel_order: str = "RGB") -> Image.Image:
-    """An RGB PIL image from a path, a PIL image (any mode) or an HxWx3 / HxW uint8 array.
+    """An RGB PIL image from a path, a PIL image or an HxWx3 / HxW uint8 or uint16 array.
 
-    An RGB PIL image is returned as is (never modified); arrays are copied, never mutated.
+    An RGB PIL image is returned as is (never modified); arrays are copied, never mutated. 16-bit images (PNG
+    grayscale, uint16 arrays) keep their high byte, as Pillow's own decoder does for 16-bit RGB PNGs: Pillow's
+    convert("RGB") would clip them at 255 and feed the model a near-white image. 32-bit integer and float images
+    (modes "I", "F") are refused: their range is not known.
     """
     if channel_order not in CHANNEL_ORDERS:
         raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
@@ -112,7 +115,7 @@ def _open_path(path: str) -> Image.Image:
     # The reference reads images as Image.open(path).convert('RGB'): no EXIF rotation, alpha dropped.
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return _to_rgb(im)
     except FileNotFoundError:
         raise ImageError(f"image file not found: {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -123,18 +126,35 @@ def _from_pil(image: Image.Image) -> Image.Image:
     # load() surfaces a lazily opened file's decode errors here rather than inside resize().
     try:
         image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" else _to_rgb(image)
     except (OSError, ValueError) as e:
         raise ImageError(f"cannot read PIL image (mode {image.mode}, size {image.size}) as RGB: {e}") from e
+
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return Image.fromarray(_high_byte(np.asarray(image))).convert("RGB")
+    if image.mode in ("I", "F"):
+        raise ImageError(f"a {'32-bit integer' if image.mode == 'I' else 'floating-point'} image (mode "
+                         f"{image.mode}): its range is unknown; convert it to 8 or 16 bits first")
+    return image.convert("RGB")
+
+
+def _high_byte(array: np.ndarray) -> np.ndarray:
+    return (array.astype(np.uint16) >> 8).astype(np.uint8)
 
 
 def _from_array(array: np.ndarray, channel_order: str) -> Image.Image:
     is_gray = array.ndim == 2
     is_color = array.ndim == 3 and array.shape[2] == 3
-    if array.dtype != np.uint8 or not (is_gray or is_color) or array.size == 0:
-        raise ImageError(
-            f"expected a non-empty HxWx3 or HxW uint8 image array, got shape {array.shape} dtype {array.dtype}"
-        )
+    if array.dtype not in (np.uint8, np.uint16) or not (is_gray or is_color) or array.size == 0:
+        raise ImageError(f"expected a non-empty HxWx3 or HxW uint8 (or uint16) image array, got shape "
+                         f"{array.shape} dtype {array.dtype}")
+    if array.dtype == np.uint16:
+        array = _high_byte(array)
     if is_gray:
         return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
     if channel_order == "BGR":

@@ -14,6 +14,11 @@ internvl_chat/modeling_internvl_chat.py, shipped beside each checkpoint):
 
 Note chat() adds '<image>\\n' only when there is no history; build_query() always does when a
 question has no placeholder but images were given (a follow-up question with a new image needs one).
+
+One deliberate difference: chat() tokenizes the whole query string with special tokens parsed, so a
+question, answer or system message that spells `<|im_start|>` or `<IMG_CONTEXT>` opens a turn or an image
+slot. render_prompt() remembers which text is the template's, and tokenize_prompt() parses special tokens
+only there; see `TextChunk` for what stays markup in a question.
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ import numpy as np
 
 IMAGE_PLACEHOLDER = "<image>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+# InternVL's grounding markup (formats.grounding writes it into questions). Added tokens the model was trained
+# on inside questions; they open no turn and no image, so a question keeps them as tokens.
+GROUNDING_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>")
 
 # conversation.py's default system message for all three templates since the InternVL 2.0 release
 # (commit 0dc48a2), which is what InternVL2-1B/2B/4B's chat() uses (self.system_message =
@@ -140,22 +148,63 @@ def build_query(question: str, num_images: int) -> str:
     return question
 
 
-def render_prompt(template: Template | str, query: str, history=(), system_message: str | None = None) -> str:
+# Whose text a TextChunk is.
+TEMPLATE, QUESTION, USER = "template", "question", "user"
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """A run of a rendered prompt and whose text it is, which decides how it is tokenized:
+
+    - TEMPLATE: the conversation template's own text; its special tokens are parsed.
+    - QUESTION: the query and each question of the history. Special tokens written in it are plain characters,
+      except InternVL's own prompt markup: `<image>` marks an image (chat()'s placeholder, counted against the
+      images given) and GROUNDING_TOKENS stay tokens.
+    - USER: the system message and each answer of the history; special tokens in it are plain characters.
+    """
+
+    text: str
+    kind: str
+
+
+class RenderedPrompt(str):
+    """The prompt text render_prompt() writes, with `chunks` saying whose text each run of it is.
+
+    String operations on it give a plain str, which tokenize_prompt() reads as template text throughout."""
+
+    chunks: tuple[TextChunk, ...]
+
+    def __new__(cls, chunks):
+        chunks = tuple(chunks)
+        prompt = super().__new__(cls, "".join(c.text for c in chunks))
+        prompt.chunks = chunks
+        return prompt
+
+    def __getnewargs__(self):
+        return (self.chunks,)
+
+
+def render_prompt(template: Template | str, query: str, history=(),
+                  system_message: str | None = None) -> RenderedPrompt:
     """InternVL's Conversation.get_prompt() for SeparatorStyle.MPT: the system turn, each (question,
     answer) of `history`, the query, then the assistant role waiting for its answer."""
     if isinstance(template, str):
         template = get_template(template)
     message = template.system_message if system_message is None else system_message
-    text = template.system_template.format(system_message=message) + template.sep
+    before, _, after = template.system_template.partition("{system_message}")
+    chunks = [TextChunk(before, TEMPLATE), TextChunk(message, USER), TextChunk(after + template.sep, TEMPLATE)]
     user, assistant = template.roles
     for question, answer in history:
-        text += _turn(user, question, template.sep) + _turn(assistant, answer, template.sep)
-    return text + _turn(user, query, template.sep) + assistant
+        chunks += _turn(user, question, QUESTION, template.sep) + _turn(assistant, answer, USER, template.sep)
+    chunks += _turn(user, query, QUESTION, template.sep) + [TextChunk(assistant, TEMPLATE)]
+    return RenderedPrompt(c for c in chunks if c.text)
 
 
-def _turn(role: str, message, sep: str) -> str:
+def _turn(role: str, message, kind: str, sep: str) -> list[TextChunk]:
     # get_prompt() tests `if message:`, so an empty message gets the role alone, without a separator.
-    return role + message + sep if message else role
+    if not message:
+        return [TextChunk(role, TEMPLATE)]
+    return [TextChunk(role, TEMPLATE), TextChunk(message, kind), TextChunk(sep, TEMPLATE)]
 
 
 # -- tokens ----------------------------------------------------------------------------------------------
@@ -170,29 +219,74 @@ class ImageChunk:
 
 
 def prompt_chunks(prompt: str, tiles_per_image, tokens_per_tile: int = 256) -> list:
-    """The prompt as text pieces (str) and ImageChunks, in order (llama.cpp mtmd's chunk list)."""
+    """The prompt as text pieces and ImageChunks, in order (llama.cpp mtmd's chunk list). A plain str is cut
+    at every `<image>` into str pieces; a RenderedPrompt into TextChunks, at the `<image>`s of its questions."""
     tiles_per_image = [int(t) for t in tiles_per_image]
-    texts = prompt.split(IMAGE_PLACEHOLDER)
-    if len(texts) - 1 != len(tiles_per_image):
-        raise PromptError(f"the prompt has {len(texts) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but tiles were "
+    pieces = _split_at_placeholders(prompt)
+    placeholders = sum(piece is None for piece in pieces)
+    if placeholders != len(tiles_per_image):
+        raise PromptError(f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but tiles were "
                           f"given for {len(tiles_per_image)} images")
     if tokens_per_tile <= 0 or any(t <= 0 for t in tiles_per_image):
         raise PromptError(f"tiles_per_image={tiles_per_image} and tokens_per_tile={tokens_per_tile} must be positive")
-    chunks = [texts[0]]
-    for index, (tiles, text) in enumerate(zip(tiles_per_image, texts[1:])):
-        chunks += [ImageChunk(index, tiles, tiles * tokens_per_tile), text]
+    images = enumerate(tiles_per_image)
+    chunks = []
+    for piece in pieces:
+        if piece is None:
+            index, tiles = next(images)
+            piece = ImageChunk(index, tiles, tiles * tokens_per_tile)
+        chunks.append(piece)
     return chunks
 
 
-def tokenize_prompt(tokenizer, prompt: str, tiles_per_image, tokens_per_tile: int = 256) -> np.ndarray:
-    """Token ids (int64) of `prompt` with each `<image>` expanded to IMG_START + IMG_CONTEXT x
-    (tokens_per_tile * tiles) + IMG_END; equal to tokenizing the expanded string, without building it.
+def _split_at_placeholders(prompt) -> list:
+    """The prompt's text pieces, with None where an image placeholder stands."""
+    chunks = getattr(prompt, "chunks", None)
+    if chunks is None:
+        return _interleave(prompt.split(IMAGE_PLACEHOLDER))
+    pieces = []
+    for chunk in chunks:
+        if chunk.kind == QUESTION:
+            pieces += _interleave([TextChunk(t, QUESTION) for t in chunk.text.split(IMAGE_PLACEHOLDER)])
+        else:
+            pieces.append(chunk)
+    return pieces
+
+
+def _interleave(texts: list) -> list:
+    pieces = [texts[0]]
+    for text in texts[1:]:
+        pieces += [None, text]
+    return pieces
+
+
+def tokenize_prompt(tokenizer, prompt: str, tiles_per_image, tokens_per_tile: int = 256, *,
+                    allow_special_tokens: bool = False) -> np.ndarray:
+    """Token ids (int64) of `prompt` with each image placeholder expanded to IMG_START + IMG_CONTEXT x
+    (tokens_per_tile * tiles) + IMG_END, without building the expanded string.
+
+    A RenderedPrompt is tokenized by whose text each chunk is (see TextChunk): special tokens come from the
+    template alone, so a user's text can open no turn and no image slot. A plain str, or any prompt with
+    allow_special_tokens=True, is read as chat() reads it, special tokens parsed everywhere. Where the user's
+    text spells no special token, both give the ids of tokenizing the expanded string."""
+    if allow_special_tokens or getattr(prompt, "chunks", None) is None:
+        chunks = prompt_chunks(str(prompt), tiles_per_image, tokens_per_tile)
+        ids = _parsed_ids(tokenizer, chunks)
+    else:
+        chunks = prompt_chunks(prompt, tiles_per_image, tokens_per_tile)
+        ids = _chunk_ids(tokenizer, chunks)
+    _check_image_slots(tokenizer, ids, chunks)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _parsed_ids(tokenizer, chunks: list) -> list[int]:
+    """Ids of str pieces and ImageChunks, special tokens parsed in the text.
 
     Text after an image is tokenized behind IMG_END and that id dropped again, so it starts exactly as
     it does in the full string (a sentencepiece tokenizer adds its "▁" prefix only at the very start)."""
     start, end, context = (tokenizer.token_to_id(t) for t in (IMG_START, IMG_END, IMG_CONTEXT))
     ids = [tokenizer.bos_token_id] if tokenizer.add_bos else []
-    for position, chunk in enumerate(prompt_chunks(prompt, tiles_per_image, tokens_per_tile)):
+    for position, chunk in enumerate(chunks):
         if isinstance(chunk, ImageChunk):
             ids += [start, *([context] * chunk.num_tokens), end]
         elif chunk and position > 0:
@@ -202,4 +296,40 @@ def tokenize_prompt(tokenizer, prompt: str, tiles_per_image, tokens_per_tile: in
             ids += after[after.index(end) + 1:]  # anything before it is a start-of-text prefix
         elif chunk:
             ids += tokenizer.encode(chunk, add_bos=False)
-    return np.asarray(ids, dtype=np.int64)
+    return ids
+
+
+def _chunk_ids(tokenizer, chunks: list) -> list[int]:
+    """Ids of TextChunks and ImageChunks. Every chunk becomes plain text and the token ids its kind allows, and
+    the whole list is tokenized in one go: text runs on across chunk borders as it does in the full string."""
+    start, context, end = _image_token_ids(tokenizer)
+    parts = []
+    for chunk in chunks:
+        if isinstance(chunk, ImageChunk):
+            parts += [start, *([context] * chunk.num_tokens), end]
+        elif chunk.kind == TEMPLATE:
+            parts += tokenizer.split_special(chunk.text)
+        elif chunk.kind == QUESTION:
+            parts += tokenizer.split_special(chunk.text, only=GROUNDING_TOKENS)
+        else:
+            parts.append(chunk.text)
+    return tokenizer.encode_parts(parts)
+
+
+def _image_token_ids(tokenizer) -> list[int]:
+    ids = tokenizer.split_special(IMG_START + IMG_CONTEXT + IMG_END)
+    if len(ids) != 3 or not all(isinstance(i, int) for i in ids):
+        raise PromptError(f"{IMG_START}, {IMG_CONTEXT} and {IMG_END} are not all added tokens of the tokenizer in "
+                          f"{tokenizer.source}; cannot place image tokens")
+    return ids
+
+
+def _check_image_slots(tokenizer, ids: list[int], chunks: list) -> None:
+    # The model's embedding splice fills every IMG_CONTEXT id with image features, so one spelled out in the
+    # text is an image slot without an image.
+    expected = sum(c.num_tokens for c in chunks if isinstance(c, ImageChunk))
+    extra = ids.count(tokenizer.token_to_id(IMG_CONTEXT)) - expected
+    if extra:
+        raise PromptError(f"the prompt's text spells {IMG_CONTEXT} {extra} time(s), and special tokens are parsed "
+                          f"in it, so each would be an image slot without an image: remove {IMG_CONTEXT} from the "
+                          f"text, or leave allow_special_tokens off so that typed special tokens stay text")

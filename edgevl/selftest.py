@@ -4,7 +4,7 @@ For each LLM family a tiny random checkpoint is written (the generator the tests
 runs it (checked against transformers when installed), it is exported, and every backend this machine can run
 is compared with the reference: ONNX Runtime CPU / CUDA at fp32, int8 and int4, TensorRT (fp16, and int8 vision
 with an fp16 decoder), and the CUDA kernels against the CPU preprocessing. What cannot run here is listed with
-`edgevl doctor`'s reason. Exit status 0 only when every check that ran passed.
+`edgevl doctor`'s reason. Exit status 0 only when at least one check ran and every check passed.
 
 JSON output (`--json FILE`, stable; `format_version` changes on any incompatible change):
   {"format_version": 1, "edgevl_version": str, "passed": bool, "seconds": float,
@@ -62,7 +62,7 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return bool(self.checks) and all(c.passed for c in self.checks)  # nothing checked proves nothing
 
     def to_json(self) -> dict:
         return {"format_version": JSON_FORMAT_VERSION, "edgevl_version": __version__, "passed": self.passed,
@@ -222,8 +222,11 @@ def _kernel_checks(report: Report) -> None:
 
 def selftest(backends="auto", keep=None, families=FAMILIES, log=print) -> Report:
     """Run every check this machine can run; see the module docstring for what and the JSON schema."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="edgevl-selftest-") as tmp:
+            return selftest(backends, tmp, families, log)
     start = time.perf_counter()
-    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="edgevl-selftest-"))
+    work = Path(keep)
     run, not_run, has_torch = _available(backends, kept_exports=all(
         (work / family / f"export-{p}" / "manifest.json").is_file() for family in families
         for p in ("fp32", *QUANTIZED)))
@@ -293,7 +296,8 @@ def format_report(report: Report) -> str:
     out += ["not run:"] + [f"  {n['what']}: {n['why']}" for n in report.not_run] if report.not_run else []
     failed = sum(not c.passed for c in report.checks)
     out.append(f"\n{len(report.checks) - failed} passed, {failed} failed, {len(report.not_run)} not run "
-               f"in {report.seconds:.0f} s: " + ("PASS" if report.passed else "FAIL"))
+               f"in {report.seconds:.0f} s: " + ("PASS" if report.passed else "FAIL") +
+               ("" if report.checks else " (no check could run here: see 'not run')"))
     return "\n".join(out)
 
 

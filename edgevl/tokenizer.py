@@ -16,9 +16,14 @@ in this order:
 Added tokens (`added_tokens_decoder` in tokenizer_config.json, then `added_tokens.json`) are matched
 in the text before normal tokenization, with their lstrip/rstrip flags, and may rename pieces
 inside the base vocabulary (InternLM2's `<|im_start|>` is the model's `[UNUSED_TOKEN_146]`).
+
+`encode` matches them anywhere in the text, as the reference does. `split_special` + `encode_parts` take a
+prompt in parts instead, so that only the parts that are meant to carry tokens (a chat template's) do: in a
+text part an added token's string is ordinary characters, tokenized as the pieces it is made of.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -29,6 +34,9 @@ SPIECE_UNDERLINE = "▁"
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
                            r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _FORMATS = "tokenizer.json, tokenizer.model, or vocab.json + merges.txt"
+# What the tokenizers library's lstrip/rstrip take (Rust's char::is_whitespace): str.isspace() without the
+# information separators U+001C-U+001F, which the slow (Python) tokenizers do strip. None is above U+3000.
+_RUST_WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace() and not "\x1c" <= c <= "\x1f")
 
 
 class TokenizerError(ValueError):
@@ -69,7 +77,21 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; added tokens written in it map to their ids. BOS first iff add_bos
         (default: self.add_bos, what the reference does with add_special_tokens=True)."""
-        ids = self._backend.encode(text)
+        return self._with_bos(self._backend.encode(text), add_bos)
+
+    def split_special(self, text: str, only=None) -> list:
+        """`text` as encode() reads it: text pieces (str) and the ids (int) of the added tokens written in it;
+        only=[token strings]: match just those (the ones this tokenizer has), leave the rest text."""
+        return self._backend.matcher.split(text, only)
+
+    def encode_parts(self, parts, add_bos: bool | None = None) -> list[int]:
+        """Token ids of a text given in parts: an int is a token id, put in as is; a str is plain text, an added
+        token's string in it tokenized as ordinary characters. Adjacent strs are tokenized as one text, and the
+        lstrip/rstrip flag of an id's added token takes the whitespace beside it, so split_special(text) gives
+        encode(text) back; with a text part that spells no added token, so does any split of it."""
+        return self._with_bos(self._backend.encode_parts(list(parts)), add_bos)
+
+    def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_token_id is None:
                 raise TokenizerError(f"{self.source}: add_bos requested but the tokenizer has no BOS token")
@@ -180,9 +202,30 @@ class _TokenizersBackend:
         self._tok = tokenizer
         self.kind = kind
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        self.matcher = _AddedTokens(tokenizer.get_added_tokens_decoder(), _RUST_WHITESPACE)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_parts(self, parts: list) -> list[int]:
+        # The library tokenizes the text between two added tokens on its own, so each text run goes through
+        # the same pipeline without added tokens; only a Metaspace "first" prefix depends on where it stands.
+        ids = []
+        for position, part in enumerate(self.matcher.strip(_join_text(parts))):
+            if isinstance(part, int):
+                ids.append(part)
+            elif part:
+                plain = self._plain_at_start if position == 0 else self._plain_after_token
+                ids += plain.encode(part, add_special_tokens=False).ids
+        return ids
+
+    @functools.cached_property
+    def _plain_at_start(self):
+        return _plain_tokenizer(self._tok, self._tok.pre_tokenizer)
+
+    @functools.cached_property
+    def _plain_after_token(self):
+        return _plain_tokenizer(self._tok, _without_first_prefix(self._tok.pre_tokenizer))
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -202,6 +245,42 @@ class _TokenizersBackend:
         plain = self._tok.encode("a", add_special_tokens=False).ids
         full = self._tok.encode("a", add_special_tokens=True).ids
         return full[:1] == [bos] and full[1:len(plain) + 1] == plain
+
+
+def _plain_tokenizer(tok, pre_tokenizer):
+    """`tok`'s normalizer and model behind `pre_tokenizer`, with no added tokens: their strings are text."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    plain = HFTokenizer(tok.model)
+    plain.normalizer = tok.normalizer
+    plain.pre_tokenizer = pre_tokenizer
+    return plain
+
+
+def _without_first_prefix(pre_tokenizer):
+    """The pre-tokenizer with Metaspace prepend_scheme "first" made "never": "first" prefixes "▁" only to the
+    text at offset 0 of the input, and text after an added token is never there."""
+    if pre_tokenizer is None:
+        return None
+    spec = json.loads(pre_tokenizer.__getstate__())
+    changed = _never_prepend(spec)
+    if changed == spec:
+        return pre_tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+
+    holder = {"version": "1.0", "pre_tokenizer": changed, "model": {"type": "WordLevel", "vocab": {}, "unk_token": ""}}
+    return HFTokenizer.from_str(json.dumps(holder)).pre_tokenizer
+
+
+def _never_prepend(spec):
+    if isinstance(spec, list):
+        return [_never_prepend(s) for s in spec]
+    if not isinstance(spec, dict):
+        return spec
+    spec = {k: _never_prepend(v) for k, v in spec.items()}
+    if spec.get("type") == "Metaspace" and spec.get("prepend_scheme") == "first":
+        spec["prepend_scheme"] = "never"
+    return spec
 
 
 def _tokenizers_backend(path: Path, added: dict[int, AddedToken]) -> _TokenizersBackend:
@@ -289,7 +368,7 @@ class _SentencePieceBackend:
         except ImportError:
             raise ImportError(f"{path} is a sentencepiece model; reading it needs the sentencepiece package: "
                               f"pip install sentencepiece") from None
-        model = path.read_bytes()
+        model = self._model = path.read_bytes()
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model)
         except Exception as e:  # RuntimeError / OSError depending on the sentencepiece version
@@ -308,7 +387,7 @@ class _SentencePieceBackend:
         special = {t.content for t in added.values() if t.special}
         special |= {names[r] for r in ("bos_token", "eos_token", "unk_token", "pad_token") if names.get(r)}
         self._special_contents = special | names["additional"]
-        self._split = _added_token_regex(added.values())
+        self.matcher = _AddedTokens(added, whitespace=None)
         self.vocab_size = max([self._sp.get_piece_size(), *(i + 1 for i in added)])
 
     def special_ids(self) -> set[int]:
@@ -330,27 +409,48 @@ class _SentencePieceBackend:
     # encode
 
     def encode(self, text: str) -> list[int]:
-        if not text:
+        if not self.legacy:  # before matching added tokens, as the slow class does
+            text = text.replace(SPIECE_UNDERLINE, " ")
+        return self._encode(self.matcher.split(text), self._sp)
+
+    def encode_parts(self, parts: list) -> list[int]:
+        return self._encode(parts, self._sp_plain)
+
+    def _encode(self, parts: list, sp) -> list[int]:
+        parts = _join_text(parts)
+        if not parts:
             return []
         if not self.legacy:
-            text = text.replace(SPIECE_UNDERLINE, " ")
+            parts = [p.replace(SPIECE_UNDERLINE, " ") if isinstance(p, str) else p for p in parts]
             if self.add_prefix_space:
-                text = SPIECE_UNDERLINE + text
+                parts = _join_text([SPIECE_UNDERLINE, *parts])
         ids = []
-        for part in _split_added(text, self._split, self._added_ids, self.added):
-            ids.extend([part] if isinstance(part, int) else self._encode_text(part))
+        for part in self.matcher.strip(parts):
+            ids.extend([part] if isinstance(part, int) else self._encode_text(part, sp))
         if (not self.legacy and len(ids) > 1 and self.id_to_token(ids[0]) == SPIECE_UNDERLINE
                 and self.id_to_token(ids[1]) in self._special_contents):
             ids = ids[1:]
         return ids
 
-    def _encode_text(self, text: str) -> list[int]:
+    def _encode_text(self, text: str, sp) -> list[int]:
         if not text:
             return []
         if self.legacy or not text.startswith((SPIECE_UNDERLINE, " ")):
-            return self._sp.encode(text)
-        ids = self._sp.encode(self.unk_token + text)
+            return sp.encode(text)
+        ids = sp.encode(self.unk_token + text)
         return ids[self._unk_length:] if len(ids) >= self._unk_length else ids
+
+    @functools.cached_property
+    def _sp_plain(self):
+        """The model with the pieces that added tokens rename made control pieces: sentencepiece matches a
+        user-defined piece wherever its string is written (InternLM2's "[UNUSED_TOKEN_146]" would be
+        <|im_start|>), a control piece never."""
+        import sentencepiece as spm
+
+        model = sp_model_with_control_pieces(self._model, set(self.added))
+        if not self.legacy:
+            model = sp_model_without_dummy_prefix(model)
+        return spm.SentencePieceProcessor(model_proto=model)
 
     # decode
 
@@ -390,28 +490,57 @@ class _SentencePieceBackend:
         return clean_up_tokenization(text) if self.clean_up else text
 
 
-def _added_token_regex(tokens) -> re.Pattern | None:
-    contents = sorted({t.content for t in tokens if t.content}, key=len, reverse=True)
+class _AddedTokens:
+    """A tokenizer's added tokens as its library matches them in text: leftmost-longest (transformers' Trie,
+    tokenizers' aho-corasick), then a token's lstrip/rstrip takes the whitespace on that side of it."""
+
+    def __init__(self, tokens: dict, whitespace: str | None):
+        self.ids = {t.content: i for i, t in tokens.items() if t.content}
+        self._strips = {i: (t.lstrip, t.rstrip) for i, t in tokens.items()}
+        self._whitespace = whitespace  # None: str.isspace()
+        self._pattern = _token_pattern(tuple(self.ids))
+
+    def split(self, text: str, only=None) -> list:
+        """Non-empty text pieces and added-token ids, in order; no stripping yet."""
+        pattern = self._pattern if only is None else _token_pattern(tuple(t for t in only if t in self.ids))
+        if pattern is None:
+            return [text]
+        parts, pos = [], 0
+        for match in pattern.finditer(text):
+            parts += [text[pos:match.start()], self.ids[match.group()]]
+            pos = match.end()
+        parts.append(text[pos:])
+        return [p for p in parts if p != ""]
+
+    def strip(self, parts: list) -> list:
+        parts = list(parts)
+        for i, part in enumerate(parts):
+            if not isinstance(part, int):
+                continue
+            lstrip, rstrip = self._strips.get(part, (False, False))
+            if rstrip and i + 1 < len(parts) and isinstance(parts[i + 1], str):
+                parts[i + 1] = parts[i + 1].lstrip(self._whitespace)
+            if lstrip and i > 0 and isinstance(parts[i - 1], str):
+                parts[i - 1] = parts[i - 1].rstrip(self._whitespace)
+        return parts
+
+
+@functools.lru_cache(maxsize=64)
+def _token_pattern(contents: tuple[str, ...]) -> re.Pattern | None:
+    # Longest first: the regex takes the first alternative that matches at the leftmost position.
+    contents = sorted(set(contents), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, contents))) if contents else None
 
 
-def _split_added(text: str, pattern, ids: dict[str, int], added: dict[int, AddedToken]) -> list:
-    """Text pieces and added-token ids, leftmost-longest like transformers' Trie, with strip flags."""
-    if pattern is None:
-        return [text]
-    parts, pos = [], 0
-    for match in pattern.finditer(text):
-        parts += [text[pos:match.start()], ids[match.group()]]
-        pos = match.end()
-    parts.append(text[pos:])
-    for i, part in enumerate(parts):
-        if isinstance(part, int):
-            token = added[part]
-            if token.rstrip and isinstance(parts[i + 1], str):
-                parts[i + 1] = parts[i + 1].lstrip()
-            if token.lstrip and isinstance(parts[i - 1], str):
-                parts[i - 1] = parts[i - 1].rstrip()
-    return parts
+def _join_text(parts) -> list:
+    """Adjacent text pieces joined into one, empty ones dropped: ids are kept as they are."""
+    joined = []
+    for part in parts:
+        if isinstance(part, str) and joined and isinstance(joined[-1], str):
+            joined[-1] += part
+        elif part != "":
+            joined.append(part)
+    return joined
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -475,6 +604,31 @@ def sp_add_dummy_prefix(model: bytes) -> bool:
                 if sub_field == 3 and sub_wire == 0:
                     flag = bool(sub_value)
     return flag
+
+
+def sp_model_with_control_pieces(model: bytes, ids) -> bytes:
+    """The same model with its USER_DEFINED pieces (type 4) among `ids` made CONTROL pieces (type 3).
+    ModelProto.pieces = 1; SentencePiece.type = 3; a later field wins."""
+    out, index = bytearray(), 0
+    for field, wire, value, start, end in proto_fields(model):
+        if field == 1 and wire == 2:
+            if index in ids and _piece_type(value) == 4:
+                piece = value + b"\x18\x03"
+                out += b"\x0a" + _varint(len(piece)) + piece
+            else:
+                out += model[start:end]
+            index += 1
+        else:
+            out += model[start:end]
+    return bytes(out)
+
+
+def _piece_type(piece: bytes) -> int:
+    kind = 1  # NORMAL, the proto default
+    for field, wire, value, _, _ in proto_fields(piece):
+        if field == 3 and wire == 0:
+            kind = value
+    return kind
 
 
 def sp_model_without_dummy_prefix(model: bytes) -> bytes:

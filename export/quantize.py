@@ -32,15 +32,23 @@ def calibration_tiles(calib_images: Path | None, tiling: TilingConfig,
     """Tiles to calibrate activations on: the user's images, else a generated set of structured synthetic
     images of several sizes and aspect ratios (no data ships with edgevl)."""
     if calib_images is not None:
-        paths = sorted(p for p in Path(calib_images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise ValueError(f"{calib_images}: no images ({', '.join(IMAGE_SUFFIXES)}) to calibrate on")
-        images = paths
+        images = calibration_images(calib_images)
     else:
         sizes = [(448, 448), (800, 600), (600, 900), (1280, 720), (500, 1500)]
         images = [synthetic_image(w, h, seed=100 + i) for i, (w, h) in enumerate(sizes)]
     tiles = np.concatenate([preprocess_image(im, tiling) for im in images])
     return tiles[np.linspace(0, len(tiles) - 1, min(max_tiles, len(tiles))).astype(int)]
+
+
+def calibration_images(calib_images) -> list[Path]:
+    """The image files of a calibration directory; ValueError naming it when there are none."""
+    folder = Path(calib_images)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a directory of calibration images")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) to calibrate on")
+    return paths
 
 
 def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray) -> None:

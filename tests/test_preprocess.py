@@ -157,6 +157,29 @@ def test_grayscale_array_is_replicated_to_rgb():
     assert_matches_oracle(preprocess_image(gray, channel_order="BGR"), want)
 
 
+def test_sixteen_bit_images_keep_their_high_byte(tmp_path):
+    """A 16-bit grayscale PNG is seen as its 8-bit image (Pillow's convert("RGB") would clip it near white), the
+    way Pillow decodes 16-bit RGB PNGs; uint16 arrays likewise, in both channel orders."""
+    gray16 = (random_rgb(600, 400, seed=7)[..., 0].astype(np.uint16) * 257 + 100).astype(np.uint16)
+    path = tmp_path / "gray16.png"
+    Image.fromarray(gray16).save(path)
+    assert Image.open(path).mode == "I;16"
+    want = oracle_pixels(Image.fromarray((gray16 >> 8).astype(np.uint8)).convert("RGB"), TilingConfig())
+    assert_matches_oracle(preprocess_image(path), want)
+    assert_matches_oracle(preprocess_image(Image.open(path)), want)
+    assert_matches_oracle(preprocess_image(gray16), want)
+    rgb16 = random_rgb(600, 400, seed=8).astype(np.uint16) * 257
+    want = oracle_pixels(Image.fromarray(random_rgb(600, 400, seed=8)), TilingConfig())
+    assert_matches_oracle(preprocess_image(rgb16), want)
+    assert_matches_oracle(preprocess_image(np.ascontiguousarray(rgb16[..., ::-1]), channel_order="BGR"), want)
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_images_of_unknown_range_are_refused(mode):
+    with pytest.raises(ImageError, match=f"mode {mode}"):
+        preprocess_image(Image.new(mode, (64, 64)))
+
+
 def test_oracle_normalisation_matches_torch():
     torch = pytest.importorskip("torch")
     values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cpu import configure_session, integer_gemm
+from ..errors import SettingError
 
 _DEVICE_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _TENSOR_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
@@ -67,13 +68,17 @@ class OnnxRuntimeBackend:
         self.vision = ort.InferenceSession(str(export_dir / files["vision"]), options, providers=[provider])
         with _plain_gqa_kernel(device == "cpu"):
             self.decoder = ort.InferenceSession(str(export_dir / files["decoder"]), options, providers=[provider])
+        from ..manifest import check_graph_shapes
+
+        check_graph_shapes(export_dir, manifest, {kind: {t.name: t.shape for t in s.get_inputs() + s.get_outputs()}
+                                                  for kind, s in (("vision", self.vision), ("decoder", self.decoder))})
         # Positions per prefill run (None: the whole prompt in one). GPU prefill is left in one run: not measured.
         self.prefill_chunk = PREFILL_CHUNK_CPU if device == "cpu" else None
         self.embed_table = np.load(export_dir / files["embed_tokens"], mmap_mode="r")
         limits, spec = manifest["limits"], manifest["spec"]["decoder"]
         if max_seq is not None and not 0 < max_seq <= limits["max_seq"]:
-            raise ValueError(f"max_seq={max_seq}: this export was made for at most {limits['max_seq']} "
-                             "positions (re-export with a larger --max-seq)")
+            raise SettingError("", "max_seq", max_seq, f"this export was made for 1..{limits['max_seq']} positions "
+                               "(re-export with a larger --max-seq for more)")
         self.max_seq, self.max_tiles = max_seq or limits["max_seq"], limits["max_tiles"]
         # Tiles per vision run: on CPU one at a time (7 tiles of the InternVL2-1B shape: int8 8.7 s one by one
         # against 10.6 s in one batch, fp32 19.5 against 21.7 s; the batch's activations outgrow the cache).

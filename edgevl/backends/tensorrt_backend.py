@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SettingError
 from ..manifest import ExportError
 
 INSTALL_HINT = ("pip install 'edgevl[gpu]' (TensorRT + cuda-python); on Jetson, TensorRT comes with JetPack "
@@ -304,8 +305,8 @@ class TensorRTBackend:
         self.profiles = section["profiles"]
         limits, spec = section["limits"], manifest["spec"]
         if max_seq is not None and not 1 < max_seq <= limits["max_seq"]:
-            raise ValueError(f"max_seq={max_seq}: these plans were built for at most {limits['max_seq']} positions "
-                             "(rebuild with a larger --max-seq)")
+            raise SettingError("", "max_seq", max_seq, f"these plans were built for 2..{limits['max_seq']} "
+                               "positions (rebuild with a larger --max-seq for more)")
         self.max_seq, self.max_tiles = max_seq or limits["max_seq"], limits["max_tiles"]
         self.embed_table = np.load(export_dir / manifest["graphs"]["embed_tokens"], mmap_mode="r")
         self.hidden_size = spec["decoder"]["hidden_size"]

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
+from ..errors import SettingError
 from ..modeling import LanguageModel, Rope, VisionModel
 
 _TORCH_DTYPES = ("float32", "float16", "bfloat16")
@@ -25,12 +26,18 @@ class TorchBackend:
     def __init__(self, checkpoint: Checkpoint, device: str = "cpu", dtype: str = "float32",
                  max_seq: int | None = None):
         if dtype not in _TORCH_DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {_TORCH_DTYPES}")
+            raise SettingError("", "dtype", dtype, f"expected one of {_TORCH_DTYPES}")
         spec = checkpoint.spec
-        self.device, self.dtype = torch.device(device), getattr(torch, dtype)
+        try:
+            self.device, self.dtype = torch.device(device), getattr(torch, dtype)
+        except RuntimeError as e:
+            raise SettingError("", "device", device, f"not a torch device ({e})") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise SettingError("", "device", device, f"this PyTorch ({torch.__version__}) sees no CUDA GPU (a CPU "
+                               "build, or no driver): use device='cpu'")
         limit = spec.decoder.max_position_embeddings
         if max_seq is not None and not 0 < max_seq <= limit:
-            raise ValueError(f"max_seq={max_seq}: must be between 1 and the model's context ({limit})")
+            raise SettingError("", "max_seq", max_seq, f"must be between 1 and the model's context ({limit})")
         self.max_seq = max_seq or limit
         # Built on the meta device: no random init of weights that are replaced right away.
         with torch.device("meta"):

@@ -59,7 +59,10 @@ def check_frame_budget(num_frames: int, max_seq: int, tokens_per_frame: int = 25
 def read_video_frames(path, num_frames: int) -> list[np.ndarray]:
     """num_frames RGB uint8 frames [H, W, 3] sampled uniformly (sample_frame_indices) with OpenCV.
     Frames are read in order with grab(), not seeked, so the indices are exact for every codec."""
-    import cv2
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError("reading video needs OpenCV: pip install 'edgevl[video]'") from None
 
     from ..preprocess import ImageError
 
