@@ -23,7 +23,6 @@ only there; see `TextChunk` for what stays markup in a question.
 from __future__ import annotations
 
 import ast
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +103,11 @@ def checkpoint_system_message(model_dir, template_name: str) -> str | None:
     """The system message a checkpoint's own chat() uses, read without running its code: config.json's
     `system_message` (newer modeling files prefer it), else the `system_message=` of the template's
     Conversation(...) in the conversation.py shipped beside the weights; None if neither says."""
+    from .specs import read_config
+
     model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    if config_path.is_file():
-        message = json.loads(config_path.read_text(encoding="utf-8")).get("system_message")
+    if (model_dir / "config.json").is_file():
+        message = read_config(model_dir).get("system_message")
         if isinstance(message, str):
             return message
     source = model_dir / "conversation.py"

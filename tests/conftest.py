@@ -36,3 +36,18 @@ def exported(tiny_checkpoint, tmp_path_factory):
         return made[family, precision]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tmp_path_factory):
+    """(family, fmt) -> (Tokenizer, {special token: id}) for every tokenizer format of every family."""
+    from edgevl.testing.tokenizers import FAMILY_FORMATS, write_tokenizer
+    from edgevl.tokenizer import load_tokenizer
+
+    out = {}
+    for family, fmts in FAMILY_FORMATS.items():
+        for fmt in fmts:
+            d = tmp_path_factory.mktemp(f"{family}-{fmt}")
+            ids = write_tokenizer(d, family, fmt)
+            out[family, fmt] = load_tokenizer(d), ids
+    return out

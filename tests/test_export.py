@@ -15,7 +15,6 @@ import pytest
 from edgevl import EdgeVL
 from edgevl.cli import main
 from edgevl.drift import DRIFT_BOUNDS
-from edgevl.export import export_model
 from edgevl.export.trt_ops import trt_incompatibilities
 from edgevl.manifest import ExportError
 from edgevl.preprocess import preprocess_image

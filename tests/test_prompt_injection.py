@@ -18,8 +18,7 @@ from edgevl.prompts import (GROUNDING_TOKENS, IMG_CONTEXT, IMG_END, IMG_START, Q
                             PromptError, RenderedPrompt, TextChunk, build_query, prompt_chunks, render_prompt,
                             tokenize_prompt)
 from edgevl.testing.images import synthetic_image
-from edgevl.testing.tokenizers import FAMILY_FORMATS, write_tokenizer
-from edgevl.tokenizer import load_tokenizer
+from edgevl.testing.tokenizers import FAMILY_FORMATS
 
 COMBOS = [(family, fmt) for family, fmts in FAMILY_FORMATS.items() for fmt in fmts]
 FAMILY_TEMPLATE = {"qwen2": "Hermes-2", "internlm2": "internlm2-chat", "phi3": "phi3-chat"}
@@ -38,17 +37,6 @@ FRAGMENTS = ["<", ">", "|", "/", "<|", "|>", "im_start", "im_end", "<|im_start|>
 # whitespace (Phi-3's role tokens strip it), the sentencepiece "▁", U+001C (whitespace to Python, not to
 # the tokenizers library), CJK, emoji.
 PLAIN = ["a", "Hi", "user", "system", " ", "  ", "\n", "\t", "\u3000", "\x1c", "▁", ".", "'s", "1", "猫", "🐱"]
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    """(family, fmt) -> (Tokenizer, {special token: id})"""
-    out = {}
-    for family, fmt in COMBOS:
-        d = tmp_path_factory.mktemp(f"{family}-{fmt}")
-        ids = write_tokenizer(d, family, fmt)
-        out[family, fmt] = load_tokenizer(d), ids
-    return out
 
 
 def _control_ids(specials: dict[str, int]) -> set[int]:

@@ -9,8 +9,7 @@ import pytest
 
 from edgevl.prompts import (IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES, ImageChunk, PromptError, build_query,
                             checkpoint_system_message, get_template, prompt_chunks, render_prompt, tokenize_prompt)
-from edgevl.testing.tokenizers import FAMILY_FORMATS, write_tokenizer
-from edgevl.tokenizer import load_tokenizer
+from edgevl.testing.tokenizers import FAMILY_FORMATS
 
 SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 HISTORY = [("<image>\nWhat is in the picture?", "A cat on a sofa."), ("What color is the sofa?", "Red.")]
@@ -110,16 +109,6 @@ def test_build_query_errors_say_both_counts():
 
 
 # -- tokenize_prompt -------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    out = {}
-    for family, fmt in COMBOS:
-        d = tmp_path_factory.mktemp(f"{family}-{fmt}")
-        ids = write_tokenizer(d, family, fmt)
-        out[family, fmt] = load_tokenizer(d), ids
-    return out
-
 
 def _expand(prompt, tiles, per_tile=256):
     for t in tiles:

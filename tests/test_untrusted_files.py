@@ -450,3 +450,16 @@ def test_fuzz_manifest_mutations(exported, export_copy, graph_shapes, data):
 
 def test_valid_export_still_loads(exported):
     assert EdgeVL.from_pretrained(exported("qwen2")).backend.max_seq == 4096
+
+
+def test_a_graph_onnx_runtime_cannot_load_names_the_file(exported, tmp_path):
+    """Checksums that match a replaced graph (a manifest rewritten with it) still end in ExportError, not in one
+    of ONNX Runtime's own exception classes."""
+    out = tmp_path / "export"
+    shutil.copytree(exported("qwen2"), out)
+    (out / "vision.onnx").write_bytes(b"\x08\x07 not a protobuf graph")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("files")
+    write_manifest(out, manifest)
+    with pytest.raises(ExportError, match=r"vision\.onnx: ONNX Runtime .* cannot load it"):
+        EdgeVL.from_pretrained(out)

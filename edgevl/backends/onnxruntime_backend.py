@@ -25,6 +25,7 @@ import numpy as np
 
 from ..cpu import configure_session, integer_gemm
 from ..errors import SettingError
+from ..manifest import ExportError, check_graph_shapes
 
 _DEVICE_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _TENSOR_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
@@ -65,11 +66,9 @@ class OnnxRuntimeBackend:
                                    "; use an fp32 export")
             configure_session(options)
         files = manifest["graphs"]
-        self.vision = ort.InferenceSession(str(export_dir / files["vision"]), options, providers=[provider])
+        self.vision = _session(ort, export_dir / files["vision"], options, provider)
         with _plain_gqa_kernel(device == "cpu"):
-            self.decoder = ort.InferenceSession(str(export_dir / files["decoder"]), options, providers=[provider])
-        from ..manifest import check_graph_shapes
-
+            self.decoder = _session(ort, export_dir / files["decoder"], options, provider)
         check_graph_shapes(export_dir, manifest, {kind: {t.name: t.shape for t in s.get_inputs() + s.get_outputs()}
                                                   for kind, s in (("vision", self.vision), ("decoder", self.decoder))})
         # Positions per prefill run (None: the whole prompt in one). GPU prefill is left in one run: not measured.
@@ -182,6 +181,14 @@ class OnnxRuntimeBackend:
             logits, *self._past = binding.get_outputs()
         # A copy: OrtValue.numpy() is a view, and the shared layout writes every step into the same logits buffer.
         return np.array(logits.numpy()[0, -1], dtype=np.float32)
+
+
+def _session(ort, graph: Path, options, provider: str):
+    try:
+        return ort.InferenceSession(str(graph), options, providers=[provider])
+    except Exception as e:  # ONNX Runtime's own classes (InvalidProtobuf, Fail, ...): a graph it cannot load
+        raise ExportError(f"{graph}: ONNX Runtime {ort.__version__} cannot load it ({' '.join(str(e).split())}); "
+                          "re-export it with this edgevl") from None
 
 
 @contextmanager
