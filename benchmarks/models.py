@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# backend name -> (how it runs, export precision or None)
+# backend name -> (how it runs, precision: `edgevl export --precision` for onnxruntime, `edgevl build --precision`
+# for tensorrt, whose plans are built from an fp32 export; None for the checkpoint runtimes)
 BACKENDS = {
     "transformers": ("transformers", None),
     "torch": ("torch", None),
@@ -21,9 +22,8 @@ BACKENDS = {
     "ort-int4": ("onnxruntime", "int4"),
     "trt-fp16": ("tensorrt", "fp16"),
     "trt-int8": ("tensorrt", "int8"),
+    "trt-int4-llm": ("tensorrt", "int4-llm"),
 }
-NOT_AVAILABLE = {"tensorrt": "TensorRT backend not built yet in edgevl (issue 7: rows come with the TensorRT "
-                             "backend); no GPU on this machine"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path.home() / ".cache" / "edgevl-benchmarks"
 EXPORT_RECORD = "bench_export.json"
@@ -38,8 +38,8 @@ class ModelSource:
     hf: Path | None  # None: no -hf copy (a user's --model), the transformers row is not available
     cache: Path
 
-    def export_dir(self, precision: str) -> Path:
-        return self.cache / f"export-{precision}"
+    def export_dir(self, precision: str, runtime: str = "onnxruntime") -> Path:
+        return self.cache / (f"export-{precision}" if runtime == "onnxruntime" else f"plans-{precision}")
 
 
 def shaped_source(shape: str, cache: Path, log=print) -> ModelSource:
@@ -76,11 +76,13 @@ def model_source(model_dir: Path, cache: Path) -> ModelSource:
                        Path(cache) / f"model-{model_dir.resolve().as_posix().strip('/').replace('/', '_')}")
 
 
-def ensure_export(source: ModelSource, precision: str, max_tiles: int, log=print) -> tuple[Path, dict]:
+def ensure_export(source: ModelSource, precision: str, max_tiles: int, log=print,
+                  runtime: str = "onnxruntime") -> tuple[Path, dict]:
     """The export directory for `precision` (made now if missing or made with other limits) and its record:
-    export_s, the seconds `edgevl.export.export_model` took (fp32 re-export and drift included for int8/int4), and
-    peak_rss_bytes of the process that exported (its own process, so the figure is the export's)."""
-    out = source.export_dir(precision)
+    export_s, the seconds `edgevl.export.export_model` took (fp32 re-export and drift included for int8/int4; for
+    runtime "tensorrt" an fp32 export and `edgevl build --precision precision` into it), and peak_rss_bytes of the
+    process that exported (its own process, so the figure is the export's)."""
+    out = source.export_dir(precision, runtime)
     record_path = out / EXPORT_RECORD
     if record_path.is_file() and (out / "manifest.json").is_file():
         record = json.loads(record_path.read_text())
@@ -91,7 +93,7 @@ def ensure_export(source: ModelSource, precision: str, max_tiles: int, log=print
     log(f"[bench] exporting {source.name} at {precision} to {out} ...")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.models", str(source.original), str(out), precision,
-                           str(max_tiles)], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           str(max_tiles), runtime], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("[export]"):
@@ -109,9 +111,16 @@ def _export_main(argv) -> int:
 
     from .worker import peak_rss_bytes
 
-    model_dir, out, precision, max_tiles = Path(argv[0]), Path(argv[1]), argv[2], int(argv[3])
+    model_dir, out, precision, max_tiles, runtime = Path(argv[0]), Path(argv[1]), argv[2], int(argv[3]), argv[4]
+    log = lambda m: print(m, flush=True)  # noqa: E731
     start = time.perf_counter()
-    export_model(model_dir, out, precision=precision, max_tiles=max_tiles, log=lambda m: print(m, flush=True))
+    if runtime == "tensorrt":
+        from edgevl.export.trt import build_engines
+
+        export_model(model_dir, out, precision="fp32", max_tiles=max_tiles, log=log)
+        build_engines(out, precision=precision, log=log)
+    else:
+        export_model(model_dir, out, precision=precision, max_tiles=max_tiles, log=log)
     record = {"export_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(), "max_tiles": max_tiles,
               "source": str(model_dir)}
     # Outside the manifest's file list on purpose: the export stays valid, the record is ours.

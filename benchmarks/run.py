@@ -14,7 +14,7 @@ from pathlib import Path
 from edgevl.doctor import malloc_setting, with_huge_page_malloc
 
 from . import machine
-from .models import BACKENDS, NOT_AVAILABLE, REPO_ROOT, ModelSource, dir_bytes, ensure_export, loaded_bytes, onnx_bytes
+from .models import BACKENDS, REPO_ROOT, ModelSource, dir_bytes, ensure_export, loaded_bytes, onnx_bytes
 from .plan import decode_bytes_per_token, kv_cache_bytes
 
 SCHEMA = "edgevl-benchmark/1"
@@ -49,9 +49,12 @@ def run_benchmarks(source: ModelSource, config: RunConfig, out_dir: Path, comman
     exports = {}
     for backend in config.backends:  # all exports first: none of them overlaps a measurement
         runtime, precision = BACKENDS[backend]
-        if runtime == "onnxruntime":
+        unavailable = _tensorrt_unavailable() if runtime == "tensorrt" else None
+        if unavailable:
+            exports[backend] = unavailable
+        elif runtime in ("onnxruntime", "tensorrt"):
             try:
-                exports[backend] = ensure_export(source, precision, max_tiles, log=log)
+                exports[backend] = ensure_export(source, precision, max_tiles, log=log, runtime=runtime)
             except RuntimeError as e:  # that row says why; the other rows still run
                 log(f"[bench] {backend}: {e}")
                 exports[backend] = str(e).splitlines()[0]
@@ -85,20 +88,19 @@ def _measure(backend: str, source: ModelSource, config: RunConfig, export, raw_d
            "precision": {"vision": precision or "fp32", "decoder": precision or "fp32"},
            "preprocess_gpu_ms": None, "preprocess_gpu_reason": "no GPU tiling backend on this machine (CPU run)",
            "peak_device_bytes": None, "export_s": None, "export_peak_rss_bytes": None, "drift": None}
-    if runtime in NOT_AVAILABLE:
-        return {**row, "reason": NOT_AVAILABLE[runtime]}
     if runtime == "transformers":
         reason = _transformers_missing(source)
         if reason:
             return {**row, "reason": reason}
         model_dir = source.hf
-    elif runtime == "onnxruntime":
+    elif runtime in ("onnxruntime", "tensorrt"):
         if isinstance(export, str):
             return {**row, "reason": export}
         model_dir, record = export
         row["export_s"], row["export_peak_rss_bytes"] = record["export_s"], record.get("peak_rss_bytes")
         manifest = json.loads((model_dir / "manifest.json").read_text())
-        row["precision"], row["drift"] = manifest["precision"], manifest.get("drift_vs_fp32")
+        row["precision"] = manifest.get("tensorrt", {}).get("precision", manifest["precision"])
+        row["drift"] = manifest.get("drift_vs_fp32")
     else:
         model_dir = source.original
     row["model_dir"] = str(model_dir)
@@ -125,6 +127,14 @@ def _measure(backend: str, source: ModelSource, config: RunConfig, export, raw_d
         f"{row['decode_tokens_per_s']['median']:.1f} tok/s, vision 1 tile {row['vision_ms'][str(config.tiles[0])]['median']:.0f} ms "
         f"({row['wall_s']:.0f} s)")
     return row
+
+
+def _tensorrt_unavailable() -> str | None:
+    """Why the TensorRT rows cannot run here (edgevl's own probe: a GPU, and tensorrt importing), or None."""
+    from edgevl.backends.tensorrt_backend import tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason()
+    return f"TensorRT: {reason}" if reason else None
 
 
 def _transformers_missing(source: ModelSource) -> str | None:

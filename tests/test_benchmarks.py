@@ -4,6 +4,7 @@ test), only that every figure was measured, is consistent, and lands in the JSON
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,22 @@ def test_shaped_checkpoint_keeps_the_vocabulary_beyond_the_tokenizer(tmp_path, m
         shaped.write_shaped_checkpoint(tmp_path / "x", "internvl9")
     np.testing.assert_array_equal(models[0].backend.embed_tokens(np.array([3999])),
                                   models[1].backend.embed_tokens(np.array([3999])))
+
+
+def test_tensorrt_rows_build_plans_from_an_fp32_export(monkeypatch, tmp_path):
+    """A trt-* row's model is an fp32 export with `edgevl build --precision` plans in it (on a GPU machine)."""
+    import edgevl.export
+    import edgevl.export.trt
+    from benchmarks import models
+
+    calls = []
+
+    def export(model_dir, out, precision, max_tiles, log):
+        calls.append(("export", precision))
+        Path(out).mkdir(parents=True)
+
+    monkeypatch.setattr(edgevl.export, "export_model", export)
+    monkeypatch.setattr(edgevl.export.trt, "build_engines", lambda out, precision, log: calls.append(("build", precision)))
+    models._export_main([str(tmp_path / "model"), str(tmp_path / "plans"), "int4-llm", "13", "tensorrt"])
+    assert calls == [("export", "fp32"), ("build", "int4-llm")]
+    assert json.loads((tmp_path / "plans" / models.EXPORT_RECORD).read_text())["max_tiles"] == 13
