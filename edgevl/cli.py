@@ -99,6 +99,10 @@ def cmd_export(args) -> None:
 
 
 def cmd_selftest(args) -> int:
+    if args.full:
+        return _full_selftest(args)
+    if args.out:
+        raise ValueError("--out DIR goes with --full; the plain selftest writes JSON with --json FILE")
     from .selftest import format_report, selftest, write_json
 
     backends = "auto" if args.backends == "auto" else [b.strip() for b in args.backends.split(",")]
@@ -107,6 +111,19 @@ def cmd_selftest(args) -> int:
     if args.json:
         write_json(report, args.json)
     return 0 if report.passed else 1
+
+
+def _full_selftest(args) -> int:
+    from .gpu_check import run_check, verdict
+
+    if not args.out:
+        raise ValueError("--full needs --out DIR: report.json and report.md are written there")
+    if args.backends != "auto" or args.keep or args.json or args.families != "qwen2,internlm2,phi3":
+        raise ValueError("--full runs every backend and family and writes DIR/selftest.json: drop --backends, "
+                         "--families, --keep and --json")
+    report = run_check(args.out)
+    print(verdict(report))
+    return 0 if report["passed"] else 1
 
 
 def cmd_build(args) -> None:
@@ -214,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "DIR where PyTorch is missing (a Jetson: copy DIR there) to check the kept int8/int4 exports "
                     "against the kept fp32 one on that CPU")
     st.add_argument("--families", default="qwen2,internlm2,phi3", help="LLM families to check (default: all)")
+    st.add_argument("--full", action="store_true", help="the whole GPU check (DEVICE.md): the GPU tests, this "
+                    "selftest and the GPU benchmark rows, judged pass / fail / not run; exit 0 only if all passed")
+    st.add_argument("--out", metavar="DIR", help="--full: where report.json, report.md and the logs go")
     st.set_defaults(func=cmd_selftest)
 
     bld = sub.add_parser("build", parents=[common], help="compile an export into TensorRT plans for this machine's GPU",

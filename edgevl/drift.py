@@ -37,7 +37,7 @@ DRIFT_BOUNDS = {
     # int4's next-token argmax flips on 1 of the 4 prompts for two of the tiny models (near-tied logits).
     "int4": {"image_embeds_cosine_min": 0.99, "next_token_logits_cosine_min": 0.95,
              "next_token_top1_agreement": 0.5},
-    # TensorRT engines against the fp32 reference (issue 4's gates; fp16 InternViT is the known overflow trap).
+    # TensorRT engines against the fp32 reference (fp16 InternViT is the known overflow trap).
     "trt-fp16": {"image_embeds_cosine_min": 0.999, "next_token_logits_cosine_min": 0.999,
                  "next_token_top1_agreement": 0.75},
     "trt-int8-vision-fp16-llm": {"image_embeds_cosine_min": 0.98, "next_token_logits_cosine_min": 0.999},

@@ -5,8 +5,8 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
   computed by MatMulIntegerToFloat. ONNX Runtime runs that u8 x s8 product on MLAS's integer GEMM (AMX / VNNI):
   measured on the project's 2-core Xeon over the 97 weight matmuls of Qwen2-0.5B, prefill of 662 tokens 0.47 s
   against 2.4 s for MatMulNBits int8 (block 32, accuracy_level 4), and one decode token 22.9 ms against 24.5 ms.
-  Per token, not per tensor (DynamicQuantizeMatMul everywhere decodes ~1 ms a step faster: benchmarks/RESULTS.md,
-  session 4): a prompt's outlier tokens (the "attention sink" rows, 10-1000x the others in down_proj's input on
+  Per token, not per tensor (DynamicQuantizeMatMul everywhere decodes ~1 ms a step faster, benchmarks/RESULTS.md,
+  but costs prefill accuracy): a prompt's outlier tokens (the "attention sink" rows, 10-1000x the others in down_proj's input on
   Qwen2) would otherwise set the scale of every row and flatten them to a few levels. The logits' MatMul only
   ever sees one row, so it is the DynamicQuantizeMatMul.
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
