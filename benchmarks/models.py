@@ -12,17 +12,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# backend name -> (how it runs, precision: `edgevl export --precision` for onnxruntime, `edgevl build --precision`
-# for tensorrt, whose plans are built from an fp32 export; None for the checkpoint runtimes)
+# backend name -> (how it runs, precision, device). precision: `edgevl export --precision` for onnxruntime,
+# `edgevl build --precision` for tensorrt (plans built from an fp32 export), the weights' dtype for torch (None:
+# fp32), None for transformers.
 BACKENDS = {
-    "transformers": ("transformers", None),
-    "torch": ("torch", None),
-    "ort-fp32": ("onnxruntime", "fp32"),
-    "ort-int8": ("onnxruntime", "int8"),
-    "ort-int4": ("onnxruntime", "int4"),
-    "trt-fp16": ("tensorrt", "fp16"),
-    "trt-int8": ("tensorrt", "int8"),
-    "trt-int4-llm": ("tensorrt", "int4-llm"),
+    "transformers": ("transformers", None, "cpu"),
+    "torch": ("torch", None, "cpu"),
+    "ort-fp32": ("onnxruntime", "fp32", "cpu"),
+    "ort-int8": ("onnxruntime", "int8", "cpu"),
+    "ort-int4": ("onnxruntime", "int4", "cpu"),
+    "torch-cuda-fp16": ("torch", "fp16", "cuda"),  # PyTorch eager on the GPU: the baseline GPU users know
+    "ort-cuda-fp16": ("onnxruntime", "fp16", "cuda"),
+    "trt-fp16": ("tensorrt", "fp16", "cuda"),
+    "trt-int8": ("tensorrt", "int8", "cuda"),
+    "trt-int4-llm": ("tensorrt", "int4-llm", "cuda"),
 }
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path.home() / ".cache" / "edgevl-benchmarks"

@@ -52,7 +52,7 @@ def format_table(result: dict) -> str:
     tiles = [str(t) for t in result["config"]["tiles"]]
     head = (["backend", "precision (vision/decoder)", "preprocess ms"] + [f"vision ms, {t} tile{'s' * (t != '1')}"
                                                                          for t in tiles]
-            + ["TTFT ms", "decode tok/s", "peak RSS GiB", "size GiB (loaded / dir)", "export s (peak RSS GiB)",
+            + ["TTFT ms", "decode tok/s", "peak RSS GiB (GPU in use)", "size GiB (loaded / dir)", "export s (peak RSS GiB)",
                "drift vs fp32"])
     lines = _md_header(head, text_columns=2)
     unavailable = []
@@ -64,7 +64,8 @@ def format_table(result: dict) -> str:
             row["backend"], _precision(row), _spread(row.get("preprocess_ms"), 1),
             *[_spread(row.get("vision_ms", {}).get(t)) for t in tiles],
             _spread(row.get("ttft_ms")), _spread(row.get("decode_tokens_per_s"), 1),
-            _num(row.get("peak_rss_bytes") and row["peak_rss_bytes"] / GIB, ".2f"),
+            _num(row.get("peak_rss_bytes") and row["peak_rss_bytes"] / GIB, ".2f")
+            + (f" ({row['peak_device_bytes'] / GIB:.2f})" if row.get("peak_device_bytes") else ""),
             _size(row),
             _export(row), _drift(row)]) + " |")
     c = result["config"]

@@ -48,8 +48,8 @@ def run_benchmarks(source: ModelSource, config: RunConfig, out_dir: Path, comman
     max_tiles = max(13, *config.tiles)
     exports = {}
     for backend in config.backends:  # all exports first: none of them overlaps a measurement
-        runtime, precision = BACKENDS[backend]
-        unavailable = _tensorrt_unavailable() if runtime == "tensorrt" else None
+        runtime, precision, device = BACKENDS[backend]
+        unavailable = _unavailable(runtime, device)
         if unavailable:
             exports[backend] = unavailable
         elif runtime in ("onnxruntime", "tensorrt"):
@@ -83,19 +83,19 @@ def run_benchmarks(source: ModelSource, config: RunConfig, out_dir: Path, comman
 
 
 def _measure(backend: str, source: ModelSource, config: RunConfig, export, raw_dir: Path, log) -> dict:
-    runtime, precision = BACKENDS[backend]
-    row = {"backend": backend, "runtime": runtime, "available": False, "reason": None,
+    runtime, precision, device = BACKENDS[backend]
+    row = {"backend": backend, "runtime": runtime, "device": device, "available": False, "reason": None,
            "precision": {"vision": precision or "fp32", "decoder": precision or "fp32"},
            "preprocess_gpu_ms": None, "preprocess_gpu_reason": "no GPU tiling backend on this machine (CPU run)",
            "peak_device_bytes": None, "export_s": None, "export_peak_rss_bytes": None, "drift": None}
+    if isinstance(export, str):  # not available here, or its export failed: the row says why
+        return {**row, "reason": export}
     if runtime == "transformers":
         reason = _transformers_missing(source)
         if reason:
             return {**row, "reason": reason}
         model_dir = source.hf
     elif runtime in ("onnxruntime", "tensorrt"):
-        if isinstance(export, str):
-            return {**row, "reason": export}
         model_dir, record = export
         row["export_s"], row["export_peak_rss_bytes"] = record["export_s"], record.get("peak_rss_bytes")
         manifest = json.loads((model_dir / "manifest.json").read_text())
@@ -105,7 +105,8 @@ def _measure(backend: str, source: ModelSource, config: RunConfig, export, raw_d
         model_dir = source.original
     row["model_dir"] = str(model_dir)
     row["model_bytes"], row["model_dir_bytes"] = loaded_bytes(model_dir), dir_bytes(model_dir)
-    worker_config = {"runtime": runtime, "model_dir": str(model_dir), "tiles": list(config.tiles),
+    worker_config = {"runtime": runtime, "device": device, "model_dir": str(model_dir), "tiles": list(config.tiles),
+                     "dtype": {"fp16": "float16"}.get(precision, "float32") if runtime == "torch" else "float32",
                      "prompt_tokens": config.prompt_tokens, "new_tokens": config.new_tokens,
                      "repeat": config.repeat, "threads": config.threads}
     config_path, result_path = raw_dir / f"{backend}.config.json", raw_dir / f"{backend}.json"
@@ -129,12 +130,19 @@ def _measure(backend: str, source: ModelSource, config: RunConfig, export, raw_d
     return row
 
 
-def _tensorrt_unavailable() -> str | None:
-    """Why the TensorRT rows cannot run here (edgevl's own probe: a GPU, and tensorrt importing), or None."""
-    from edgevl.backends.tensorrt_backend import tensorrt_unavailable_reason
+def _unavailable(runtime: str, device: str) -> str | None:
+    """Why a row cannot run here, in edgevl's own words (doctor's probes), or None. CPU rows always can."""
+    if device == "cpu":
+        return None
+    if runtime == "tensorrt":
+        from edgevl.backends.tensorrt_backend import tensorrt_unavailable_reason
 
-    reason = tensorrt_unavailable_reason()
-    return f"TensorRT: {reason}" if reason else None
+        reason = tensorrt_unavailable_reason()
+        return f"TensorRT: {reason}" if reason else None
+    from edgevl.doctor import diagnose
+
+    status = {b.name: b for b in diagnose().backends}[runtime]
+    return None if status.available and "CPU and CUDA" in status.reason else f"{runtime} on CUDA: {status.reason}"
 
 
 def _transformers_missing(source: ModelSource) -> str | None:

@@ -73,6 +73,17 @@ def rss_now_bytes() -> int | None:
     return _proc_status_bytes("VmRSS")
 
 
+def device_used_bytes() -> int | None:
+    """GPU 0's memory in use (cudaMemGetInfo: total - free, every process's), or None without cuda-python. A
+    sample, not a peak: the worker takes it after load and after the runs, when the runtimes' pools are grown."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return None
+    err, free, total = cudart.cudaMemGetInfo()
+    return int(total - free) if err == cudart.cudaError_t.cudaSuccess else None
+
+
 def peak_rss_bytes() -> int:
     """This process's high-water RSS. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and
     exec, so a worker would report its parent's peak when that is higher."""
@@ -124,9 +135,11 @@ def run_edgevl(config: dict) -> dict:
     from edgevl.testing.images import synthetic_image
 
     start = time.perf_counter()
-    model = EdgeVL.from_pretrained(config["model_dir"], backend=config["runtime"],
-                                   num_threads=config.get("threads") or None)
+    device = config.get("device", "cpu")
+    model = EdgeVL.from_pretrained(config["model_dir"], backend=config["runtime"], device=device,
+                                   dtype=config.get("dtype", "float32"), num_threads=config.get("threads") or None)
     result = {"load_s": time.perf_counter() - start, "rss_after_load_bytes": rss_now_bytes()}
+    device_samples = [device_used_bytes()] if device != "cpu" else []
     repeat, frame = config["repeat"], synthetic_image(*FRAME, seed=1)
     result["preprocess_tiles"] = len(preprocess_image(frame, model.spec.tiling))
     result["preprocess_ms"] = _timed(lambda: preprocess_image(frame, model.spec.tiling), max(repeat, 5))
@@ -139,6 +152,9 @@ def run_edgevl(config: dict) -> dict:
         model.generate(question, image, max_new_tokens=2)
     runs = [model.generate(question, image, max_new_tokens=config["new_tokens"]) for _ in range(repeat)]
     result.update(_generation_figures(runs, cold, model.tokenizer, question))
+    if device_samples:  # after load, then after the largest vision batch and the generations have run
+        device_samples.append(device_used_bytes())
+        result["peak_device_bytes"] = max(device_samples, key=lambda v: v or 0)
     if config["runtime"] == "onnxruntime":
         options = model.backend.decoder.get_session_options()
         result["threads"] = {"onnxruntime_intra_op": options.intra_op_num_threads,

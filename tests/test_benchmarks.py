@@ -13,7 +13,7 @@ from benchmarks.__main__ import main
 from benchmarks.plan import DEVICES, decode_bytes_per_token, kv_cache_bytes, parameter_counts, plan
 from edgevl.specs import KNOWN_SPECS
 
-BACKENDS = "transformers,torch,ort-fp32,ort-int8,trt-fp16"
+BACKENDS = "transformers,torch,ort-fp32,ort-int8,trt-fp16,ort-cuda-fp16,torch-cuda-fp16"
 MEASURED = ["preprocess_ms", "ttft_ms", "decode_tokens_per_s"]
 ROW_FIELDS = ["backend", "runtime", "precision", "available", "model_bytes", "model_dir_bytes", "export_s",
               "export_peak_rss_bytes", "drift", "load_s",
@@ -81,6 +81,8 @@ def test_quick_run_measures_every_backend(quick_run):
     assert rows["ort-int8"]["roofline"]["weights_bytes_per_token"] < rows["ort-fp32"]["roofline"][
         "weights_bytes_per_token"]
     assert not rows["trt-fp16"]["available"] and "TensorRT" in rows["trt-fp16"]["reason"]
+    for name in ("ort-cuda-fp16", "torch-cuda-fp16"):  # they run where a GPU is; elsewhere they say why not
+        assert rows[name]["available"] or " on CUDA: " in rows[name]["reason"], rows[name]["reason"]
     assert result["bandwidth"]["read_bytes_per_s"] > 1e8
     assert result["machine"]["cpus"] >= 1 and result["machine"]["versions"]["onnxruntime"]
     assert "loadavg_1_5_15" in result["background"]["before"]
