@@ -6,6 +6,7 @@ Items run in turn; each is judged "pass", "fail" or "not run":
   selftest cpu    edgevl.selftest over every backend: its PyTorch and ONNX Runtime CPU checks
   selftest gpu    the same run's ONNX Runtime CUDA, TensorRT and CUDA kernel checks
   gpu benchmarks  `python -m benchmarks run --quick` over the benchmark rows that run on a GPU
+  gpu tiling      kernels/bench_preprocess.py: the CUDA tiling kernels against Pillow / OpenCV on CPU, 1080p to 4K
 The GPU items run even where there is no GPU (their tests skip, their rows say why), so that a failure in what
 does run still shows; there they are "not run" with `edgevl doctor`'s reason unless something failed. Exit
 status 0 only when every item passed: a machine without a GPU never passes this check.
@@ -215,11 +216,29 @@ def judge_gpu_benchmarks(r: dict) -> tuple[str, str, dict]:
     return "pass", "", r
 
 
+def run_tiling_benchmark(out: Path, log) -> dict:
+    from .kernels import bench_preprocess
+
+    path = out / "tiling.json"
+    code = bench_preprocess.main(["--repeats", "10", "--json", str(path)])
+    return {"exit_code": code, **(json.loads(path.read_text()) if path.is_file() else {})}
+
+
+def judge_tiling_benchmark(r: dict) -> tuple[str, str, dict]:
+    if r["exit_code"] != 0:
+        return "fail", f"kernels/bench_preprocess.py exited {r['exit_code']}", r
+    missing = {name: why for name, why in (r.get("missing") or {}).items() if name.startswith("edgevl-gpu")}
+    if missing:
+        return "not run", "; ".join(f"{name}: {why}" for name, why in missing.items()), r
+    return "pass", "", r
+
+
 ITEMS = (
     Item("gpu tests", True, run_gpu_tests, judge_gpu_tests),
     Item("selftest cpu", False, run_selftest, judge_selftest_cpu),
     Item("selftest gpu", True, run_selftest, judge_selftest_gpu),
     Item("gpu benchmarks", True, run_gpu_benchmarks, judge_gpu_benchmarks),
+    Item("gpu tiling", True, run_tiling_benchmark, judge_tiling_benchmark),
 )
 
 

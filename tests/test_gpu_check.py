@@ -17,7 +17,7 @@ from edgevl.selftest import Check, Report
 ITEM_FIELDS = {"name", "gpu", "status", "reason", "seconds", "details"}
 REPORT_FIELDS = {"schema", "edgevl_version", "passed", "gpu_ran", "gpu_problem", "started", "seconds", "doctor",
                  "items"}
-GPU_ITEMS = {"gpu tests", "selftest gpu", "gpu benchmarks"}
+GPU_ITEMS = {"gpu tests", "selftest gpu", "gpu benchmarks", "gpu tiling"}
 
 
 def _full(out) -> tuple[int, list[str], dict]:
@@ -54,7 +54,7 @@ def test_without_gpu_exits_nonzero_and_says_the_gpu_part_did_not_run(without_gpu
     _, problem, code, lines, report = without_gpu
     assert code != 0 and report["passed"] is False and report["gpu_ran"] is False
     assert lines[-1].startswith("NOT A PASS: the GPU part did not run") and problem in lines[-1]
-    assert any(line.startswith("[gpu-check] 1/4 gpu tests") for line in lines)  # progress lines
+    assert any(line.startswith("[gpu-check] 1/5 gpu tests") for line in lines)  # progress lines
 
 
 def test_without_gpu_every_gpu_item_is_not_run_with_doctors_reason(without_gpu):
@@ -115,10 +115,17 @@ def _bench_result(available: bool = True) -> dict:
     return {"requested": ["trt-fp16"], "exit_code": 0, "rows": [row], "log": "benchmarks.log"}
 
 
+def _tiling_result(gpu_rows: bool = True) -> dict:
+    missing = {} if gpu_rows else {"edgevl-gpu": "no CUDA device"}
+    return {"exit_code": 0, "rows": [{"workload": "1920x1080", "method": "edgevl-gpu", "median_ms": 1.2}],
+            "missing": missing}
+
+
 def _fake_items(calls: list, **results) -> tuple:
     fakes = {gpu_check.run_gpu_tests: results.get("tests", _tests_result()),
              gpu_check.run_selftest: results.get("selftest", _selftest_result()),
-             gpu_check.run_gpu_benchmarks: results.get("bench", _bench_result())}
+             gpu_check.run_gpu_benchmarks: results.get("bench", _bench_result()),
+             gpu_check.run_tiling_benchmark: results.get("tiling", _tiling_result())}
     runs = {real: (lambda out, log, r=r, name=real.__name__: calls.append(name) or r) for real, r in fakes.items()}
     return tuple(replace(item, run=runs[item.run]) for item in gpu_check.ITEMS)
 
@@ -128,6 +135,7 @@ def _fake_items(calls: list, **results) -> tuple:
     ("a TensorRT check fails", {"selftest": _selftest_result(trt_passes=False)}, {"selftest gpu": "fail"}),
     ("a GPU test fails", {"tests": _tests_result(failed=1)}, {"gpu tests": "fail"}),
     ("a GPU benchmark row is missing", {"bench": _bench_result(available=False)}, {"gpu benchmarks": "not run"}),
+    ("the GPU tiling rows are missing", {"tiling": _tiling_result(gpu_rows=False)}, {"gpu tiling": "not run"}),
 ])
 def test_gpu_path_against_fakes(monkeypatch, tmp_path, case, results, expected):
     calls = []
@@ -135,7 +143,8 @@ def test_gpu_path_against_fakes(monkeypatch, tmp_path, case, results, expected):
     monkeypatch.setattr(gpu_check, "ITEMS", _fake_items(calls, **results))
     code, lines, report = _full(tmp_path)
     _assert_schema(report)
-    assert sorted(calls) == ["run_gpu_benchmarks", "run_gpu_tests", "run_selftest"]  # one selftest, two items
+    assert sorted(calls) == ["run_gpu_benchmarks", "run_gpu_tests", "run_selftest",
+                             "run_tiling_benchmark"]  # one selftest, two items
     statuses = {i["name"]: i["status"] for i in report["items"]}
     assert statuses == {name: expected.get(name, "pass") for name in statuses}, case
     md = (tmp_path / "report.md").read_text()
@@ -169,7 +178,7 @@ def test_an_item_that_raises_fails_and_the_rest_still_run(monkeypatch, tmp_path)
     monkeypatch.setattr(gpu_check, "ITEMS", (replace(items[0], run=broken), *items[1:]))
     code, _, report = _full(tmp_path)
     assert code == 1
-    assert [i["status"] for i in report["items"]] == ["fail", "pass", "pass", "pass"]
+    assert [i["status"] for i in report["items"]] == ["fail", "pass", "pass", "pass", "pass"]
     assert report["items"][0]["reason"] == "RuntimeError: cudaErrorIllegalAddress"
 
 
