@@ -106,7 +106,7 @@ def prompt_text(tokenizer, text_tokens: int) -> str:
 
 def tile_stack(tiling, tiles: int) -> np.ndarray:
     from edgevl.preprocess import preprocess_image
-    from edgevl.testing.images import synthetic_image
+    from edgevl.synthetic import synthetic_image
 
     pixel_values = preprocess_image(synthetic_image(*FRAME, seed=1), tiling)
     return np.resize(pixel_values, (tiles,) + pixel_values.shape[1:])  # repeats tiles when more are asked for
@@ -132,7 +132,7 @@ def thread_info() -> dict:
 def run_edgevl(config: dict) -> dict:
     from edgevl import EdgeVL
     from edgevl.preprocess import preprocess_image
-    from edgevl.testing.images import synthetic_image
+    from edgevl.synthetic import synthetic_image
 
     start = time.perf_counter()
     device = config.get("device", "cpu")
@@ -204,7 +204,7 @@ def run_transformers(config: dict) -> dict:
     from edgevl.preprocess import preprocess_image
     from edgevl.prompts import build_query, checkpoint_system_message, get_template, render_prompt, tokenize_prompt
     from edgevl.specs import read_config, spec_from_config
-    from edgevl.testing.images import synthetic_image
+    from edgevl.synthetic import synthetic_image
     from edgevl.tokenizer import load_tokenizer
 
     model_dir = Path(config["model_dir"])

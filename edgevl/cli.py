@@ -149,7 +149,7 @@ def cmd_doctor(args) -> None:
 def cmd_demo(args) -> None:
     from . import EdgeVL
     from .testing.checkpoints import write_tiny_checkpoint
-    from .testing.images import write_demo_image
+    from .synthetic import write_demo_image
 
     with _work_dir(args.keep, "edgevl-demo-") as work:
         print(f"edgevl demo: TINY RANDOM-WEIGHT {args.family} InternVL checkpoint (not a trained model: the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .preprocess import preprocess_image
-from .testing.images import synthetic_image
+from .synthetic import synthetic_image
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -128,7 +128,7 @@ def _reference_checks(report: Report, family: str, reference, hf_dir: Path) -> N
                                "why": "transformers is not installed (pip install 'edgevl[dev]')"})
         return
     from .preprocess import preprocess_image
-    from .testing.images import synthetic_image
+    from .synthetic import synthetic_image
 
     started = time.perf_counter()
     transformers.logging.set_verbosity_error()
@@ -144,7 +144,7 @@ def _reference_checks(report: Report, family: str, reference, hf_dir: Path) -> N
 
 def _fp32_backend_checks(report: Report, family: str, backend: str, reference, candidate) -> None:
     from .preprocess import preprocess_image
-    from .testing.images import synthetic_image
+    from .synthetic import synthetic_image
 
     started = time.perf_counter()
     image = synthetic_image(900, 500)
@@ -187,7 +187,7 @@ def _tensorrt_checks(report: Report, family: str, fp32_dir: Path, work: Path, re
 def _kernel_checks(report: Report) -> None:
     from .kernels.launch import CudaKernels
     from .preprocess import IMAGENET_STD, TilingConfig, preprocess_image
-    from .testing.images import synthetic_image
+    from .synthetic import synthetic_image
 
     kernels = CudaKernels()
     step = np.asarray(IMAGENET_STD, np.float32)[None, :, None, None] / 255  # one uint8 step, normalised

@@ -12,7 +12,7 @@ from pathlib import Path
 from edgevl import EdgeVL
 from edgevl.formats.driving import CAMERA_ORDER, parse_object_tags, tags_to_normalized, tags_to_pixels
 from edgevl.testing.examples import model_dir_or_tiny, parse_example_args
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 from edgevl import EdgeVL
 from edgevl.formats.grounding import detection_prompt, draw_boxes, parse_boxes, region_prompt
 from edgevl.testing.examples import model_dir_or_tiny, parse_example_args
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 
 
 def main(argv=None) -> int:

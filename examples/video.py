@@ -11,7 +11,7 @@ from pathlib import Path
 from edgevl import EdgeVL
 from edgevl.formats.video import max_frames_that_fit
 from edgevl.testing.examples import model_dir_or_tiny, parse_example_args
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 
 
 def write_synthetic_clip(path: Path, num_frames: int = 24) -> Path:

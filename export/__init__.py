@@ -1,4 +1,5 @@
-"""ONNX export (and, later, TensorRT engine building) of edgevl models. Needs the `export` extra (torch, onnx)."""
+"""ONNX export of edgevl models, and TensorRT engine building from it (`export/trt/`). Needs the `export` extra
+(torch, onnx, onnxscript); building also needs tensorrt and a GPU."""
 from .exporter import PRECISIONS, export_model, quantize_export
 
 __all__ = ["PRECISIONS", "export_model", "quantize_export"]

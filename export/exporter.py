@@ -1,4 +1,5 @@
-"""`edgevl export`: a checkpoint directory -> an exported directory that ONNX Runtime (and later TensorRT) runs.
+"""`edgevl export`: a checkpoint directory -> an exported directory that ONNX Runtime runs and `edgevl build`
+compiles into TensorRT plans.
 
 OUT/
   vision.onnx        pixel_values [tiles, 3, 448, 448] -> image_embeds [tiles, 256, H]

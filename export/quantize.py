@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevl.preprocess import TilingConfig, preprocess_image
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 
 from .graphs import EXTERNAL_DATA_BYTES
 

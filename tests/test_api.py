@@ -9,7 +9,7 @@ from edgevl import EdgeVL
 from edgevl.cli import main
 from edgevl.preprocess import ImageError
 from edgevl.prompts import PromptError
-from edgevl.testing.images import synthetic_image, write_demo_image
+from edgevl.synthetic import synthetic_image, write_demo_image
 
 
 @pytest.fixture(scope="module")

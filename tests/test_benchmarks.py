@@ -156,7 +156,7 @@ def test_shaped_checkpoint_keeps_the_vocabulary_beyond_the_tokenizer(tmp_path, m
     from edgevl import EdgeVL
     from edgevl.testing import shaped
     from edgevl.testing.checkpoints import tiny_spec
-    from edgevl.testing.images import synthetic_image
+    from edgevl.synthetic import synthetic_image
 
     spec = tiny_spec("qwen2", vocab_size=4000)
     monkeypatch.setitem(KNOWN_SPECS, "tiny-test", replace(spec, template="Hermes-2"))

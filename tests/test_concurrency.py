@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgevl import EdgeVL
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 
 PROMPTS = ["Describe the image.", "What colours are there?", "Count the shapes.", "Is there text?"]
 NEW_TOKENS = 12

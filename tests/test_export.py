@@ -18,7 +18,7 @@ from edgevl.drift import DRIFT_BOUNDS
 from edgevl.export.trt_ops import trt_incompatibilities
 from edgevl.manifest import ExportError
 from edgevl.preprocess import preprocess_image
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 
 FAMILIES = ["qwen2", "internlm2", "phi3"]
 EMBED_ATOL = 1e-4  # fp32 ONNX Runtime vs fp32 PyTorch: measured max diffs ~1e-6

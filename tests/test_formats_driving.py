@@ -8,7 +8,7 @@ from PIL import Image
 from edgevl import EdgeVL
 from edgevl.formats.driving import (CAMERA_ORDER, assemble_views, assembled_to_view, format_object_tag,
                                     parse_object_tags, tags_to_normalized, tags_to_pixels, view_to_assembled)
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 
 
 def _views(size=(1600, 900)):

@@ -8,7 +8,7 @@ from edgevl import EdgeVL
 from edgevl.cli import main
 from edgevl.formats.grounding import (Box, detection_prompt, draw_boxes, parse_boxes, region_prompt,
                                       to_normalized_box, to_pixel_box)
-from edgevl.testing.images import synthetic_image, write_demo_image
+from edgevl.synthetic import synthetic_image, write_demo_image
 
 
 def test_one_and_many_boxes_with_labels_in_pixels():

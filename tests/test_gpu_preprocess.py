@@ -14,7 +14,7 @@ from edgevl.gpu_preprocess import (DevicePreprocessor, HostPreprocessor, Preproc
                                    resolve_preprocess)
 from edgevl.kernels.host_build import HostDevice, build_host_library, find_host_compiler
 from edgevl.preprocess import TilingConfig, preprocess_image
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 
 TWELVE = TilingConfig(max_tiles=12)
 

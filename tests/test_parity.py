@@ -11,7 +11,7 @@ import torch
 from edgevl import EdgeVL
 from edgevl.preprocess import preprocess_image
 from edgevl.prompts import IMG_CONTEXT, build_query, render_prompt, tokenize_prompt
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 
 transformers = pytest.importorskip("transformers")
 

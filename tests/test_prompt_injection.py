@@ -17,7 +17,7 @@ from edgevl.formats.grounding import detection_prompt
 from edgevl.prompts import (GROUNDING_TOKENS, IMG_CONTEXT, IMG_END, IMG_START, QUESTION, TEMPLATE, USER, ImageChunk,
                             PromptError, RenderedPrompt, TextChunk, build_query, prompt_chunks, render_prompt,
                             tokenize_prompt)
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 from edgevl.testing.tokenizers import FAMILY_FORMATS
 
 COMBOS = [(family, fmt) for family, fmts in FAMILY_FORMATS.items() for fmt in fmts]

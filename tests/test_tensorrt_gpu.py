@@ -12,7 +12,7 @@ from edgevl.backends.tensorrt_backend import PlanMismatchError, tensorrt_unavail
 from edgevl.export import export_model
 from edgevl.export.trt import build_engines
 from edgevl.preprocess import preprocess_image
-from edgevl.testing.images import synthetic_image
+from edgevl.synthetic import synthetic_image
 
 REASON = tensorrt_unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"TensorRT needs an NVIDIA GPU and tensorrt: {REASON}")

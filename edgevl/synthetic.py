@@ -1,5 +1,6 @@
-"""Synthetic test images: deterministic, with structure (gradients, shapes, text-like stripes) so resizing
-and tiling errors show up, unlike flat or pure-noise images."""
+"""Synthetic images: deterministic, with structure (gradients, shapes, text-like stripes) so resizing and tiling
+errors show up, unlike flat or pure-noise images. The product uses them where no user images are given: int8
+calibration, drift measurement, the demo and the benchmarks; the tests use them throughout."""
 from __future__ import annotations
 
 from pathlib import Path
