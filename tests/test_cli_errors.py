@@ -78,7 +78,7 @@ def test_demo_and_selftest_remove_their_temporary_directories(capsys, tmp_path, 
     from edgevl.selftest import selftest
 
     selftest(["kernels"], families=["qwen2"], log=lambda _: None)  # makes its work directory all the same
-    assert list(tmp_path.iterdir()) == []
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("edgevl-")]  # (torch caches its own here)
 
 
 def test_a_selftest_that_ran_nothing_fails(capsys, monkeypatch):
