@@ -96,8 +96,8 @@ def ensure_export(source: ModelSource, precision: str, max_tiles: int, log=print
     log(f"[bench] exporting {source.name} at {precision} to {out} ...")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.models", str(source.original), str(out), precision,
-                           str(max_tiles), runtime], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                           str(max_tiles), runtime], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("[export]"):
             log(line)

@@ -52,8 +52,8 @@ def format_table(result: dict) -> str:
     tiles = [str(t) for t in result["config"]["tiles"]]
     head = (["backend", "precision (vision/decoder)", "preprocess ms"] + [f"vision ms, {t} tile{'s' * (t != '1')}"
                                                                          for t in tiles]
-            + ["TTFT ms", "decode tok/s", "peak RSS GiB (GPU in use)", "size GiB (loaded / dir)", "export s (peak RSS GiB)",
-               "drift vs fp32"])
+            + ["TTFT ms", "decode tok/s", "peak RSS GiB (GPU in use)", "size GiB (loaded / dir)",
+               "export s (peak RSS GiB)", "drift vs fp32"])
     lines = _md_header(head, text_columns=2)
     unavailable = []
     for row in result["rows"]:

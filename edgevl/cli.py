@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images to calibrate int8 vision on (default: generated synthetic images)")
     exp.set_defaults(func=cmd_export)
 
-    st = sub.add_parser("selftest", parents=[common], help="check every backend and kernel this machine can run against the "
-                        "reference (run this first on a new device)",
+    st = sub.add_parser("selftest", parents=[common], help="check every backend and kernel this machine can run "
+                        "against the reference (run this first on a new device)",
                         description="Writes tiny random checkpoints for each LLM family, exports them and compares "
                         "every backend this machine can run (PyTorch, ONNX Runtime CPU/CUDA at fp32/int8/int4, "
                         "TensorRT, CUDA kernels) with the reference. Exit status 0 only if at least one check ran "
@@ -260,13 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images to calibrate int8 vision on when the export's vision is fp32 (default: generated)")
     bld.set_defaults(func=cmd_build)
 
-    doc = sub.add_parser("doctor", parents=[common], help="show what this machine can run (GPU, CUDA, TensorRT, ONNX Runtime)",
+    doc = sub.add_parser("doctor", parents=[common],
+                         help="show what this machine can run (GPU, CUDA, TensorRT, ONNX Runtime)",
                          description="Print GPU, compute capability, CUDA driver, cuda-python, NVRTC, TensorRT, "
                          "ONNX Runtime providers, and why each backend is or is not available.")
     doc.add_argument("--json", action="store_true", help="print the report as JSON")
     doc.set_defaults(func=cmd_doctor)
 
-    demo = sub.add_parser("demo", parents=[common], help="run the whole pipeline on a built-in tiny RANDOM-weight model",
+    demo = sub.add_parser("demo", parents=[common],
+                          help="run the whole pipeline on a built-in tiny RANDOM-weight model",
                           description="Write a tiny random-weight InternVL checkpoint and a synthetic image, then "
                           "run tiling -> vision -> prompt -> decode and print text and timings. The weights are "
                           "random: the text is meaningless; the point is that every stage runs.")
