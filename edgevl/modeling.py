@@ -123,7 +123,12 @@ class Rope(nn.Module):
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
         if self.inv_freq_long is not None:
-            # LongRoPE picks one factor set per call from the furthest position, as the reference does.
+            # LongRoPE as transformers 5 computes it (modeling_rope_utils: dynamic_rope_update's
+            # longrope_frequency_update, and Phi3RotaryEmbedding.forward): seq_len = max(position_ids) + 1, the long
+            # factors for every position of the call when seq_len > original_max_position_embeddings, else the
+            # short ones; cos and sin times attention_factor. Keys already cached keep the rotation they were
+            # computed with: InternVLForConditionalGeneration's generate extends the cache across the switch (only
+            # Phi3ForCausalLM's own prepare_inputs_for_generation recomputes it there).
             inv_freq = torch.where(position_ids.max() + 1 > self.original_max, self.inv_freq_long, inv_freq)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)

@@ -12,7 +12,8 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
   SimplifiedLayerNormalization node; ONNX Runtime's own fusion matches only the Div form.
 - `fuse_attention`: each layer's attention as one GroupQueryAttention node (RoPE inside), whose past and present
-  can be one buffer written in place (the manifest's "shared" KV layout): no per-step copy of the cache.
+  can be one buffer written in place (the manifest's "shared" KV layout): no per-step copy of the cache. Phi-3's
+  LongRoPE included: the step's cos/sin tables are chosen in the graph, from its positions.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from onnx import helper, numpy_helper
 
 MIN_WEIGHT_ELEMENTS = 1 << 12  # smaller MatMul weights (none in a real model) stay fp32
 _ZERO_POINT = 128  # symmetric per-token scale, shifted into uint8: MLAS's fast GEMM is u8 x s8
-ROPE_INV_FREQ = "lm.rope.inv_freq"  # the decoder's RoPE buffer, as export/graphs.py's wrapper names it
+# The decoder's RoPE buffers (modeling.Rope), as export/graphs.py's wrapper names them: the frequencies (LongRoPE's
+# short ones) and LongRoPE's long ones.
+ROPE_INV_FREQ, ROPE_INV_FREQ_LONG = "lm.rope.inv_freq", "lm.rope.inv_freq_long"
 
 
 def _initializers(graph) -> dict:
@@ -140,18 +143,17 @@ def fuse_rms_norm(model: onnx.ModelProto) -> int:
 def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> int:
     """Each layer's attention (the split of the packed QKV projection, RoPE, Concat onto the cache, Q x K^T,
     scale, causal mask, softmax, x V and the head merge) becomes one com.microsoft GroupQueryAttention node
-    reading the packed QKV with RoPE inside it (cos/sin tables up to max_seq). The KV contract is unchanged:
-    past [1, kv, P, d] in, present [1, kv, P + S, d] out. LongRoPE (Phi-3) picks its factors from the sequence
-    length, which GQA's fixed tables cannot, so those graphs keep the exported attention. The softmax scale moves
-    into the query columns of the QKV projection where it can (_fold_query_scale): ONNX Runtime's CPU kernel
-    passes the scale as Q x K^T's GEMM alpha, and MLAS takes its one-row kernel only for alpha 1 (without it the
-    24 layers' decode attention at 700 tokens costs ~0.5 ms more per step on the 2-core Xeon). In place;
-    returns how many layers were fused."""
-    if decoder_spec.get("long_rope"):
-        return 0
+    reading the packed QKV with RoPE inside it: GQA rotates the step's rows at positions it derives from
+    seqlens_k (_sequence_lengths), looked up in cos/sin tables of max_seq rows (_rotary_tables; LongRoPE's chosen
+    per step). The KV contract is unchanged: past [1, kv, P, d] in, present [1, kv, P + S, d] out. The softmax
+    scale moves into the query columns of the QKV projection where it can (_fold_query_scale): ONNX Runtime's CPU
+    kernel passes the scale as Q x K^T's GEMM alpha, and MLAS takes its one-row kernel only for alpha 1 (without it
+    the 24 layers' decode attention at 700 tokens costs ~0.5 ms more per step on the 2-core Xeon). In place;
+    returns how many layers were fused (0 where the graph is not the exported shape)."""
     graph = model.graph
     inits, consumers = _initializers(graph), _consumers(graph)
-    if ROPE_INV_FREQ not in inits:
+    long_rope = decoder_spec.get("long_rope")
+    if ROPE_INV_FREQ not in inits or (long_rope and ROPE_INV_FREQ_LONG not in inits):
         return 0
     producer = {out: n for n in graph.node for out in n.output}
     fused, remove, replace = 0, set(), {}
@@ -176,11 +178,8 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> 
         fused += 1
     if not fused:
         return 0
-    # The exported graph's own RoPE frequencies, so the tables are the model's whatever its RoPE variant.
-    angles = np.arange(max_seq, dtype=np.float64)[:, None] * numpy_helper.to_array(inits[ROPE_INV_FREQ])
-    graph.initializer.extend([numpy_helper.from_array(np.cos(angles).astype(np.float32), "gqa.cos"),
-                              numpy_helper.from_array(np.sin(angles).astype(np.float32), "gqa.sin")])
-    nodes = _sequence_lengths(graph) + [replace.get(id(n), n) for n in graph.node if id(n) not in remove]
+    nodes = (_sequence_lengths(graph) + _rotary_tables(graph, inits, long_rope, max_seq)
+             + [replace.get(id(n), n) for n in graph.node if id(n) not in remove])
     _replace_nodes(graph, nodes)
     _drop_dead_nodes(graph)
     _drop_unused_initializers(graph)
@@ -251,6 +250,33 @@ def _sequence_lengths(graph) -> list:
         helper.make_node("Add", ["gqa.last32", "gqa.one"], ["gqa.total_length"], name="gqa.total_length"),
         helper.make_node("Reshape", ["gqa.last32", "gqa.one_dim"], ["gqa.seqlens_k"], name="gqa.seqlens_k"),
     ]
+
+
+def _rotary_tables(graph, inits: dict, long_rope: dict | None, max_seq: int) -> list:
+    """GQA's cos/sin caches `gqa.cos` / `gqa.sin` [max_seq, head_dim / 2] (row = position), from the exported
+    graph's own RoPE frequencies, so the tables are the model's whatever its RoPE variant. Plain RoPE: two
+    initializers, no nodes. LongRoPE (modeling.Rope): a short and a long pair, both scaled by attention_factor, and
+    the nodes that pick one pair per run, shared by every layer: long when the run's last position + 1 (its
+    total_length) passes original_max_position_embeddings. Like the reference, the choice applies to the run's own
+    rows only; cached keys keep the rotation they were written with. The two Where nodes copy a table each per run:
+    ~0.15 ms apiece at InternVL2-4B's 4096 x 48 (ONNX Runtime 1.32, 2 threads of a 2-core AMD EPYC VM), where the
+    concat layout they replace copies the whole cache every step."""
+    def add_tables(inv_freq: str, suffix: str, factor: float) -> None:
+        angles = np.arange(max_seq, dtype=np.float64)[:, None] * numpy_helper.to_array(inits[inv_freq])
+        graph.initializer.extend([
+            numpy_helper.from_array((np.cos(angles) * factor).astype(np.float32), f"gqa.cos{suffix}"),
+            numpy_helper.from_array((np.sin(angles) * factor).astype(np.float32), f"gqa.sin{suffix}")])
+
+    if not long_rope:
+        add_tables(ROPE_INV_FREQ, "", 1.0)
+        return []
+    add_tables(ROPE_INV_FREQ, ".short", long_rope["attention_factor"])
+    add_tables(ROPE_INV_FREQ_LONG, ".long", long_rope["attention_factor"])
+    graph.initializer.append(numpy_helper.from_array(
+        np.array(long_rope["original_max_position_embeddings"], np.int32), "gqa.original_max"))
+    return [helper.make_node("Greater", ["gqa.total_length", "gqa.original_max"], ["gqa.long"], name="gqa.long")] + [
+        helper.make_node("Where", ["gqa.long", f"gqa.{t}.long", f"gqa.{t}.short"], [f"gqa.{t}"], name=f"gqa.{t}")
+        for t in ("cos", "sin")]
 
 
 def _one_row_outputs(graph) -> set[str]:

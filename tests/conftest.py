@@ -23,17 +23,20 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported(tiny_checkpoint, tmp_path_factory):
-    """exported(family, precision="fp32") -> an `edgevl export` directory of tiny_checkpoint(family), cached."""
+    """exported(family, precision="fp32", **options) -> an `edgevl export` directory of
+    tiny_checkpoint(family, **options), cached."""
     from edgevl.export import export_model
 
     made = {}
 
-    def make(family: str, precision: str = "fp32"):
-        if (family, precision) not in made:
-            out = tmp_path_factory.mktemp(f"export-{family}-{precision}")
-            export_model(tiny_checkpoint(family), out, precision=precision, log=lambda _: None)
-            made[family, precision] = out
-        return made[family, precision]
+    def make(family: str, precision: str = "fp32", **options):
+        key = (family, precision, tuple(sorted(options.items())))
+        if key not in made:
+            name = "-".join(["export", family, precision] + [f"{k}={v}" for k, v in sorted(options.items())])
+            out = tmp_path_factory.mktemp(name)
+            export_model(tiny_checkpoint(family, **options), out, precision=precision, log=lambda _: None)
+            made[key] = out
+        return made[key]
 
     return make
 

@@ -1,5 +1,5 @@
-"""The CPU-only decoder rewrites (export/cpu_graph.py) against numpy on small graphs: per-token int8 matmuls
-and the fused RMSNorm."""
+"""The CPU-only decoder rewrites (export/cpu_graph.py): per-token int8 matmuls and the fused RMSNorm against numpy
+on small graphs, the fused attention against the exported decoder."""
 from __future__ import annotations
 
 import numpy as np
@@ -100,25 +100,23 @@ def test_rms_norm_chain_becomes_one_node_with_the_same_output():
     np.testing.assert_allclose(before, gain * x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6), rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "internlm2", "phi3"])
-def test_fused_attention_matches_the_exported_attention(tiny_checkpoint, tmp_path, family):
+@pytest.mark.parametrize("family, options", [("qwen2", {}), ("internlm2", {}),
+                                             ("phi3", {"original_max_position_embeddings": 10})])
+def test_fused_attention_matches_the_exported_attention(tiny_checkpoint, tmp_path, family, options):
     """GroupQueryAttention (RoPE inside) in place of each layer's exported attention: same logits and KV through
-    a prefill and decode steps; Phi-3's LongRoPE keeps the exported attention."""
+    a prefill and decode steps. Phi-3's LongRoPE switches to its long factors at the second decode step (position 10,
+    the eleventh)."""
     from edgevl.backends.torch_backend import TorchBackend
     from edgevl.checkpoint import load_checkpoint
     from edgevl.export.graphs import export_decoder
     from edgevl.specs import spec_to_dict
 
-    checkpoint = load_checkpoint(tiny_checkpoint(family))
+    checkpoint = load_checkpoint(tiny_checkpoint(family, **options))
     lm = TorchBackend(checkpoint, dtype="float32").lm
     export_decoder(lm, tmp_path / "decoder.onnx", max_seq=64)
     model = onnx.load(tmp_path / "decoder.onnx")
     spec = spec_to_dict(checkpoint.spec)["decoder"]
-    fused = fuse_attention(model, spec, max_seq=64)
-    if spec["long_rope"]:
-        assert fused == 0
-        return
-    assert fused == spec["num_layers"]
+    assert fuse_attention(model, spec, max_seq=64) == spec["num_layers"]
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == spec["num_layers"]
     # The softmax scale went into the QKV projection's query columns (MLAS's one-row GEMM needs alpha 1).

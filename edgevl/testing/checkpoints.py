@@ -27,15 +27,17 @@ _DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.b
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def tiny_spec(family: str, vocab_size: int, ps_version: str = "v2", vision_layers: int = 2) -> ModelSpec:
-    """The smallest shapes that still exercise every path: GQA, q/k/v bias, LongRoPE switching at 320 tokens
-    (1 tile + prompt stays short, 2 tiles go long), the real 448px / 14px / 256-token tiling."""
+def tiny_spec(family: str, vocab_size: int, ps_version: str = "v2", vision_layers: int = 2,
+              original_max_position_embeddings: int = 320) -> ModelSpec:
+    """The smallest shapes that still exercise every path: GQA, q/k/v bias, Phi-3's LongRoPE switching past
+    original_max_position_embeddings (320: 1 tile + prompt stays short, 2 tiles go long), the real 448px / 14px /
+    256-token tiling."""
     heads, kv = 4, (4 if family == "phi3" else 2)
     long_rope = None
     if family == "phi3":
         half = 8  # head_dim 16 / 2
         long_rope = LongRope(tuple(1.0 + 0.05 * i for i in range(half)), tuple(1.0 + 1.5 * i for i in range(half)),
-                             320, attention_factor=0.0)  # not written: loaders derive it from max/original
+                             original_max_position_embeddings, attention_factor=0.0)  # not written: loaders derive it from max/original
     decoder = DecoderSpec(
         family=family, hidden_size=64, num_layers=2, num_heads=heads, num_kv_heads=kv, intermediate_size=96,
         vocab_size=vocab_size, rms_norm_eps=1e-6 if family == "qwen2" else 1e-5,
@@ -204,15 +206,17 @@ def _config_hf(spec: ModelSpec, specials: dict[str, int], dtype: str) -> dict:
 
 def write_tiny_checkpoint(out, family: str = "qwen2", fmt: str = "original", dtype: str = "float32",
                           shards: int = 1, ps_version: str = "v2", seed: int = 0,
-                          tokenizer_format: str = "json") -> Path:
-    """Write a tiny random InternVL checkpoint (config.json, safetensors, tokenizer files) to `out`."""
+                          tokenizer_format: str = "json", original_max_position_embeddings: int = 320) -> Path:
+    """Write a tiny random InternVL checkpoint (config.json, safetensors, tokenizer files) to `out`;
+    original_max_position_embeddings is where Phi-3's LongRoPE switches to its long factors."""
     if family not in FAMILIES or fmt not in ("original", "hf") or dtype not in _DTYPES:
         raise ValueError(f"family={family!r} fmt={fmt!r} dtype={dtype!r}: expected one of {FAMILIES}, "
                          f"original/hf, {tuple(_DTYPES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specials = write_tokenizer(out, family, tokenizer_format)
-    spec = tiny_spec(family, vocab_size=load_tokenizer(out).vocab_size, ps_version=ps_version)
+    spec = tiny_spec(family, vocab_size=load_tokenizer(out).vocab_size, ps_version=ps_version,
+                     original_max_position_embeddings=original_max_position_embeddings)
     if fmt == "hf" and ps_version != "v2":
         raise ValueError("the -hf format only has ps_version v2")
     tensors = to_checkpoint_names(random_weights(spec, seed), spec, fmt)
