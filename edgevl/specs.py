@@ -343,7 +343,8 @@ def _rope_scaling(scaling: Fields, lcfg: Fields, spec: DecoderSpec) -> LongRope 
         long_ = scaling.array("long_factor", float, length=half)
         return LongRope(tuple(short), tuple(long_), original, float(attention_factor))
     if kind == "dynamic":
-        # InternLM2's dynamic NTK only changes RoPE past max_position_embeddings, which max_seq never exceeds.
+        # InternLM2's dynamic NTK only changes RoPE past max_position_embeddings, which max_seq never exceeds
+        # (export_model and TorchBackend refuse a larger one; an export's runtime max_seq is at most its own).
         return None
     raise CheckpointError(f"{scaling.file}: {scaling.key}: type {kind!r} is not supported "
                           "(supported: su/longrope, dynamic)")

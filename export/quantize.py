@@ -83,13 +83,13 @@ def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray) -> 
 
 def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int, decoder_spec: dict,
                              max_seq: int) -> tuple[str, bool]:
-    """The decoder for ONNX Runtime on CPU: RMSNorm fused, attention fused into GroupQueryAttention where the
-    family allows (cpu_graph.fuse_attention), then the weights quantized. bits=8: int8 weights per output channel
-    with activations quantized per token (cpu_graph.quantize_matmuls_per_token: integer GEMM, fast prefill).
-    bits=4: int4 weights in symmetric blocks (matmulnbits_block_size; MatMulNBits, activations quantized to int8 per
-    block, accuracy_level 4): the fastest decode, a slower prefill than int8's. Returns the scheme in words and
-    whether attention was fused (the KV cache is then one shared buffer per tensor: the manifest's "shared"
-    layout)."""
+    """The decoder for ONNX Runtime on CPU: RMSNorm fused, attention fused into GroupQueryAttention
+    (cpu_graph.fuse_attention: every family, Phi-3's LongRoPE included), then the weights quantized. bits=8: int8
+    weights per output channel with activations quantized per token (cpu_graph.quantize_matmuls_per_token: integer
+    GEMM, fast prefill). bits=4: int4 weights in symmetric blocks (matmulnbits_block_size; MatMulNBits, activations
+    quantized to int8 per block, accuracy_level 4): the fastest decode, a slower prefill than int8's. Returns the
+    scheme in words and whether attention was fused (the KV cache is then one shared buffer per tensor: the
+    manifest's "shared" layout; a decoder graph without the exported attention shape keeps "concat")."""
     import onnx
 
     from .cpu_graph import fuse_attention, fuse_rms_norm, quantize_matmuls_per_token

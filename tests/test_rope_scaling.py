@@ -59,28 +59,29 @@ def test_fused_graph_follows_torch_across_the_switch(reference, fused, prompt, s
     """Logits of the prefill and of every decode step, and the greedy tokens, against edgevl's PyTorch model.
     A prompt past the switch is prefilled in one run even when chunks are asked for: the reference's one call
     rotates all of it with the long factors."""
+    assert prompt + steps - 1 > SWITCH  # the last decode step's position: past the switch
     ids = _prompt(reference, prompt)
     embeds = reference.backend.embed_tokens(ids)
     fused.backend.prefill_chunk = chunk
-    want, got = reference.backend.prefill(embeds), fused.backend.prefill(embeds)
-    for step in range(steps):
-        np.testing.assert_allclose(got, want, atol=LOGITS_ATOL, rtol=0, err_msg=f"position {prompt + step - 1}")
-        token = int(np.argmax(want))
-        assert int(np.argmax(got)) == token, f"greedy token after position {prompt + step - 1}"
-        want, got = reference.backend.decode(token), fused.backend.decode(token)
-    assert prompt + steps > SWITCH + 1
+    logits = [(reference.backend.prefill(embeds), fused.backend.prefill(embeds))]
+    for _ in range(steps):
+        token = int(np.argmax(logits[-1][0]))
+        logits.append((reference.backend.decode(token), fused.backend.decode(token)))
+    for position, (want, got) in enumerate(logits, start=prompt - 1):
+        np.testing.assert_allclose(got, want, atol=LOGITS_ATOL, rtol=0, err_msg=f"logits at position {position}")
+        assert np.argmax(got) == np.argmax(want), f"greedy token at position {position}"
 
 
-def test_fused_graph_generates_what_transformers_generates(tiny_checkpoint, fused):
+@pytest.mark.parametrize("prompt, new_tokens", [(30, 40), (60, 8)], ids=["short-prompt-answer-crosses", "long-prompt"])
+def test_fused_graph_generates_what_transformers_generates(tiny_checkpoint, fused, prompt, new_tokens):
     """transformers' InternVLForConditionalGeneration (its Phi-3 LongRoPE) on the same weights: prefill logits and
-    greedy tokens from a prompt below the switch whose answer crosses it."""
+    greedy tokens."""
     transformers = pytest.importorskip("transformers")
     import torch
 
     hf = transformers.InternVLForConditionalGeneration.from_pretrained(
         tiny_checkpoint("phi3", "hf", original_max_position_embeddings=SWITCH)).eval()
-    ids = _prompt(fused, 30)
-    new_tokens = 40
+    ids = _prompt(fused, prompt)
     with torch.no_grad():
         logits = hf(input_ids=torch.from_numpy(ids)[None]).logits[0, -1].numpy()
         out = hf.generate(input_ids=torch.from_numpy(ids)[None], max_new_tokens=new_tokens, do_sample=False,

@@ -36,8 +36,9 @@ def tiny_spec(family: str, vocab_size: int, ps_version: str = "v2", vision_layer
     long_rope = None
     if family == "phi3":
         half = 8  # head_dim 16 / 2
+        # attention_factor is not written: loaders derive it from max / original.
         long_rope = LongRope(tuple(1.0 + 0.05 * i for i in range(half)), tuple(1.0 + 1.5 * i for i in range(half)),
-                             original_max_position_embeddings, attention_factor=0.0)  # not written: loaders derive it from max/original
+                             original_max_position_embeddings, attention_factor=0.0)
     decoder = DecoderSpec(
         family=family, hidden_size=64, num_layers=2, num_heads=heads, num_kv_heads=kv, intermediate_size=96,
         vocab_size=vocab_size, rms_norm_eps=1e-6 if family == "qwen2" else 1e-5,
