@@ -17,7 +17,7 @@ setup(
                       "onnxruntime>=1.20"],
     extras_require={
         "torch": ["torch>=2.1"],
-        "export": ["torch>=2.1", "onnx>=1.16", "onnxscript>=0.2"],
+        "export": ["torch>=2.1", "onnx>=1.16", "onnxscript>=0.2", "tqdm>=4.60"],
         "video": ["opencv-python-headless>=4.8"],
         # onnxruntime-gpu replaces the base onnxruntime on CUDA machines (uninstall onnxruntime first).
         "gpu": ["cuda-python>=12", "nvidia-cuda-nvrtc", "tensorrt>=10"],

@@ -102,30 +102,65 @@ def spread(values: list[float], digits: int = 1) -> dict:
 # ---- the text model as a plain Qwen2 checkpoint: what both tools' converters take -------------------------------
 
 def write_qwen2_dir(model: Path, out: Path) -> Path:
-    """The language_model.* half of an OpenGVLab InternVL checkpoint as Qwen2ForCausalLM (config from llm_config):
-    onnxruntime-genai's builder has no InternVL architecture, and one source keeps both tools on the same weights."""
-    config = json.loads((model / "config.json").read_text())
-    if "llm_config" not in config or config["llm_config"].get("model_type") != "qwen2":
-        raise RuntimeError(f"{model}: expected OpenGVLab's InternVLChatModel format with a Qwen2 llm_config "
-                           "(InternVL2-1B); the transformers -hf format and other decoders are not handled here")
+    """The decoder of an InternVL checkpoint (either format, any family) as a Qwen2ForCausalLM checkpoint: the
+    tools' converters take that, onnxruntime-genai's builder has no InternVL architecture, and one source keeps both
+    tools on the same weights. Qwen2 is a Llama decoder with q/k/v biases, so InternLM2 (packed wqkv) and Phi-3
+    (fused qkv and gate/up) map onto it exactly with zero biases, read through edgevl's own loader. Phi-3's LongRoPE
+    becomes plain RoPE at its short factors: the same work per token, slightly different numbers, which a speed
+    comparison on random weights does not read."""
+    from edgevl.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(model)
+    d = checkpoint.spec.decoder
 
     def make(tmp: Path):
         import numpy as np
-        from safetensors import safe_open
         from safetensors.numpy import save_file
 
         tmp.mkdir(parents=True)
-        llm = {k: v for k, v in config["llm_config"].items() if k not in ("attn_implementation", "auto_map")}
-        llm["architectures"], llm["torch_dtype"] = ["Qwen2ForCausalLM"], "float32"
-        (tmp / "config.json").write_text(json.dumps(llm, indent=2))
-        tensors = {}
+        config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "torch_dtype": "float32",
+                  "hidden_size": d.hidden_size, "intermediate_size": d.intermediate_size,
+                  "num_hidden_layers": d.num_layers, "num_attention_heads": d.num_heads,
+                  "num_key_value_heads": d.num_kv_heads, "vocab_size": d.vocab_size, "rms_norm_eps": d.rms_norm_eps,
+                  "rope_theta": d.rope_theta, "max_position_embeddings": d.max_position_embeddings,
+                  "tie_word_embeddings": False, "hidden_act": "silu", "use_sliding_window": False}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        weights = checkpoint.weights
+
+        def get(name):
+            return np.ascontiguousarray(np.asarray(weights[name], dtype=np.float32))
+
+        q_rows, kv_rows = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+
+        def layer(i: int) -> dict:
+            ours, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
+            qkv = get(ours + "qkv.weight")
+            bias = get(ours + "qkv.bias") if d.qkv_bias else np.zeros(len(qkv), np.float32)
+            tensors = {}
+            for name, rows in zip("qkv", np.split(np.arange(len(qkv)), [q_rows, q_rows + kv_rows])):
+                tensors[f"{theirs}self_attn.{name}_proj.weight"] = qkv[rows]
+                tensors[f"{theirs}self_attn.{name}_proj.bias"] = bias[rows]
+            gate, up = np.split(get(ours + "gate_up.weight"), 2)
+            return {**tensors, f"{theirs}self_attn.o_proj.weight": get(ours + "o.weight"),
+                    f"{theirs}mlp.gate_proj.weight": gate, f"{theirs}mlp.up_proj.weight": up,
+                    f"{theirs}mlp.down_proj.weight": get(ours + "down.weight"),
+                    f"{theirs}input_layernorm.weight": get(ours + "attn_norm.weight"),
+                    f"{theirs}post_attention_layernorm.weight": get(ours + "mlp_norm.weight")}
+
+        # One shard per part (embeddings, each layer, head), written as it is made: the 4B's fp32 decoder is 15 GB,
+        # and a shard's bytes are copied once more when it is written.
+        parts = [lambda: {"model.embed_tokens.weight": get("decoder.embed.weight")},
+                 *(lambda i=i: layer(i) for i in range(d.num_layers)),
+                 lambda: {"model.norm.weight": get("decoder.norm.weight"),
+                          "lm_head.weight": get("decoder.lm_head.weight")}]
+        index = {}
         with cpu_lock(exclusive=False):
-            for shard in sorted(model.glob("*.safetensors")):
-                with safe_open(shard, framework="np") as f:
-                    for key in f.keys():
-                        if key.startswith("language_model."):
-                            tensors[key[len("language_model."):]] = np.ascontiguousarray(f.get_tensor(key))
-            save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+            for n, part in enumerate(parts):
+                name = f"model-{n + 1:05d}-of-{len(parts):05d}.safetensors"
+                tensors = part()
+                save_file(tensors, tmp / name, metadata={"format": "pt"})
+                index.update(dict.fromkeys(tensors, name))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
             if (model / name).exists():
                 shutil.copy(model / name, tmp / name)
@@ -223,7 +258,8 @@ def llama_vision(build: Path, text: Path, mmproj: Path, args, image: Path, log_p
     images larger than a tile), the first dropped as the warm-up."""
     run_logged([build / "bin" / "llama-mtmd-cli", "-m", text, "--mmproj", mmproj, "--image",
                 ",".join([str(image)] * (args.repeat + 1)), "-p", "Describe.", "-n", 1, "-t", args.threads,
-                "-c", 4096, "--chat-template", "chatml", "--temp", 0, "--no-repack" if args.llama_no_repack else "--repack"],
+                "-c", 4096, "--chat-template", "chatml", "--temp", 0,
+                "--no-repack" if args.llama_no_repack else "--repack"],
                log_path, timed=True)
     log_text = log_path.read_text(errors="replace")
     encoded = [float(ms) for ms in re.findall(r"mtmd batch encoding done in (\d+) ms", log_text)]
@@ -281,8 +317,8 @@ def ortgenai_missing(python: Path | None) -> str | None:
     probe = subprocess.run([str(python), "-c", "import onnxruntime_genai, onnx_ir, torch, transformers"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
-        return f"{python} cannot import onnxruntime_genai and its builder's needs ({(probe.stderr.strip().splitlines() or ['?'])[-1]}); " \
-               + ORTGENAI_SETUP
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return f"{python} cannot import onnxruntime_genai and its builder's needs ({last}); " + ORTGENAI_SETUP
     return None
 
 
@@ -379,8 +415,8 @@ def format_table(result: dict) -> str:
                      f"{_cell(row['prefill_ms'], '.0f')} | {ttft} | {_cell(row['decode_tok_s'], '.1f')} | "
                      f"{vision} | {row['version']}{'' if row.get('repack', True) else ' --repack 0'} |")
     c = result["config"]
-    lines += ["", f"{c['threads']} threads; median [min–max] of {c['repeat']} runs after a warm-up; random token ids; "
-                  f"malloc: {c.get('malloc', 'glibc defaults')}.",
+    lines += ["", f"{c['threads']} threads; median [min–max] of {c['repeat']} runs after a warm-up; "
+                  f"random token ids; malloc: {c.get('malloc', 'glibc defaults')}.",
               "¹ llama-bench has no TTFT: prefill of the prompt plus one decode step after it.",
               "² onnxruntime-genai has no InternVL vision path."]
     return "\n".join(lines)
@@ -391,7 +427,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp build directory (its bin/ has the tools)")
     parser.add_argument("--ortgenai-python", type=Path, help="a python with onnxruntime-genai and its builder")
-    parser.add_argument("--model", type=Path, help="an OpenGVLab-format InternVL2 checkpoint with a Qwen2 decoder")
+    parser.add_argument("--model", type=Path, help="an InternVL2 checkpoint (either format, any decoder family)")
     parser.add_argument("--out", type=Path, default=Path("baselines-results"), help="conversions, logs, JSON")
     parser.add_argument("--prompt-tokens", type=int, default=662)
     parser.add_argument("--new-tokens", type=int, default=64)

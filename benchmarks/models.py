@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgevl.manifest import is_export_dir, read_manifest
+
 # backend name -> (how it runs, precision, device). precision: `edgevl export --precision` for onnxruntime,
 # `edgevl build --precision` for tensorrt (plans built from an fp32 export), the weights' dtype for torch (None:
 # fp32), None for transformers.
@@ -84,7 +86,8 @@ def ensure_export(source: ModelSource, precision: str, max_tiles: int, log=print
     """The export directory for `precision` (made now if missing or made with other limits) and its record:
     export_s, the seconds `edgevl.export.export_model` took (fp32 re-export and drift included for int8/int4; for
     runtime "tensorrt" an fp32 export and `edgevl build --precision precision` into it), and peak_rss_bytes of the
-    process that exported (its own process, so the figure is the export's)."""
+    process that exported (its own process, so the figure is the export's; with the processes it runs the torch
+    exports in, edgevl.export.memory.export_peak_rss_bytes)."""
     out = source.export_dir(precision, runtime)
     record_path = out / EXPORT_RECORD
     if record_path.is_file() and (out / "manifest.json").is_file():
@@ -105,14 +108,15 @@ def ensure_export(source: ModelSource, precision: str, max_tiles: int, log=print
         raise RuntimeError(f"export {precision} of {source.original} failed (exit {proc.returncode}):\n"
                            + "\n".join(proc.stdout.splitlines()[-15:]))
     record = json.loads(record_path.read_text())
-    log(f"[bench] export {precision} took {record['export_s']:.0f} s, peak RSS {record['peak_rss_bytes'] / 2**30:.1f} GiB")
+    log(f"[bench] export {precision} took {record['export_s']:.0f} s, "
+        f"peak RSS {record['peak_rss_bytes'] / 2**30:.1f} GiB")
     return out, record
 
 
 def _export_main(argv) -> int:
     from edgevl.export import export_model
 
-    from .worker import peak_rss_bytes
+    from edgevl.export.memory import export_peak_rss_bytes
 
     model_dir, out, precision, max_tiles, runtime = Path(argv[0]), Path(argv[1]), argv[2], int(argv[3]), argv[4]
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -124,8 +128,8 @@ def _export_main(argv) -> int:
         build_engines(out, precision=precision, log=log)
     else:
         export_model(model_dir, out, precision=precision, max_tiles=max_tiles, log=log)
-    record = {"export_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(), "max_tiles": max_tiles,
-              "source": str(model_dir)}
+    record = {"export_s": time.perf_counter() - start, "peak_rss_bytes": export_peak_rss_bytes(),
+              "max_tiles": max_tiles, "source": str(model_dir)}
     # Outside the manifest's file list on purpose: the export stays valid, the record is ours.
     (out / EXPORT_RECORD).write_text(json.dumps(record))
     return 0
@@ -158,11 +162,10 @@ def loaded_bytes(model_dir: Path) -> int:
     they reference (each file once: graphs may share one), the embedding table and the small files; for a
     checkpoint, the whole directory."""
     model_dir = Path(model_dir)
-    manifest_path = model_dir / "manifest.json"
-    if not manifest_path.is_file():
+    if not is_export_dir(model_dir):
         return dir_bytes(model_dir)
-    graphs = json.loads(manifest_path.read_text())["graphs"]
-    files = set().union(*(_onnx_files(model_dir / graphs[kind]) for kind in RUNTIME_GRAPHS))
+    graphs = read_manifest(model_dir, verify_checksums=False).graphs
+    files = set().union(*(_onnx_files(model_dir / getattr(graphs, kind)) for kind in RUNTIME_GRAPHS))
     total = sum(f.stat().st_size for f in files)
     big = {p.name for p in model_dir.glob("*.onnx.data")} | {p.name for p in model_dir.glob("*.onnx")}
     return total + dir_bytes(model_dir, skip=(EXPORT_RECORD, *big))

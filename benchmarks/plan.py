@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgevl.manifest import EXTERNAL_DATA_BYTES
+from edgevl.precisions import EXPORT_PRECISIONS
 from edgevl.specs import ModelSpec
 
 GIB = 1 << 30
-INT4_BLOCK_SIZE = 128  # edgevl.export.quantize.BLOCK_SIZE: one fp32 scale per 128 int4 weights
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,16 @@ DEVICES: dict[str, Device] = {
     # Discrete: only the CUDA context (~0.6 GB) comes off the card's 24 GB.
     "rtx-4090": Device("GeForce RTX 4090 24GB", 24 * GIB, 1008e9, int(0.6 * GIB), False),
 }
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-# precision -> (vision bytes per weight, decoder matrix bytes per weight); int4 keeps vision at int8 (export).
-# int8 decoder scales are per output channel: negligible per weight.
-_BYTES_PER_WEIGHT = {"fp32": (4.0, 4.0), "fp16": (2.0, 2.0), "int8": (1.0, 1.0),
-                     "int4": (1.0, 0.5 + 4 / INT4_BLOCK_SIZE)}
+PRECISIONS = tuple(EXPORT_PRECISIONS)
+_GRAPH_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
+
+
+def _bytes_per_weight(precision: str) -> tuple[float, float]:
+    """(vision, decoder matrix) bytes per weight of an export (edgevl.precisions): quantized decoder weights with
+    their fp32 scales (per output channel for int8: negligible per weight)."""
+    recipe = EXPORT_PRECISIONS[precision]
+    weights = recipe.decoder_weights
+    return _GRAPH_BYTES[recipe.vision], (weights.bytes_per_weight(4) if weights else _GRAPH_BYTES[recipe.decoder])
 
 
 def cpu_device(ram_bytes: int) -> Device:
@@ -65,10 +71,50 @@ def parameter_counts(spec: ModelSpec) -> dict[str, int]:
     return counts
 
 
+# `edgevl export`'s peak RSS, stage by stage as export/exporter.py runs them: each torch export in a process of
+# its own holding one fp32 module (vision tower + projector, then the decoder with its embedding and lm_head), the
+# quantizers and the drift check in the exporting process, which meanwhile holds only its own floor. Coefficients
+# measured on the InternVL2-1B shape (AMD EPYC, 2 cores, AVX-512 VNNI; onnxruntime 1.32, torch 2.13): see
+# benchmarks/RESULTS.md ("`edgevl export` memory").
+EXPORT_FLOOR_BYTES = int(0.3 * GIB)  # Python with numpy, onnx, onnxruntime and torch imported, per process
+TORCH_EXPORT_FACTOR = 1.25  # torch.onnx.export's peak per byte of fp32 decoder weights (traced graph, writing)
+# InternViT-300M + projector, the same in every InternVL2 size: its torch export process, and calibration +
+# quantize_static in the exporting process.
+VISION_EXPORT_BYTES, VISION_INT8_BYTES = int(2.4 * GIB), int(2.7 * GIB)
+ORT_FP32_FACTOR = 1.05  # the drift check's fp32 reference in ONNX Runtime, per byte of fp32 weights
+
+
+def export_memory(spec: ModelSpec, precision: str) -> dict[str, int]:
+    """Peak RSS of `edgevl export --precision precision` for `spec`, per stage and in all ("peak"). Assumes the
+    coefficients above: torch exports proportional to the fp32 weights they hold, the drift check's fp32
+    reference as large as its weights (its candidate is smaller and loaded after it), quantized decoder weights
+    held whole only when the graph embeds them (under EXTERNAL_DATA_BYTES), else one weight at a time."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    counts = parameter_counts(spec)
+    vision = counts["vision"] * 4
+    decoder = (counts["decoder_matrices"] + counts["decoder_vectors"] + counts["embedding"] + counts["lm_head"]) * 4
+    floor = EXPORT_FLOOR_BYTES
+    # A torch export process's peak comes on top of the exporting process's floor, which waits for it.
+    stages = {"vision.onnx (torch export process)": floor + VISION_EXPORT_BYTES,
+              "decoder.onnx (torch export process)": floor + floor + int(TORCH_EXPORT_FACTOR * decoder)}
+    if precision != "fp32":
+        if precision == "fp16":  # export/trt/precision.py loads each fp32 graph whole and converts it (not measured)
+            stages["fp16 graphs"] = floor + int(1.5 * max(vision, decoder))
+        else:
+            quantized = decoder * _bytes_per_weight(precision)[1] / 4
+            stages["vision int8"] = VISION_INT8_BYTES
+            # Embedded: the whole quantized graph; else the largest weight (the lm_head) and ~4 temporaries of it.
+            stages[f"decoder {precision}"] = floor + int(quantized if quantized <= EXTERNAL_DATA_BYTES else
+                                                         counts["lm_head"] * 4 * 5)
+        stages["drift check (fp32 reference in ONNX Runtime)"] = floor + int(ORT_FP32_FACTOR * (vision + decoder))
+    return {**stages, "peak": max(stages.values())}
+
+
 def decode_bytes_per_token(spec: ModelSpec, precision: str) -> int:
     """Weights one decode step reads: every decoder matrix and the lm_head once (the embedding: one row)."""
     counts = parameter_counts(spec)
-    matrix_bytes = _BYTES_PER_WEIGHT[precision][1]
+    matrix_bytes = _bytes_per_weight(precision)[1]
     return int((counts["decoder_matrices"] + counts["lm_head"]) * matrix_bytes + counts["decoder_vectors"] * 4
                + spec.decoder.hidden_size * 4)
 
@@ -95,7 +141,7 @@ def _terms(spec: ModelSpec, device: Device, precision: str, max_seq: int, tiles:
     act_bytes = 2 if gpu and precision != "fp32" else 4
     counts = parameter_counts(spec)
     return {
-        "weights: vision + projector": int(counts["vision"] * _BYTES_PER_WEIGHT[precision][0]),
+        "weights: vision + projector": int(counts["vision"] * _bytes_per_weight(precision)[0]),
         "weights: decoder + lm_head": decode_bytes_per_token(spec, precision),
         # edgevl exports keep the table fp32 and mmap it: only rows used become resident; counted whole.
         "weights: token embedding": counts["embedding"] * act_bytes,
@@ -117,7 +163,8 @@ def plan(spec: ModelSpec, device: Device, precision: str, max_seq: int, tiles: i
     return {"device": device.name, "memory_bytes": device.memory_bytes, "precision": precision, "max_seq": max_seq,
             "tiles": tiles, "terms": terms, "total_bytes": total, "fits": total <= device.memory_bytes,
             "headroom_bytes": device.memory_bytes - total, "decode_bytes_per_token": bytes_per_token,
-            "decode_ceiling_tokens_per_s": ceiling, "largest_max_seq": _largest_max_seq(spec, device, precision, tiles)}
+            "decode_ceiling_tokens_per_s": ceiling, "largest_max_seq": _largest_max_seq(spec, device, precision, tiles),
+            "export_peak_bytes": {p: export_memory(spec, p)["peak"] for p in PRECISIONS}}
 
 
 def _largest_max_seq(spec, device, precision, tiles) -> int:
@@ -145,6 +192,9 @@ def format_plan(result: dict) -> str:
     if result["decode_ceiling_tokens_per_s"]:
         lines.append(f"Decode ceiling from the vendor bandwidth: {result['decode_ceiling_tokens_per_s']:.0f} tokens/s "
                      f"({result['decode_bytes_per_token'] / 1e6:.0f} MB of weights read per token).")
+    lines.append("Exporting (`edgevl export`, on the machine that exports) needs a peak RSS of "
+                 + ", ".join(f"{p} {b / GIB:.1f} GiB" for p, b in result["export_peak_bytes"].items())
+                 + " (plan.export_memory: the largest stage, from the fp32 weights).")
     lines.append("Estimates: attention scores counted as materialised; the token embedding counted whole.")
     return "\n".join(lines)
 

@@ -75,11 +75,12 @@ def format_table(result: dict) -> str:
         "vision tower + projector for that many tiles. TTFT: from the call to the first token, tiling, vision and "
         f"prefill included, 1 tile + a {c['prompt_tokens']}-text-token question "
         f"({_first(result, 'prompt_tokens')} prompt tokens in all). decode: tokens/s over the {c['new_tokens']} "
-        "new tokens after the first. peak RSS: the backend's own process (VmHWM). size: the files the backend loads (graphs, the external "
-        "data they reference, embedding table, tokenizer) / the whole directory when it holds more. "
+        "new tokens after the first. peak RSS: the backend's own process (VmHWM). size: the files the backend "
+        "loads (graphs, the external data they reference, embedding table, tokenizer) / the whole directory when it "
+        "holds more. "
         "export: `edgevl export` wall time (int8/int4 include their fp32 export and the drift check) and its "
-        "process's peak RSS. drift: from the export manifest (image-embedding cosine min, next-token logits "
-        "cosine min, greedy-token agreement)."]
+        "process's peak RSS (with its torch export subprocesses). drift: from the export manifest (image-embedding "
+        "cosine min, next-token logits cosine min, greedy-token agreement)."]
     out = ["### Results", "", *lines, *notes, *([""] + unavailable if unavailable else [])]
     out += ["", "### Decode roofline", "", *_roofline_table(result), "", "### Relative to transformers eager", "",
             *_ratio_table(result, tiles)]
@@ -106,8 +107,9 @@ def _roofline_table(result: dict) -> list[str]:
         r = row.get("roofline")
         if not row.get("available") or not r:
             continue
-        lines.append(f"| {row['backend']} | {r['weights_bytes_per_token'] / 1e6:,.1f} + {r['kv_bytes_per_token'] / 1e6:,.1f}"
-                     f" | {r['ceiling_tokens_per_s']:.1f} | {row['decode_tokens_per_s']['median']:.1f} | "
+        lines.append(f"| {row['backend']} | {r['weights_bytes_per_token'] / 1e6:,.1f} + "
+                     f"{r['kv_bytes_per_token'] / 1e6:,.1f} | {r['ceiling_tokens_per_s']:.1f} | "
+                     f"{row['decode_tokens_per_s']['median']:.1f} | "
                      f"{r['fraction']:.0%} |")
     return lines
 
@@ -204,7 +206,8 @@ def compare(a: dict, b: dict) -> str:
             va, vb = get(ra), get(rb)
             if va is None or vb is None:
                 continue
-            lines.append(f"| {ra['backend']} | {label} | {va:,.1f} | {vb:,.1f} | {vb / va if va else float('nan'):.2f} |")
+            ratio = vb / va if va else float("nan")
+            lines.append(f"| {ra['backend']} | {label} | {va:,.1f} | {vb:,.1f} | {ratio:.2f} |")
     only = sorted(set(rows_b) ^ {r["backend"] for r in a["rows"] if r.get("available")})
     if only:
         lines += ["", f"In only one of the runs: {', '.join(only)}"]
@@ -238,7 +241,8 @@ def run_header(result: dict) -> str:
         flags += f"; int8 GEMM: {m['integer_gemm']['description']}"
     lines = [
         f"- command: `{result['command']}`",
-        f"- started {result['started']}, took {result.get('duration_s', 0) / 60:.1f} min (exports excluded when cached)",
+        f"- started {result['started']}, took {result.get('duration_s', 0) / 60:.1f} min "
+        "(exports excluded when cached)",
         f"- model: {c['model']} (`{c['model_dir']}`), random weights",
         f"- machine: {m['cpu_model']}, {m['cpus']} CPUs ({m.get('cores_per_socket')} cores x "
         f"{m.get('threads_per_core')} threads), {m['ram_bytes'] / GIB:.1f} GiB RAM, "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgevl.doctor import malloc_setting, with_huge_page_malloc
+from edgevl.manifest import read_manifest
 
 from . import machine
 from .models import BACKENDS, REPO_ROOT, ModelSource, dir_bytes, ensure_export, loaded_bytes, onnx_bytes
@@ -98,9 +99,10 @@ def _measure(backend: str, source: ModelSource, config: RunConfig, export, raw_d
     elif runtime in ("onnxruntime", "tensorrt"):
         model_dir, record = export
         row["export_s"], row["export_peak_rss_bytes"] = record["export_s"], record.get("peak_rss_bytes")
-        manifest = json.loads((model_dir / "manifest.json").read_text())
-        row["precision"] = manifest.get("tensorrt", {}).get("precision", manifest["precision"])
-        row["drift"] = manifest.get("drift_vs_fp32")
+        manifest = read_manifest(model_dir, verify_checksums=False)
+        row["precision"] = (manifest.tensorrt.precision if manifest.tensorrt
+                            else {"vision": manifest.precision.vision, "decoder": manifest.precision.decoder})
+        row["drift"] = manifest.drift_vs_fp32
     else:
         model_dir = source.original
     row["model_dir"] = str(model_dir)
@@ -124,9 +126,9 @@ def _measure(backend: str, source: ModelSource, config: RunConfig, export, raw_d
         return {**row, "reason": f"worker failed (exit {proc.returncode}): {' / '.join(tail)}"}
     row.update(json.loads(result_path.read_text()))
     row.update(available=True, wall_s=time.perf_counter() - start)
+    vision_ms = row["vision_ms"][str(config.tiles[0])]["median"]
     log(f"[bench] {backend}: TTFT {row['ttft_ms']['median']:.0f} ms, decode "
-        f"{row['decode_tokens_per_s']['median']:.1f} tok/s, vision 1 tile {row['vision_ms'][str(config.tiles[0])]['median']:.0f} ms "
-        f"({row['wall_s']:.0f} s)")
+        f"{row['decode_tokens_per_s']['median']:.1f} tok/s, vision 1 tile {vision_ms:.0f} ms ({row['wall_s']:.0f} s)")
     return row
 
 
@@ -166,8 +168,8 @@ def _add_roofline(result: dict, source: ModelSource) -> None:
         if not row.get("available"):
             continue
         if row["runtime"] == "onnxruntime":
-            manifest = json.loads((Path(row["model_dir"]) / "manifest.json").read_text())
-            weights = onnx_bytes(Path(row["model_dir"]) / manifest["graphs"]["decoder"])
+            decoder = read_manifest(row["model_dir"], verify_checksums=False).graphs.decoder
+            weights = onnx_bytes(Path(row["model_dir"]) / decoder)
             source_of_weights = "decoder ONNX graph + the external data it references"
         else:
             weights, source_of_weights = decode_bytes_per_token(spec, "fp32"), "fp32 decoder matrices + lm_head"

@@ -10,15 +10,13 @@ from typing import Iterator
 
 import numpy as np
 
+from .backends import backend_class, backend_entry
 from .generation import DecodeRun, GenerationConfig
 from .gpu_preprocess import HostPreprocessor, make_preprocessor, resolve_preprocess
 from .prompts import (IMG_CONTEXT, PromptError, build_query, checkpoint_system_message, get_template, render_prompt,
                       tokenize_prompt)
 from .specs import ModelSpec
 from .tokenizer import Tokenizer
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-
 
 @dataclass
 class Timings:
@@ -97,7 +95,7 @@ class EdgeVL:
         self._lock, self._holder = threading.Lock(), None  # the thread running a generation (see the class doc)
 
     @classmethod
-    def from_pretrained(cls, path, backend: str | None = None, device: str = "cpu", dtype: str = "float32",
+    def from_pretrained(cls, path, backend: str | None = None, device: str | None = None, dtype: str = "float32",
                         max_seq: int | None = None, template: str | None = None,
                         system_message: str | None = None, num_threads: int | None = None,
                         verify_checksums: bool = True, preprocess: str | None = None,
@@ -106,7 +104,8 @@ class EdgeVL:
         `edgevl export` directory (backend "onnxruntime", chosen by default when manifest.json is present;
         "tensorrt" instead when `edgevl build` plans are there and tensorrt + a GPU are usable).
 
-        device: "cpu" or "cuda". dtype: torch backend only. num_threads: onnxruntime intra-op threads.
+        device: "cpu" or "cuda"; None: the backend's default (edgevl.backends.BACKENDS). dtype: torch backend only.
+        num_threads: onnxruntime intra-op threads.
         preprocess: where images are tiled, "gpu" (the image goes to the device once, as uint8) or "cpu"; None
         picks "gpu" for backend "tensorrt" and for "onnxruntime" with device="cuda", else "cpu". "gpu" where it
         cannot run raises PreprocessUnavailable (no fallback). cuda_graph: backend "tensorrt" with plans built
@@ -129,40 +128,26 @@ class EdgeVL:
 
             manifest = read_manifest(path, verify_checksums=verify_checksums)
         backend = backend or (_default_export_backend(path, manifest) if exported else "torch")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-        if exported != (backend != "torch"):
+        entry = backend_entry(backend)
+        if exported != (entry.loads == "export"):
             raise ValueError(f"{path}: backend={backend!r} runs " + (
                 "checkpoint directories; this is an `edgevl export` directory (use backend='onnxruntime')"
                 if exported else "`edgevl export` directories; this is a checkpoint (export it first, or use "
                 "backend='torch')"))
         if cuda_graph and backend != "tensorrt":
             raise ValueError(f"cuda_graph=True is a TensorRT backend option; backend is {backend!r}")
+        device = device or entry.default_device
         preprocess = resolve_preprocess(preprocess, backend, device)
+        options = {"torch": {"dtype": dtype}, "onnxruntime": {"num_threads": num_threads},
+                   "tensorrt": {"cuda_graph": cuda_graph}}[backend]
         if exported:
-            from .specs import spec_from_dict
-
-            spec = spec_from_dict(manifest["spec"])
-            if backend == "tensorrt":
-                from .backends.tensorrt_backend import TensorRTBackend
-
-                runtime = TensorRTBackend(path, manifest, device="cuda" if device == "cpu" else device,
-                                          max_seq=max_seq, cuda_graph=cuda_graph)
-            else:
-                from .backends.onnxruntime_backend import OnnxRuntimeBackend
-
-                runtime = OnnxRuntimeBackend(path, manifest, device=device, num_threads=num_threads,
-                                             max_seq=max_seq)
-            stored_message = manifest.get("system_message")
+            runtime = backend_class(backend)(path, manifest, device=device, max_seq=max_seq, **options)
+            spec, stored_message = manifest.spec, manifest.system_message
         else:
             from .checkpoint import load_checkpoint
 
             checkpoint = load_checkpoint(path)
-            try:
-                from .backends.torch_backend import TorchBackend
-            except ImportError as e:
-                raise ImportError(f"backend='torch' needs PyTorch ({e}): pip install 'edgevl[torch]'") from None
-            runtime = TorchBackend(checkpoint, device=device, dtype=dtype, max_seq=max_seq)
+            runtime = backend_class(backend)(checkpoint, device=device, max_seq=max_seq, **options)
             spec = checkpoint.spec
             stored_message = checkpoint_system_message(path, template or spec.template)
         preprocessor = make_preprocessor(preprocess, runtime, device)
@@ -267,7 +252,7 @@ class EdgeVL:
         if key is not None and key in cache:
             return cache[key]
         timings.images_encoded += 1
-        embeds = self.preprocessor.encode(self.backend, pixel_values)
+        embeds = self.backend.encode_images(pixel_values)
         if key is not None:
             cache[key] = embeds
         return embeds
@@ -356,9 +341,9 @@ class _Stream:
         self.close()
 
 
-def _default_export_backend(path: Path, manifest: dict) -> str:
+def _default_export_backend(path: Path, manifest) -> str:
     """tensorrt when `edgevl build` left plans here and this machine can run them, else onnxruntime."""
-    if manifest.get("tensorrt"):
+    if manifest.tensorrt:
         from .backends.tensorrt_backend import plans_present, tensorrt_unavailable_reason
 
         if plans_present(path, manifest) and tensorrt_unavailable_reason() is None:

@@ -5,11 +5,15 @@ failure names the file and key.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -31,11 +35,54 @@ class Checkpoint:
     format: str  # "original" | "hf"
     config: dict
     spec: ModelSpec
-    weights: dict[str, np.ndarray]  # our names; float32 / float16 / bfloat16 (ml_dtypes) as stored
+    weights: "Weights"  # our names; float32 / float16 / bfloat16 (ml_dtypes) as stored
 
     @property
     def dtype(self) -> str:
-        return str(self.weights["decoder.embed.weight"].dtype)
+        return str(self.weights.dtype("decoder.embed.weight"))
+
+
+class Weights(Mapping):
+    """Our names -> arrays, each read from its memory-mapped file when asked for: a fresh array per read (stored
+    parts joined, InternLM2's wqkv regrouped), after which the file's pages are dropped from this process's
+    resident set. Loading a checkpoint therefore holds no weights, and a model built from it costs its own
+    tensors only, not those plus the mapped file pages (which count as resident until the kernel reclaims them)."""
+
+    def __init__(self, parts: dict[str, tuple[list[np.ndarray], Callable | None]], spec):
+        self._parts, self._spec = parts, spec
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        parts, transform = self._parts[name]
+        array = np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts, axis=0)
+        for part in parts:
+            _drop_resident_pages(part)
+        return transform(array, self._spec.decoder) if transform else array
+
+    def __iter__(self):
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._parts[name][0][0].dtype
+
+
+_MADV_DONTNEED = 4
+
+
+def _drop_resident_pages(array: np.ndarray) -> None:
+    """Unmap the whole pages of a memory-mapped array from this process (madvise DONTNEED on a read-only file
+    mapping: a later read faults them in again from the page cache)."""
+    if not isinstance(array, np.memmap) or array.nbytes < mmap.PAGESIZE:
+        return
+    start = -(-array.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (array.ctypes.data + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        try:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+        except (OSError, AttributeError):  # no madvise (not POSIX): the pages stay until reclaimed
+            pass
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -167,11 +214,11 @@ def load_checkpoint(model_dir) -> Checkpoint:
     fmt = checkpoint_format(config, model_dir)
     spec = spec_from_config(config, model_dir)
     stored = _read_all(_weight_files(model_dir), normalize_hf_name if fmt == "hf" else (lambda n: n))
-    weights, used, shapes = {}, set(), expected_shapes(spec)
+    parts_of, used, shapes = {}, set(), expected_shapes(spec)
     for entry in weight_entries(spec, fmt):
         tied = spec.decoder.tie_word_embeddings and entry.ours == "decoder.lm_head.weight"
         if tied and entry.sources[0] not in stored:
-            weights[entry.ours] = weights["decoder.embed.weight"]
+            parts_of[entry.ours] = parts_of["decoder.embed.weight"]
             continue
         missing = [s for s in entry.sources if s not in stored]
         if missing:
@@ -179,13 +226,12 @@ def load_checkpoint(model_dir) -> Checkpoint:
         parts = [stored[s][0] for s in entry.sources]
         used.update(entry.sources)
         _check_parts(entry, parts, shapes[entry.ours], model_dir)
-        array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        weights[entry.ours] = entry.transform(array, spec.decoder) if entry.transform else array
+        parts_of[entry.ours] = (parts, entry.transform)
     unexpected = sorted(n for n in stored if n not in used and not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
         raise CheckpointError(f"{stored[unexpected[0]][1]}: unexpected weight {unexpected[0]!r} "
                               f"({len(unexpected)} unexpected in all); the config does not describe this checkpoint")
-    return Checkpoint(model_dir, fmt, config, spec, weights)
+    return Checkpoint(model_dir, fmt, config, spec, Weights(parts_of, spec))
 
 
 def _check_parts(entry: WeightEntry, parts: list[np.ndarray], shape: tuple[int, ...], model_dir: Path) -> None:

@@ -7,6 +7,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .backends import BACKENDS
+from .precisions import BUILD_PRECISIONS, EXPORT_PRECISIONS, precision_help
+
 
 def _add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None = None,
                          default_max_new_tokens: int = 128) -> None:
@@ -184,11 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Load a local InternVL checkpoint (original InternVLChatModel or -hf "
                          "format) and answer a prompt about one or more images.")
     gen.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
-    gen.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"],
+    gen.add_argument("--backend", default=None, choices=list(BACKENDS),
                      help="default: tensorrt for an export with `edgevl build` plans on a machine that can run "
                      "them, else onnxruntime for an `edgevl export` directory, torch for a checkpoint")
     gen.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: cores)")
-    gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's: cuda for tensorrt, "
+                     "else cpu)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: the model's context)")
     gen.add_argument("--allow-special-tokens", action="store_true", help="parse special tokens typed in --prompt "
@@ -200,16 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", parents=[common], help="export a checkpoint to ONNX for ONNX Runtime / TensorRT",
                          description="Export a local checkpoint to vision.onnx + decoder.onnx (KV cache) + "
-                         "manifest.json. fp32: standard ops, the input of `edgevl build`. fp16: fp16 graphs with fp32 "
-                         "normalisations, for ONNX Runtime on CUDA. int8: static int8 "
-                         "vision (calibrated) + a CPU decoder with int8 weights and per-token int8 activations "
-                         "(fastest prefill); int4: int8 vision + a CPU decoder with int4 weights in blocks of 128 "
-                         "(fastest decode, least memory); fp16/int8/int4 print and record their drift against fp32.")
+                         "manifest.json (--precision below); fp16/int8/int4 print and record their drift against "
+                         "fp32.")
     exp.add_argument("--model", required=True, help="checkpoint directory")
     exp.add_argument("--out", required=True, help="output directory (empty, or an earlier export to replace)")
-    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
-                     help="fp32 (default; for TensorRT and as the reference), fp16 (ONNX Runtime on CUDA), int8 or "
-                     "int4 (ONNX Runtime on CPU)")
+    exp.add_argument("--precision", default="fp32", choices=list(EXPORT_PRECISIONS),
+                     help=precision_help(EXPORT_PRECISIONS) + " (default fp32)")
     exp.add_argument("--max-tiles", type=int, default=13, help="largest tile batch for vision (13 = 12 + "
                      "thumbnail; ~40 for video)")
     exp.add_argument("--max-seq", type=int, default=4096, help="longest sequence (prompt + answer) the KV cache "
@@ -242,12 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "Needs an NVIDIA GPU and TensorRT; plans only run on the GPU model and TensorRT version "
                          "that built them.")
     bld.add_argument("out", metavar="OUT", help="an `edgevl export` directory; the plans are written into it")
-    bld.add_argument("--precision", default="fp16",
-                     choices=["fp16", "int8", "int8-vision-fp16-llm", "int4-llm", "int8-vision-int4-llm"],
-                     help="fp16: both engines fp16 (norms, softmax, residual adds fp32); int8: int8 Q/DQ vision + "
-                     "weight-only int8 decoder; int8-vision-fp16-llm: int8 vision + fp16 decoder; int4-llm: fp16 "
-                     "vision + weight-only int4 decoder (blocks of 128; TensorRT >= 10.0, Ampere or newer); "
-                     "int8-vision-int4-llm: int8 vision + int4 decoder")
+    bld.add_argument("--precision", default="fp16", choices=list(BUILD_PRECISIONS),
+                     help=precision_help(BUILD_PRECISIONS) + " (default fp16)")
     bld.add_argument("--max-tiles", type=int, default=None, help="largest tile batch (default: the export's)")
     bld.add_argument("--max-seq", type=int, default=None, help="KV cache positions (default: the export's)")
     bld.add_argument("--kv-cache", default="concat", choices=["concat", "fixed"],

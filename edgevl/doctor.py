@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from .cpu import integer_gemm, isa_classes
+from .device import gpu_info
 
 # glibc malloc settings for CPU inference: transparent huge pages for what it allocates, and no trimming of the
 # heap or mmap of mid-size blocks (either would keep re-faulting 2 MiB pages). Without them a decode step streams
@@ -79,30 +80,6 @@ def _version(module: str) -> str | None:
 
 def _cuda_version(code: int) -> str:
     return f"{code // 1000}.{code % 1000 // 10}"
-
-
-def gpu_info(index: int = 0) -> dict:
-    """name, compute capability ("8.7"), integrated (Jetson: shares DRAM with the CPU), total memory; raises
-    RuntimeError saying why there is no usable GPU."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        raise RuntimeError("cuda-python is not installed (pip install 'edgevl[gpu]')") from None
-    err, count = cudart.cudaGetDeviceCount()
-    if err != cudart.cudaError_t.cudaSuccess:
-        hint = {"cudaErrorInsufficientDriver": "no NVIDIA driver is loaded, or it is older than this cuda-python "
-                                               "needs",
-                "cudaErrorNoDevice": "the driver sees no NVIDIA GPU"}.get(err.name, "")
-        raise RuntimeError(f"cudaGetDeviceCount: {err.name}" + (f" ({hint})" if hint else ""))
-    if index >= count:
-        raise RuntimeError(f"GPU {index} requested, {count} present")
-    err, prop = cudart.cudaGetDeviceProperties(index)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"cudaGetDeviceProperties({index}): {err.name}")
-    name = prop.name.decode(errors="replace").rstrip("\0") if isinstance(prop.name, bytes) else str(prop.name)
-    return {"index": index, "name": name, "compute_capability": f"{prop.major}.{prop.minor}",
-            "integrated": bool(prop.integrated), "total_memory_bytes": int(prop.totalGlobalMem),
-            "multiprocessors": int(prop.multiProcessorCount)}
 
 
 def _jetson_release() -> str | None:
@@ -225,7 +202,8 @@ def _kernels_status(r: DoctorReport) -> BackendStatus:
     if r.gpu is None:
         return BackendStatus("gpu-preprocess", False, f"NVRTC {r.nvrtc} compiles the kernels, but there is no GPU "
                                                       f"to run them ({r.gpu_problem}); CPU tiling is used")
-    return BackendStatus("gpu-preprocess", True, f"NVRTC {r.nvrtc} for sm_{r.gpu['compute_capability'].replace('.', '')}")
+    arch = r.gpu["compute_capability"].replace(".", "")
+    return BackendStatus("gpu-preprocess", True, f"NVRTC {r.nvrtc} for sm_{arch}")
 
 
 def format_report(r: DoctorReport) -> str:

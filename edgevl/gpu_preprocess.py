@@ -1,11 +1,11 @@
 """Where an image is tiled: on the host (preprocess_image, the reference) or on the GPU (kernels/), the tiles then
 staying on the device for the vision engine, so a frame crosses to the GPU once, as decoded uint8.
 
-The pipeline (api.EdgeVL) talks to one preprocessor through four calls:
+The pipeline (api.EdgeVL) talks to one preprocessor through three calls:
     tile(image, config, channel_order)      -> pixel values: a host array [T, 3, S, S] or DeviceTiles
     tile_driving(views, channel_order, cfg) -> the same for the six-camera dict
     content_key(pixel_values)               -> the chat embedding cache's key
-    encode(backend, pixel_values)           -> image_embeds [T, 256, H] float32 on the host
+and hands the pixel values to the backend's encode_images (the exported backends read DeviceTiles in place).
 Both kinds of pixel values have .shape, so tile counts read the same way.
 
 Importing this module never imports cuda; building a DevicePreprocessor for a GPU does.
@@ -31,7 +31,9 @@ class PreprocessUnavailable(RuntimeError):
 
 def runs_on_gpu(backend: str, device: str) -> bool:
     """Whether the vision engine of this backend reads device memory (so GPU tiles can be handed to it)."""
-    return backend == "tensorrt" or (backend == "onnxruntime" and device.startswith("cuda"))
+    from .backends import backend_entry
+
+    return backend_entry(backend).gpu_vision(device)
 
 
 def resolve_preprocess(requested: str | None, backend: str, device: str) -> str:
@@ -52,7 +54,7 @@ def make_preprocessor(mode: str, backend, device: str = "cuda"):
     """The preprocessor for a resolved mode; "gpu" compiles (or loads the cached) kernels for the GPU present."""
     if mode == "cpu":
         return HostPreprocessor()
-    if not hasattr(backend, "encode_device_tiles"):
+    if not getattr(backend, "takes_device_tiles", False):
         raise PreprocessUnavailable(f"preprocess='gpu': {type(backend).__name__} cannot encode tiles from device "
                                     f"memory; use {GPU_BACKENDS}, or preprocess='cpu'")
     try:
@@ -60,7 +62,9 @@ def make_preprocessor(mode: str, backend, device: str = "cuda"):
     except ImportError as e:
         raise PreprocessUnavailable(f"preprocess='gpu' needs the edgevl.kernels package ({e}); "
                                     "reinstall edgevl, or use preprocess='cpu'") from None
-    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0  # "cuda", or tensorrt's "cpu": GPU 0
+    from .device import device_index
+
+    index = device_index(device)
     try:
         kernels = CudaKernels(index)
     except (ImportError, NoCudaDevice) as e:
@@ -94,9 +98,6 @@ class HostPreprocessor:
 
     def content_key(self, pixel_values: np.ndarray) -> str:
         return tiles_content_key(pixel_values)
-
-    def encode(self, backend, pixel_values: np.ndarray) -> np.ndarray:
-        return backend.encode_images(pixel_values)
 
 
 # -- on the GPU -------------------------------------------------------------------------------------------
@@ -187,10 +188,6 @@ class DevicePreprocessor:
 
     def content_key(self, pixel_values: DeviceTiles) -> str:
         return pixel_values.content_key()
-
-    def encode(self, backend, pixel_values: DeviceTiles) -> np.ndarray:
-        self.kernels.synchronize()  # the backend runs on its own stream
-        return backend.encode_device_tiles(pixel_values.ptr, pixel_values.shape[0], self.dtype)
 
     def _tiles_buffer(self, count: int, config: TilingConfig):
         return self.kernels.alloc(count * 3 * config.image_size ** 2 * self.dtype.itemsize)

@@ -192,21 +192,35 @@ class LanguageModel(nn.Module):
         return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in self.layers]
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                last_only: bool = True) -> tuple[torch.Tensor, KVCache]:
-        s, past = inputs_embeds.shape[1], cache[0][0].shape[2]
+                last_only: bool = True, fixed_capacity: bool = False) -> tuple[torch.Tensor, KVCache]:
+        """fixed_capacity: how the cache is updated. False: the step's keys and values are appended (present is
+        [B, kv, past + S, d]). True: cache is [B, kv, capacity, d] whatever the position and present has the same
+        shape, the step's rows scattered in at position_ids, so no shape depends on the position (what a CUDA graph
+        needs). Then the layers attend over capacity + S keys: the cached rows before the step's first position
+        (rows from it on are stale, from an older sequence or never written, and masked) and the step's own
+        causally. Same keys, same values, same logits either way."""
+        s, cached = inputs_embeds.shape[1], cache[0][0].shape[2]
+        device = inputs_embeds.device
         cos, sin = self.rope(position_ids)
         cos, sin = cos[:, None].to(inputs_embeds.dtype), sin[:, None].to(inputs_embeds.dtype)
-        # Causal over the new tokens, everything in the past visible; built from shapes so it traces. Additive
-        # with a finite minimum (not -inf): no row is ever fully masked, so the graph needs no NaN guard. Tiled
-        # once per query group to match the grouped row layout of DecoderLayer's scores.
+        # Built from shapes and positions so it traces. Additive with a finite minimum (not -inf): no row is ever
+        # fully masked, so the graph needs no NaN guard. Tiled once per query group to match the grouped row layout
+        # of DecoderLayer's scores.
+        rows = torch.arange(s, device=device)
+        if fixed_capacity:
+            visible = torch.cat([(torch.arange(cached, device=device) < position_ids[0, :1])[None].expand(s, -1),
+                                 rows[None, :] <= rows[:, None]], dim=1)
+            index = position_ids[0].view(1, 1, s, 1).expand(1, self.spec.num_kv_heads, s, self.spec.head_dim)
+        else:  # causal over the new tokens, everything in the past visible
+            visible = torch.arange(cached + s, device=device)[None, :] <= (cached + rows[:, None])
         groups = self.spec.num_heads // self.spec.num_kv_heads
-        visible = torch.arange(past + s, device=inputs_embeds.device)[None, :] <= (
-            past + torch.arange(s, device=inputs_embeds.device)[:, None])
-        mask = torch.zeros(visible.shape, dtype=torch.float32, device=inputs_embeds.device).masked_fill(
+        mask = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill(
             ~visible, torch.finfo(torch.float32).min).repeat(groups, 1)
         x, present = inputs_embeds, []
         for layer, (pk, pv) in zip(self.layers, cache):
             x, k, v = layer(x, cos, sin, pk, pv, mask)
+            if fixed_capacity:
+                k, v = pk.scatter(2, index, k.narrow(2, cached, s)), pv.scatter(2, index, v.narrow(2, cached, s))
             present.append((k, v))
         x = self.norm(x[:, -1:] if last_only else x)  # prefill needs one row of logits, not S x vocab
         return self.lm_head(x).float(), present

@@ -27,11 +27,12 @@ import numpy as np
 
 from . import __version__
 from .cpu import describe as describe_cpu
-from .drift import DRIFT_BOUNDS, cosine, greedy_agreement, measure_drift
+from .drift import cosine, greedy_agreement, measure_drift
+from .precisions import BUILD_PRECISIONS, EXPORT_PRECISIONS
 
 FAMILIES = ("qwen2", "internlm2", "phi3")
 BACKENDS = ("pytorch", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "kernels")
-TRT_PRECISIONS = ("fp16", "int8-vision-fp16-llm")
+TRT_PRECISIONS = tuple(name for name, recipe in BUILD_PRECISIONS.items() if recipe.drift_bounds)
 QUANTIZED = ("int8", "int4")  # ONNX Runtime exports checked against the fp32 one
 JSON_FORMAT_VERSION = 1
 # fp32 backends against the fp32 PyTorch reference: the same math in another runtime.
@@ -161,10 +162,10 @@ def _fp32_backend_checks(report: Report, family: str, backend: str, reference, c
            greedy_agreement(a, b), "==", 1.0, started)
 
 
-def _drift_checks(report: Report, family: str, label: str, bounds: str, reference, candidate) -> None:
+def _drift_checks(report: Report, family: str, label: str, bounds: dict[str, float], reference, candidate) -> None:
     started = time.perf_counter()
     drift = measure_drift(reference, candidate, NEW_TOKENS)
-    for metric, floor in DRIFT_BOUNDS[bounds].items():
+    for metric, floor in bounds.items():
         _check(report, "vision" if metric.startswith("image") else "decoder", family, label,
                metric.replace("_", " "), drift[metric], ">=", floor, started)
 
@@ -180,8 +181,8 @@ def _tensorrt_checks(report: Report, family: str, fp32_dir: Path, work: Path, re
             shutil.copytree(fp32_dir, plans)
             build_engines(plans, precision=precision, log=lambda _: None)
         engine = EdgeVL.from_pretrained(plans, backend="tensorrt")
-        _drift_checks(report, family, f"tensorrt {precision} vs pytorch fp32", f"trt-{precision}", reference,
-                      engine)
+        _drift_checks(report, family, f"tensorrt {precision} vs pytorch fp32",
+                      BUILD_PRECISIONS[precision].drift_bounds, reference, engine)
 
 
 def _kernel_checks(report: Report) -> None:
@@ -277,8 +278,8 @@ def _family_checks(report: Report, family: str, work: Path, run: list[str], has_
                 from .export import quantize_export
 
                 quantize_export(fp32_dir, out, precision, log=quiet)
-            _drift_checks(report, family, f"{backend} {precision} vs fp32", precision, fp32,
-                          EdgeVL.from_pretrained(out, device=device))
+            _drift_checks(report, family, f"{backend} {precision} vs fp32", EXPORT_PRECISIONS[precision].drift_bounds,
+                          fp32, EdgeVL.from_pretrained(out, device=device))
     if "tensorrt" in run:
         _tensorrt_checks(report, family, fp32_dir, work, reference)
 

@@ -25,7 +25,8 @@ def main(argv=None) -> int:
         print(f"question: {question}")
         result = model.generate(question, views, max_new_tokens=args.max_new_tokens)
         print(f"answer: {result.text!r}")
-        print(f"tiles per image: {result.tiles_per_image} (12 tiles + thumbnail), prompt tokens: {result.prompt_tokens}")
+        print(f"tiles per image: {result.tiles_per_image} (12 tiles + thumbnail), "
+              f"prompt tokens: {result.prompt_tokens}")
         answer = "There is a car at <c2,CAM_BACK,[500.0,750.0]> behind the ego vehicle."  # a crafted answer
         print(f"tags in a crafted answer: {[(t.tag, t.camera, t.x, t.y) for t in parse_object_tags(answer)]}")
         print(f"as DriveLM pixel tags (1600x900 cameras): {tags_to_pixels(answer)}")

@@ -6,8 +6,8 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
   measured on the project's 2-core Xeon over the 97 weight matmuls of Qwen2-0.5B, prefill of 662 tokens 0.47 s
   against 2.4 s for MatMulNBits int8 (block 32, accuracy_level 4), and one decode token 22.9 ms against 24.5 ms.
   Per token, not per tensor (DynamicQuantizeMatMul everywhere decodes ~1 ms a step faster, benchmarks/RESULTS.md,
-  but costs prefill accuracy): a prompt's outlier tokens (the "attention sink" rows, 10-1000x the others in down_proj's input on
-  Qwen2) would otherwise set the scale of every row and flatten them to a few levels. The logits' MatMul only
+  but costs prefill accuracy): a prompt's outlier tokens (the "attention sink" rows, 10-1000x the others in
+  down_proj's input on Qwen2) would otherwise set the scale of every row and flatten them to a few levels. The logits' MatMul only
   ever sees one row, so it is the DynamicQuantizeMatMul.
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
   SimplifiedLayerNormalization node; ONNX Runtime's own fusion matches only the Div form.
@@ -20,6 +20,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from .initializers import Initializers
+from .quantizer import symmetric_weights
+from .memory import progress
 
 MIN_WEIGHT_ELEMENTS = 1 << 12  # smaller MatMul weights (none in a real model) stay fp32
 _ZERO_POINT = 128  # symmetric per-token scale, shifted into uint8: MLAS's fast GEMM is u8 x s8
@@ -40,37 +44,36 @@ def _consumers(graph) -> dict[str, list]:
     return out
 
 
-def _scalar(inits: dict, name: str):
+def _scalar(inits: dict, name: str, data: Initializers):
     t = inits.get(name)
-    if t is None:
+    if t is None or int(np.prod(t.dims)) != 1:
         return None
-    a = numpy_helper.to_array(t)
-    return a.item() if a.size == 1 else None
+    return data.array(t).item()
 
 
-def quantize_matmuls_per_token(model: onnx.ModelProto) -> int:
+def quantize_matmuls_per_token(model: onnx.ModelProto, data: Initializers | None = None, log=None) -> int:
     """Replace each MatMul(x, W) with a constant 2-D W by int8 weights Wq = round(W / w_scale), w_scale =
     max(|W|, axis 0) / 127, and activations quantized per token:
         m = max(|x|, last axis);  y = MatMulIntegerToFloat(round(127 x / m) + 128, Wq, 1/127, w_scale, 128) * m
     (m rides outside the integer product because MatMulIntegerToFloat takes one activation scale per tensor).
     An all-zero row makes 0 / 0 quantize to some finite code, and the final * m = 0 still zeroes it exactly. A
     MatMul whose output is a one-row graph output (the last position's logits) is one DynamicQuantizeMatMul
-    instead: per tensor is per token there, and one fused node replaces six. In place; returns how many."""
-    graph = model.graph
+    instead: per tensor is per token there, and one fused node replaces six. In place; returns how many.
+    `data` reads the weights and stores the new ones (default: in the graph); `log`, when given, gets progress."""
+    graph, data = model.graph, data or Initializers()
     inits = _initializers(graph)
     single_row = _one_row_outputs(graph)
     nodes, done, replaced = [], set(), 0
-    for node in graph.node:
+    for node in graph.node if log is None else progress(list(graph.node), len(graph.node), "int8 weights", log):
         w = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         if w is None or len(w.dims) != 2 or int(np.prod(w.dims)) < MIN_WEIGHT_ELEMENTS:
             nodes.append(node)
             continue
         if w.name not in done:  # a weight shared by two MatMuls is quantized once
-            weight = numpy_helper.to_array(w).astype(np.float32)
-            scale = np.maximum(np.abs(weight).max(axis=0), np.finfo(np.float32).tiny) / 127
-            graph.initializer.extend([
-                numpy_helper.from_array(np.clip(np.rint(weight / scale), -127, 127).astype(np.int8), f"{w.name}.int8"),
-                numpy_helper.from_array(scale.astype(np.float32), f"{w.name}.scale")])
+            q, scale = symmetric_weights(data.array(w), 8)
+            data.new(graph, q, f"{w.name}.int8")
+            data.new(graph, scale, f"{w.name}.scale")
+            del q
             done.add(w.name)
         x, y, p = node.input[0], node.output[0], f"{node.name or node.output[0]}.pt"
         if y in single_row:
@@ -99,10 +102,10 @@ def quantize_matmuls_per_token(model: onnx.ModelProto) -> int:
     return replaced
 
 
-def fuse_rms_norm(model: onnx.ModelProto) -> int:
+def fuse_rms_norm(model: onnx.ModelProto, data: Initializers | None = None) -> int:
     """x -> Pow(2) -> ReduceMean(-1) -> Add(eps) -> Sqrt -> Reciprocal -> Mul(x, .) -> Mul(weight, .) becomes
     SimplifiedLayerNormalization(x, weight, epsilon=eps). In place; returns how many were fused."""
-    graph = model.graph
+    graph, data = model.graph, data or Initializers()
     inits, consumers = _initializers(graph), _consumers(graph)
 
     def only_consumer(node, op_type):
@@ -111,7 +114,7 @@ def fuse_rms_norm(model: onnx.ModelProto) -> int:
 
     fused, remove, insert_at = 0, set(), {}
     for pow_node in graph.node:
-        if pow_node.op_type != "Pow" or _scalar(inits, pow_node.input[1]) != 2:
+        if pow_node.op_type != "Pow" or _scalar(inits, pow_node.input[1], data) != 2:
             continue
         x = pow_node.input[0]
         chain = [pow_node]
@@ -123,10 +126,10 @@ def fuse_rms_norm(model: onnx.ModelProto) -> int:
         if len(chain) != 7:
             continue
         mean, add, _, _, mul_x, mul_w = chain[1:]
-        eps = _scalar(inits, add.input[1])
+        eps = _scalar(inits, add.input[1], data)
         weight = next((i for i in mul_w.input if i in inits), None)
         if (eps is None or weight is None or x not in mul_x.input or len(mean.input) < 2
-                or _scalar(inits, mean.input[1]) != -1):
+                or _scalar(inits, mean.input[1], data) != -1):
             continue
         remove.update(id(n) for n in chain)
         insert_at[id(mul_w)] = helper.make_node(
@@ -140,7 +143,7 @@ def fuse_rms_norm(model: onnx.ModelProto) -> int:
     return fused
 
 
-def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> int:
+def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int, data: Initializers | None = None) -> int:
     """Each layer's attention (the split of the packed QKV projection, RoPE, Concat onto the cache, Q x K^T,
     scale, causal mask, softmax, x V and the head merge) becomes one com.microsoft GroupQueryAttention node
     reading the packed QKV with RoPE inside it: GQA rotates the step's rows at positions it derives from
@@ -150,7 +153,7 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> 
     kernel passes the scale as Q x K^T's GEMM alpha, and MLAS takes its one-row kernel only for alpha 1 (without it
     the 24 layers' decode attention at 700 tokens costs ~0.5 ms more per step on the 2-core Xeon). In place;
     returns how many layers were fused (0 where the graph is not the exported shape)."""
-    graph = model.graph
+    graph, data = model.graph, data or Initializers()
     inits, consumers = _initializers(graph), _consumers(graph)
     long_rope = decoder_spec.get("long_rope")
     if ROPE_INV_FREQ not in inits or (long_rope and ROPE_INV_FREQ_LONG not in inits):
@@ -161,12 +164,12 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> 
         if not (output.name.startswith("present.") and output.name.endswith(".key")):
             continue
         layer = output.name[len("present."):-len(".key")]
-        core = _attention_core(layer, producer, consumers, inits)
+        core = _attention_core(layer, producer, consumers, inits, data)
         if core is None:
             continue
         packed, concat_k, concat_v, merged, scale = core
         query_width = decoder_spec["num_heads"] * (decoder_spec["hidden_size"] // decoder_spec["num_heads"])
-        if _fold_query_scale(packed, query_width, scale, producer, consumers, inits):
+        if _fold_query_scale(packed, query_width, scale, producer, consumers, inits, data):
             scale = 1.0
         remove.update((id(concat_k), id(concat_v)))
         replace[id(merged)] = helper.make_node(
@@ -178,7 +181,7 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> 
         fused += 1
     if not fused:
         return 0
-    nodes = (_sequence_lengths(graph) + _rotary_tables(graph, inits, long_rope, max_seq)
+    nodes = (_sequence_lengths(graph) + _rotary_tables(graph, inits, long_rope, max_seq, data)
              + [replace.get(id(n), n) for n in graph.node if id(n) not in remove])
     _replace_nodes(graph, nodes)
     _drop_dead_nodes(graph)
@@ -187,7 +190,7 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int) -> 
     return fused
 
 
-def _attention_core(layer: str, producer: dict, consumers: dict, inits: dict):
+def _attention_core(layer: str, producer: dict, consumers: dict, inits: dict, data: Initializers):
     """(packed QKV, Concat K, Concat V, last node of the head merge, softmax scale) of one exported layer, or
     None where the graph does not have the exported shape (modeling.DecoderLayer.forward)."""
     concat_k, concat_v = producer.get(f"present.{layer}.key"), producer.get(f"present.{layer}.value")
@@ -205,7 +208,7 @@ def _attention_core(layer: str, producer: dict, consumers: dict, inits: dict):
     if len(scores) != 1 or len(weighted) != 1:
         return None
     scale_mul = consumers[scores[0].output[0]][0]
-    scale = _scalar(inits, scale_mul.input[1]) if scale_mul.op_type == "Mul" else None
+    scale = _scalar(inits, scale_mul.input[1], data) if scale_mul.op_type == "Mul" else None
     merged = weighted[0]
     while len(consumers.get(merged.output[0], [])) == 1 and consumers[merged.output[0]][0].op_type in (
             "Reshape", "Transpose"):
@@ -216,7 +219,7 @@ def _attention_core(layer: str, producer: dict, consumers: dict, inits: dict):
 
 
 def _fold_query_scale(packed: str, query_width: int, scale: float, producer: dict, consumers: dict,
-                      inits: dict) -> bool:
+                      inits: dict, data: Initializers) -> bool:
     """Multiply the first query_width columns of the projection producing `packed` (MatMul with a constant
     weight, then optionally Add of a constant bias) by scale, so attention can use scale 1 (RoPE is linear, so
     scaling before it is the same). False, and nothing changed, where the graph has another shape or the
@@ -232,9 +235,9 @@ def _fold_query_scale(packed: str, query_width: int, scale: float, producer: dic
     if any(len(consumers.get(name, [])) != 1 for name in constants):
         return False
     for name in constants:
-        array = numpy_helper.to_array(inits[name]).copy()
+        array = data.array(inits[name]).copy()
         array[..., :query_width] *= np.asarray(scale, array.dtype)
-        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+        data.replace(inits[name], array)
     return True
 
 
@@ -252,7 +255,7 @@ def _sequence_lengths(graph) -> list:
     ]
 
 
-def _rotary_tables(graph, inits: dict, long_rope: dict | None, max_seq: int) -> list:
+def _rotary_tables(graph, inits: dict, long_rope: dict | None, max_seq: int, data: Initializers) -> list:
     """GQA's cos/sin caches `gqa.cos` / `gqa.sin` [max_seq, head_dim / 2] (row = position), from the exported
     graph's own RoPE frequencies, so the tables are the model's whatever its RoPE variant. Plain RoPE: two
     initializers, no nodes. LongRoPE (modeling.Rope): a short and a long pair, both scaled by attention_factor, and
@@ -262,10 +265,9 @@ def _rotary_tables(graph, inits: dict, long_rope: dict | None, max_seq: int) -> 
     ~0.15 ms apiece at InternVL2-4B's 4096 x 48 (ONNX Runtime 1.32, 2 threads of a 2-core AMD EPYC VM), where the
     concat layout they replace copies the whole cache every step."""
     def add_tables(inv_freq: str, suffix: str, factor: float) -> None:
-        angles = np.arange(max_seq, dtype=np.float64)[:, None] * numpy_helper.to_array(inits[inv_freq])
-        graph.initializer.extend([
-            numpy_helper.from_array((np.cos(angles) * factor).astype(np.float32), f"gqa.cos{suffix}"),
-            numpy_helper.from_array((np.sin(angles) * factor).astype(np.float32), f"gqa.sin{suffix}")])
+        angles = np.arange(max_seq, dtype=np.float64)[:, None] * data.array(inits[inv_freq])
+        data.new(graph, (np.cos(angles) * factor).astype(np.float32), f"gqa.cos{suffix}")
+        data.new(graph, (np.sin(angles) * factor).astype(np.float32), f"gqa.sin{suffix}")
 
     if not long_rope:
         add_tables(ROPE_INV_FREQ, "", 1.0)

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,38 +26,28 @@ import numpy as np
 from edgevl import __version__
 from edgevl.drift import format_drift
 from edgevl.errors import SettingError
-from edgevl.manifest import MANIFEST_NAME, is_export_dir, read_manifest, write_manifest
+from edgevl.manifest import (CONCAT_KV, FIXED_KV, MANIFEST_NAME, SHARED_KV, ExportError, Graphs, ImageTokens, Limits,
+                             Manifest, Precision, Source, is_export_dir, read_manifest, write_manifest)
+from edgevl.precisions import EXPORT_PRECISIONS
 from edgevl.prompts import IMG_CONTEXT, IMG_END, IMG_START, checkpoint_system_message
-from edgevl.specs import spec_to_dict
 
-# --precision -> (vision, decoder)
-PRECISIONS = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "int8": ("int8", "int8"), "int4": ("int8", "int4")}
+from .memory import GIB, export_peak_rss_bytes, release_memory, run_in_subprocess
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt")
 DEFAULT_MAX_TILES = 13  # 12 + thumbnail
 DEFAULT_MAX_SEQ = 4096
-FIXED_KV_CACHE = {"layout": "fixed", "dtype": "float32",
-                  "inputs": "past_key_values.{layer}.{key|value} [1, kv_heads, capacity, head_dim]",
-                  "outputs": "present.{layer}.{key|value} [1, kv_heads, capacity, head_dim]: past with the step's "
-                             "rows written at position_ids",
-                  "capacity": "2..max_seq, fixed per TensorRT plan; cached rows at and after the step's first "
-                              "position are masked, so they must hold finite values (zero-initialise)"}
-
-# The CPU decoders whose attention is ONNX Runtime's GroupQueryAttention (export/cpu_graph.py): past and present
-# are one buffer, written in place, so a step copies nothing and attends over the valid rows only.
-SHARED_KV_CACHE = {"layout": "shared", "dtype": "float32",
-                   "inputs": "past_key_values.{layer}.{key|value} [1, kv_heads, capacity, head_dim]",
-                   "outputs": "present.{layer}.{key|value}: bound to the same buffer as past; the step's rows are "
-                              "written at position_ids, whose last value + 1 is the valid length",
-                   "capacity": "the runtime's max_seq (<= limits.max_seq)"}
-
-
 @contextmanager
 def _stage(log, name: str):
+    """Log a stage's start and end; the end line gives the export's peak RSS so far (with its torch export
+    processes: memory.export_peak_rss_bytes). Memory the stage freed is handed back before the next one starts."""
     log(f"[export] {name} ...")
     start = time.perf_counter()
     yield
-    log(f"[export] {name} done in {time.perf_counter() - start:.1f} s")
+    release_memory()
+    peak = export_peak_rss_bytes()
+    log(f"[export] {name} done in {time.perf_counter() - start:.1f} s"
+        + (f", peak RSS so far {peak / GIB:.1f} GiB" if peak else ""))
 
 
 def export_model(model_dir, out_dir, precision: str = "fp32", max_tiles: int = DEFAULT_MAX_TILES,
@@ -70,11 +61,11 @@ def export_model(model_dir, out_dir, precision: str = "fp32", max_tiles: int = D
     from edgevl.checkpoint import load_checkpoint
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if precision not in PRECISIONS:
-        raise SettingError("", "precision", precision, f"expected one of {tuple(PRECISIONS)}")
+    if precision not in EXPORT_PRECISIONS:
+        raise SettingError("", "precision", precision, f"expected one of {tuple(EXPORT_PRECISIONS)}")
     if not isinstance(max_tiles, int) or not 1 <= max_tiles <= 64:
         raise SettingError("", "max_tiles", max_tiles, "expected 1..64 (13 = 12 tiles + thumbnail; ~40 for video)")
-    if calib_images is not None and precision not in ("int8", "int4"):
+    if calib_images is not None and EXPORT_PRECISIONS[precision].vision != "int8":
         raise SettingError("", "calib_images", str(calib_images), f"calibrates int8 vision graphs, and precision "
                            f"{precision!r} has none")
     check_destination(out_dir, source=model_dir)
@@ -151,57 +142,83 @@ def _exchange(a: Path, b: Path) -> None:
 def _export_fp32(model_dir: Path, checkpoint, out_dir: Path, max_tiles: int, max_seq: int, log,
                  fixed_cache_graph: bool = True) -> None:
     """fixed_cache_graph: also write decoder_fixed.onnx (TensorRT only builds from fp32 exports, so the temporary
-    fp32 export behind a quantized one skips it)."""
-    from edgevl.backends.torch_backend import TorchBackend
+    fp32 export behind a quantized one skips it). Each torch export runs in a process of its own, holding one
+    fp32 torch module: the vision tower's, then the decoder's. torch.onnx.export keeps the tensors it exported
+    from alive after it returns, outside Python's reach (neither deleting the module nor emptying its parameters
+    frees them): run here, an export would carry the whole fp32 model into every later stage."""
     from edgevl.tokenizer import load_tokenizer
 
-    from .graphs import OPSET, export_decoder, export_decoder_fixed_cache, export_vision
+    from . import graphs
 
-    with _stage(log, f"load checkpoint {model_dir}"):
-        tokenizer = load_tokenizer(model_dir)
-        model = TorchBackend(checkpoint, dtype="float32")
+    tokenizer = load_tokenizer(model_dir)
     spec = checkpoint.spec
     with _stage(log, f"vision.onnx (tiles 1..{max_tiles})"):
-        export_vision(model.vision, out_dir / "vision.onnx", max_tiles)
-    with _stage(log, f"decoder.onnx (max_seq {max_seq}, {spec.decoder.num_layers} layers)"):
-        export_decoder(model.lm, out_dir / "decoder.onnx", max_seq)
-    if fixed_cache_graph:
-        with _stage(log, "decoder_fixed.onnx (fixed-capacity KV cache, for TensorRT)"):
-            export_decoder_fixed_cache(model.lm, out_dir / "decoder_fixed.onnx", max_seq,
-                                       weights_from=out_dir / "decoder.onnx")
-    np.save(out_dir / "embed_tokens.npy", model.lm.embed.weight.detach().float().numpy())
+        run_in_subprocess(_export_vision_graph, model_dir, out_dir, max_tiles, graphs.EXTERNAL_DATA_BYTES)
+    decoders = "decoder.onnx and decoder_fixed.onnx (TensorRT's fixed KV cache)" if fixed_cache_graph else "decoder.onnx"
+    with _stage(log, f"{decoders} (max_seq {max_seq}, {spec.decoder.num_layers} layers)"):
+        run_in_subprocess(_export_decoder_graphs, model_dir, out_dir, max_seq, fixed_cache_graph,
+                          graphs.EXTERNAL_DATA_BYTES)
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)
-    template = spec.template
-    manifest = {
-        "edgevl_version": __version__,
-        "source": {"path": str(model_dir), "format": checkpoint.format, "dtype": checkpoint.dtype},
-        "spec": spec_to_dict(spec),
-        "template": template,
-        "system_message": checkpoint_system_message(model_dir, template),
-        "tokens": {name: tokenizer.token_to_id(tok) for name, tok in
-                   (("img_start", IMG_START), ("img_end", IMG_END), ("img_context", IMG_CONTEXT))},
-        "precision": {"vision": "fp32", "decoder": "fp32"},
-        "limits": {"max_tiles": max_tiles, "max_seq": max_seq},
-        "graphs": {"vision": "vision.onnx", "decoder": "decoder.onnx", "embed_tokens": "embed_tokens.npy",
-                   **({"decoder_fixed": "decoder_fixed.onnx"} if fixed_cache_graph else {})},
-        "kv_cache": {"layout": "concat", "dtype": "float32",
-                     "inputs": "past_key_values.{layer}.{key|value} [1, kv_heads, past, head_dim]",
-                     "outputs": "present.{layer}.{key|value} [1, kv_heads, past + seq, head_dim]",
-                     **({"decoder_fixed": FIXED_KV_CACHE} if fixed_cache_graph else {})},
-        "opset": OPSET,
-        "versions": _versions(),
-    }
+    manifest = Manifest(
+        edgevl_version=__version__,
+        source=Source(str(model_dir), checkpoint.format, checkpoint.dtype),
+        spec=spec,
+        template=spec.template,
+        system_message=checkpoint_system_message(model_dir, spec.template),
+        tokens=ImageTokens(*(tokenizer.token_to_id(tok) for tok in (IMG_START, IMG_END, IMG_CONTEXT))),
+        precision=Precision("fp32", "fp32"),
+        limits=Limits(max_tiles, max_seq),
+        graphs=Graphs("vision.onnx", "decoder.onnx", "embed_tokens.npy",
+                      decoder_fixed="decoder_fixed.onnx" if fixed_cache_graph else None),
+        kv_cache=replace(CONCAT_KV, decoder_fixed=FIXED_KV if fixed_cache_graph else None),
+        opset=graphs.OPSET,
+        versions=_versions(),
+    )
     write_manifest(out_dir, manifest)
+
+
+def _export_vision_graph(model_dir: Path, out_dir: Path, max_tiles: int, external_data_bytes: int) -> None:
+    """In a spawned process; external_data_bytes: the exporting process's graphs.EXTERNAL_DATA_BYTES (this process
+    imports the module afresh)."""
+    import torch
+
+    from edgevl.backends.torch_backend import load_vision
+    from edgevl.checkpoint import load_checkpoint
+
+    from . import graphs
+
+    graphs.EXTERNAL_DATA_BYTES = external_data_bytes
+    graphs.export_vision(load_vision(load_checkpoint(model_dir), torch.float32), out_dir / "vision.onnx", max_tiles)
+
+
+def _export_decoder_graphs(model_dir: Path, out_dir: Path, max_seq: int, fixed_cache_graph: bool,
+                           external_data_bytes: int) -> None:
+    """decoder.onnx, optionally decoder_fixed.onnx (sharing its external weights), and embed_tokens.npy; in a
+    spawned process, external_data_bytes as for _export_vision_graph."""
+    import torch
+
+    from edgevl.backends.torch_backend import load_language_model
+    from edgevl.checkpoint import load_checkpoint
+
+    from . import graphs
+
+    graphs.EXTERNAL_DATA_BYTES = external_data_bytes
+    lm = load_language_model(load_checkpoint(model_dir), torch.float32)
+    graphs.export_decoder(lm, out_dir / "decoder.onnx", max_seq)
+    if fixed_cache_graph:
+        graphs.export_decoder_fixed_cache(lm, out_dir / "decoder_fixed.onnx", max_seq,
+                                          weights_from=out_dir / "decoder.onnx")
+    np.save(out_dir / "embed_tokens.npy", lm.embed.weight.detach().float().numpy())
 
 
 def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=print) -> Path:
     """An fp32 export -> a lower-precision copy in out_dir (fp16: fp16 graphs with fp32 islands, for ONNX Runtime
     on CUDA; int8: int8 vision + int8 decoder weights; int4: int8 vision + int4 decoder weights), with its drift
     against the fp32 export recorded in the manifest. A transaction like export_model."""
-    if precision not in PRECISIONS or precision == "fp32":
-        raise ValueError(f"precision={precision!r}: expected one of {tuple(PRECISIONS)[1:]}")
+    if precision not in EXPORT_PRECISIONS or precision == "fp32":
+        raise ValueError(f"precision={precision!r}: expected one of {tuple(EXPORT_PRECISIONS)[1:]}")
     fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
     read_manifest(fp32_dir, verify_checksums=False)
     check_destination(out_dir, source=fp32_dir)
@@ -213,50 +230,52 @@ def quantize_export(fp32_dir, out_dir, precision: str, calib_images=None, log=pr
 def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_images, log) -> None:
     from edgevl import EdgeVL
     from edgevl.cpu import describe as describe_cpu
-    from edgevl.drift import measure_drift
-    from edgevl.specs import spec_from_dict
+    from edgevl.drift import compare_drift, drift_outputs
 
     from .quantize import calibration_tiles, quantize_decoder_weights, quantize_vision_int8
 
-    vision, decoder = PRECISIONS[precision]
+    recipe = EXPORT_PRECISIONS[precision]
     manifest = read_manifest(reference_dir, verify_checksums=False)
-    spec = spec_from_dict(manifest["spec"])
     # Everything but the fp32 graphs (and their external weights), which the quantized ones replace.
     shutil.copytree(reference_dir, out_dir, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data"),
                     dirs_exist_ok=True)
     # TensorRT's fixed-cache decoder is built from fp32 exports only; the copy does not carry it.
-    manifest["graphs"].pop("decoder_fixed", None)
-    manifest["kv_cache"].pop("decoder_fixed", None)
+    kv_cache = replace(manifest.kv_cache, decoder_fixed=None)
     if precision == "fp16":
         from .trt.precision import write_precision_graph
 
         for kind in ("vision", "decoder"):
             with _stage(log, f"{kind} fp16 (normalisations, softmax and residual adds fp32)"):
                 write_precision_graph(reference_dir / f"{kind}.onnx", out_dir / f"{kind}.onnx", kind, "fp16")
-        manifest["kv_cache"]["dtype"] = "float16"
+        kv_cache = replace(kv_cache, dtype="float16")
         quantization = {kind: "fp16 weights and activations; normalisations, softmax and residual adds fp32"
                         for kind in ("vision", "decoder")}
     else:
         with _stage(log, f"vision int8 (static Q/DQ, calibrated on {calib_images or 'generated images'})"):
             quantize_vision_int8(reference_dir / "vision.onnx", out_dir / "vision.onnx",
-                                 calibration_tiles(calib_images, spec.tiling))
-        with _stage(log, f"decoder {decoder}"):
+                                 calibration_tiles(calib_images, manifest.spec.tiling), log)
+        with _stage(log, f"decoder {recipe.decoder}"):
             scheme, fused_attention = quantize_decoder_weights(
-                reference_dir / "decoder.onnx", out_dir / "decoder.onnx", {"int8": 8, "int4": 4}[decoder],
-                manifest["spec"]["decoder"], manifest["limits"]["max_seq"])
-        log(f"[export] decoder: {scheme}" + (", attention fused (GroupQueryAttention)" if fused_attention else ""))
-        if fused_attention:
-            manifest["kv_cache"] = SHARED_KV_CACHE
+                reference_dir / "decoder.onnx", out_dir / "decoder.onnx", recipe.decoder_weights,
+                asdict(manifest.spec.decoder), manifest.limits.max_seq, log)
+        if recipe.kv_layout == "shared" and not fused_attention:  # a graph edgevl did not export this way
+            raise ExportError(f"{reference_dir / 'decoder.onnx'}: its attention could not be fused into "
+                              "GroupQueryAttention, which the shared KV layout of this precision needs; re-export it "
+                              "from the checkpoint with this edgevl")
+        log(f"[export] decoder: {scheme}, attention fused (GroupQueryAttention)")
+        kv_cache = SHARED_KV
         quantization = {"vision": "static int8 Q/DQ, symmetric; attention and normalisations fp32", "decoder": scheme}
-    manifest["precision"] = {"vision": vision, "decoder": decoder}
-    manifest["quantization"] = quantization
-    manifest.pop("files")
+    manifest = replace(manifest, graphs=replace(manifest.graphs, decoder_fixed=None), kv_cache=kv_cache,
+                       precision=Precision(recipe.vision, recipe.decoder), quantization=quantization)
     write_manifest(out_dir, manifest)
     with _stage(log, "drift against fp32"):
-        drift = measure_drift(EdgeVL.from_pretrained(reference_dir), EdgeVL.from_pretrained(out_dir))
+        # One model loaded at a time: the fp32 reference's outputs first, then the candidate's on the same inputs.
+        reference = drift_outputs(EdgeVL.from_pretrained(reference_dir))
+        release_memory()
+        drift = compare_drift(reference, drift_outputs(EdgeVL.from_pretrained(out_dir), inputs_from=reference))
     log("[export] drift vs fp32: " + format_drift(drift))
     # The CPU it was measured on: integer kernels differ between ISA classes (edgevl.cpu).
-    write_manifest(out_dir, {**manifest, "drift_vs_fp32": {**drift, "measured_on": describe_cpu()}})
+    write_manifest(out_dir, replace(manifest, drift_vs_fp32={**drift, "measured_on": describe_cpu()}))
 
 
 def _versions() -> dict:

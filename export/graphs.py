@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgevl.manifest import EXTERNAL_DATA_BYTES
 from edgevl.modeling import LanguageModel, VisionModel
 
 OPSET = 18
-EXTERNAL_DATA_BYTES = 1 << 30  # well under protobuf's 2 GB limit
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:
@@ -26,15 +26,16 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
 
 
 class _DecoderWithFlatCache(nn.Module):
-    """ONNX wants flat named inputs; the model takes a list of (key, value) pairs."""
+    """ONNX wants flat named inputs; the model takes a list of (key, value) pairs. fixed_capacity: the cache policy
+    of LanguageModel.forward (decoder_fixed.onnx)."""
 
-    def __init__(self, lm: LanguageModel):
+    def __init__(self, lm: LanguageModel, fixed_capacity: bool = False):
         super().__init__()
-        self.lm = lm
+        self.lm, self.fixed_capacity = lm, fixed_capacity
 
     def forward(self, inputs_embeds, position_ids, *past):
         cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, present = self.lm(inputs_embeds, position_ids, cache)
+        logits, present = self.lm(inputs_embeds, position_ids, cache, fixed_capacity=self.fixed_capacity)
         return (logits,) + tuple(t for kv in present for t in kv)
 
 
@@ -75,46 +76,12 @@ def _export_decoder_module(module: nn.Module, path: Path, max_seq: int, example_
             ["logits"] + kv_names(spec.num_layers, "present"), dynamic)
 
 
-class _DecoderWithFixedCache(nn.Module):
-    """The decoder over a fixed-capacity cache: past/present [1, kv, capacity, d] per layer, the step's rows
-    scattered in at position_ids, so no shape depends on the position (what a CUDA graph needs).
-
-    The layers are the model's own DecoderLayers, which append the step's keys to whatever cache they are given:
-    here the whole capacity, so they attend over capacity + S keys. The mask shows cached rows before the step's
-    first position (rows from it on are stale, from an older sequence or never written) and the step's own rows
-    causally; the scatter then writes those rows into present. Same keys, same values as the concat decoder."""
-
-    def __init__(self, lm: LanguageModel):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, inputs_embeds, position_ids, *past):
-        lm, spec = self.lm, self.lm.spec
-        s, capacity = inputs_embeds.shape[1], past[0].shape[2]
-        cos, sin = lm.rope(position_ids)
-        cos, sin = cos[:, None].to(inputs_embeds.dtype), sin[:, None].to(inputs_embeds.dtype)
-        positions = position_ids[0]
-        rows = torch.arange(s, device=positions.device)
-        visible = torch.cat([(torch.arange(capacity, device=positions.device) < positions[:1])[None].expand(s, -1),
-                             rows[None, :] <= rows[:, None]], dim=1)
-        # Additive and finite like LanguageModel's mask; tiled per query group for DecoderLayer's row layout.
-        mask = torch.zeros(visible.shape, dtype=torch.float32, device=positions.device).masked_fill(
-            ~visible, torch.finfo(torch.float32).min).repeat(spec.num_heads // spec.num_kv_heads, 1)
-        index = positions.view(1, 1, s, 1).expand(1, spec.num_kv_heads, s, spec.head_dim)
-        x, present = inputs_embeds, []
-        for i, layer in enumerate(lm.layers):
-            x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1], mask)
-            present += [past[2 * i].scatter(2, index, k.narrow(2, capacity, s)),
-                        past[2 * i + 1].scatter(2, index, v.narrow(2, capacity, s))]
-        return (lm.lm_head(lm.norm(x[:, -1:])).float(), *present)
-
-
 def export_decoder_fixed_cache(lm: LanguageModel, path: Path, max_seq: int, weights_from: Path | None = None) -> None:
     """decoder_fixed.onnx: the decoder with past/present [1, kv_heads, capacity, head_dim], capacity and seq dynamic
     up to max_seq (TensorRT fixes the capacity per plan). When `weights_from` (decoder.onnx, exported from the same
     model) keeps its weights in external data, this graph's initializers point into that file instead of a copy."""
-    _export_decoder_module(_DecoderWithFixedCache(lm.float().eval()), path, max_seq, example_cache=16,
-                           cache=torch.export.Dim("capacity", min=2, max=max_seq))
+    _export_decoder_module(_DecoderWithFlatCache(lm.float().eval(), fixed_capacity=True), path, max_seq,
+                           example_cache=16, cache=torch.export.Dim("capacity", min=2, max=max_seq))
     if weights_from is not None:
         share_external_weights(path, weights_from)
 

@@ -8,23 +8,19 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevl.manifest import EXTERNAL_DATA_BYTES
+from edgevl.precisions import WeightScheme
 from edgevl.preprocess import TilingConfig, preprocess_image
 from edgevl.synthetic import synthetic_image
 
-from .graphs import EXTERNAL_DATA_BYTES
+from .initializers import Initializers
+from .memory import progress, release_memory
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-# int4 weight block along K. 128 (GPTQ/AWQ's usual group size) rather than onnxruntime-genai's CPU default of 32:
-# on the 2-core Xeon, Qwen2-0.5B's decode step at 700 past tokens takes 19.7 ms against 23.8 ms and a 662-token
-# prefill 1.9 s against 2.5 s (fewer scales to read and apply); the drift against fp32 is recorded per export.
-# Every weight keeps at least MIN_BLOCKS blocks along K: narrower models (the tests' tiny ones) use SMALL_BLOCK_SIZE.
-BLOCK_SIZE, SMALL_BLOCK_SIZE, MIN_BLOCKS = 128, 32, 4
-
-
-# ONNX Runtime's MinMax calibrator keeps every intermediate tensor of every calibration tile until the end
-# (~0.5 GB per InternViT-300M tile; its CalibMaxIntermediateOutputs option drops data instead of merging it in
-# onnxruntime 1.32), so the tile count bounds the export's memory: 16 tiles ~ 9 GB.
-CALIBRATION_TILES = 16
+# MatMulNBits' int4 block along K is the recipe's (edgevl.precisions.INT4), as long as every weight keeps at least
+# MIN_BLOCKS blocks along K; narrower models (the tests' tiny ones) use SMALL_BLOCK_SIZE.
+SMALL_BLOCK_SIZE, MIN_BLOCKS = 32, 4
+CALIBRATION_TILES = 16  # tiles the vision graph's activation ranges are measured on, one run each
 
 
 def calibration_tiles(calib_images: Path | None, tiling: TilingConfig,
@@ -51,21 +47,18 @@ def calibration_images(calib_images) -> list[Path]:
     return paths
 
 
-def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray) -> None:
+def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray, log=print) -> None:
     """Static int8 Q/DQ on the patch Conv and the weight MatMuls; attention (Q x K^T, softmax, x V), LayerNorm,
     GELU and residual adds stay fp32. Symmetric activations (zero point 0) because TensorRT's explicit
     quantization requires it. Attention stays fp32 because quantizing its MatMuls makes ONNX Runtime fuse
     DQ -> Softmax -> Q into QLinearSoftmax, which alone took 0.44 s of a 1.63 s InternViT-300M tile on the
-    2-core Xeon (1.37 s without it), and int8 softmax probabilities cost accuracy besides."""
+    2-core Xeon (1.37 s without it), and int8 softmax probabilities cost accuracy besides. The activation ranges
+    come from calibrate_vision, handed to quantize_static as its calibration cache."""
+    import tempfile
+
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter([{"pixel_values": tiles[i:i + 1]} for i in range(len(tiles))])
-
-        def get_next(self):
-            return next(self._it, None)
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     root = logging.getLogger()
     level = root.level
@@ -73,49 +66,133 @@ def quantize_vision_int8(fp32_path: Path, out_path: Path, tiles: np.ndarray) -> 
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
     activation_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and not set(n.input) & weights]
-    quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["Conv", "MatMul"], nodes_to_exclude=activation_matmuls, per_channel=True,
-                    use_external_data_format=_needs_external_data(fp32_path, bytes_per_weight=1),
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    external = _needs_external_data(fp32_path, bytes_per_weight=1)
+    with tempfile.TemporaryDirectory(prefix="edgevl-calibration-", dir=out_path.parent) as scratch:
+        cache = Path(scratch) / "ranges.json"
+        save_tensors_data(calibrate_vision(fp32_path, tiles, Path(scratch), log), cache)
+        release_memory()
+        quantize_static(str(fp32_path), str(out_path), None, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=VISION_QUANTIZED_OPS, nodes_to_exclude=activation_matmuls,
+                        per_channel=True, use_external_data_format=external, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibration_cache_path=cache,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     root.setLevel(level)
 
 
-def quantize_decoder_weights(fp32_path: Path, out_path: Path, bits: int, decoder_spec: dict,
-                             max_seq: int) -> tuple[str, bool]:
+VISION_QUANTIZED_OPS = ["Conv", "MatMul"]
+
+
+def calibrate_vision(fp32_path: Path, tiles: np.ndarray, scratch: Path, log=print):
+    """The activation ranges quantize_static computes for VISION_QUANTIZED_OPS (ONNX Runtime's MinMax calibrator,
+    not symmetric: ActivationSymmetric applies later, in the quantizer), one tile per run, in a session that
+    frees each tensor once reduced. The calibrator appends a ReduceMin/ReduceMax pair per calibrated tensor whose
+    outputs nothing consumes, and the default execution order runs those pairs late, keeping every calibrated
+    tensor of a run alive: ~5 GB per InternViT-300M tile (quantize_static's own session, with its memory arena
+    and memory pattern, then grows past 10 GB). The priority-based order runs each pair as soon as its tensor
+    exists; the nodes and kernels are the same, and so are the ranges (checked equal on InternViT-300M)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    class LeanMinMaxCalibrater(MinMaxCalibrater):
+        def create_inference_session(self):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the base class
+            options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
+            self.infer_session = ort.InferenceSession(self.augmented_model_path, options,
+                                                      providers=self.execution_providers)
+
+    class Reader:
+        def __init__(self):
+            self._it = progress(({"pixel_values": tiles[i:i + 1]} for i in range(len(tiles))), len(tiles),
+                                "vision calibration tiles", log)
+
+        def get_next(self):
+            release_memory()  # the previous run's intermediates, freed by ONNX Runtime's threads' malloc arenas
+            return next(self._it, None)
+
+    # External data: the session then reads the weights straight from the file, not from a parsed 1.2 GB graph.
+    calibrator = LeanMinMaxCalibrater(fp32_path, VISION_QUANTIZED_OPS, str(scratch / "augmented.onnx"),
+                                      use_external_data_format=True)
+    calibrator.augment_graph()
+    calibrator.create_inference_session()
+    calibrator.model = None  # the loaded graph: the session holds its own copy of the weights
+    release_memory()
+    calibrator.collect_data(Reader())
+    return calibrator.compute_data()
+
+
+def quantize_decoder_weights(fp32_path: Path, out_path: Path, weights: WeightScheme, decoder_spec: dict,
+                             max_seq: int, log=print) -> tuple[str, bool]:
     """The decoder for ONNX Runtime on CPU: RMSNorm fused, attention fused into GroupQueryAttention
-    (cpu_graph.fuse_attention: every family, Phi-3's LongRoPE included), then the weights quantized. bits=8: int8
+    (cpu_graph.fuse_attention: every family, Phi-3's LongRoPE included), then the weights quantized. 8 bits: int8
     weights per output channel with activations quantized per token (cpu_graph.quantize_matmuls_per_token: integer
-    GEMM, fast prefill). bits=4: int4 weights in symmetric blocks (matmulnbits_block_size; MatMulNBits, activations
+    GEMM, fast prefill). 4 bits: int4 weights in symmetric blocks (matmulnbits_block_size; MatMulNBits, activations
     quantized to int8 per block, accuracy_level 4): the fastest decode, a slower prefill than int8's. Returns the
     scheme in words and whether attention was fused (the KV cache is then one shared buffer per tensor: the
-    manifest's "shared" layout; a decoder graph without the exported attention shape keeps "concat")."""
+    manifest's "shared" layout; a decoder graph without the exported attention shape keeps "concat"). Tensor by
+    tensor (export/initializers.py): the fp32 weights are read one at a time from fp32_path's external data, the
+    quantized ones written out as they are made."""
     import onnx
 
     from .cpu_graph import fuse_attention, fuse_rms_norm, quantize_matmuls_per_token
 
-    model = onnx.load(str(fp32_path))
-    fuse_rms_norm(model)
-    fused = fuse_attention(model, decoder_spec, max_seq) > 0
-    if bits == 8:
-        quantize_matmuls_per_token(model)
-        onnx.save(model, str(out_path), save_as_external_data=_needs_external_data(fp32_path, 1),
-                  location=out_path.name + ".data")
-        return "int8 weights per channel, int8 activations per token", fused
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    bits = weights.bits
+    external = _needs_external_data(fp32_path, bits / 8)
+    with Initializers(fp32_path.parent, out_path.with_name(out_path.name + ".data") if external else None) as data:
+        fuse_rms_norm(model, data)
+        fused = fuse_attention(model, decoder_spec, max_seq, data) > 0
+        if bits == 8:
+            quantize_matmuls_per_token(model, data, log)
+            scheme = "int8 weights per channel, int8 activations per token"
+        else:
+            block = matmulnbits_block_size(decoder_spec, weights.block_size)
+            _quantize_matmuls_nbits(model, data, bits, block, log)
+            scheme = f"int4 weights in blocks of {block}"
+        data.finish(model.graph)
+    onnx.save(model, str(out_path))
+    return scheme, fused
 
-    block = matmulnbits_block_size(decoder_spec)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(out_path),
-                                       use_external_data_format=_needs_external_data(fp32_path, bits / 8))
-    return f"int4 weights in blocks of {block}", fused
+
+def _quantize_matmuls_nbits(model, data: Initializers, bits: int, block_size: int, log) -> None:
+    """MatMulNBitsQuantizer(model, bits, block_size, is_symmetric=True, accuracy_level=4).process() and its
+    save's topological sort, one weight at a time: ONNX Runtime's own per-node quantizer gets each MatMul with a
+    graph holding just that node's weight, and the packed weight and scales it makes go straight to `data`."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, accuracy_level=4, bits=bits))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in progress(list(graph.node), len(graph.node), f"int{bits} weights", log):
+        weight = inits.get(node.input[1]) if node.op_type in quantizer.config.op_types_to_quantize else None
+        if weight is None:
+            nodes.append(node)
+            continue
+        scratch = onnx.GraphProto()
+        scratch.initializer.append(data.loaded(weight))
+        nodes += quantizer.quantize(node, [scratch])
+        for tensor in scratch.initializer[1:]:
+            data.add(graph, tensor)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    wrapped = ONNXModel(model)
+    wrapped.set_opset_import("com.microsoft", 1)
+    wrapped.clean_initializers()
+    wrapped.topological_sort()
 
 
-def matmulnbits_block_size(decoder_spec: dict) -> int:
-    """BLOCK_SIZE when every weight's K (hidden and intermediate size) holds MIN_BLOCKS of it, else SMALL_BLOCK_SIZE."""
+def matmulnbits_block_size(decoder_spec: dict, preferred: int) -> int:
+    """`preferred` when every weight's K (hidden and intermediate size) holds MIN_BLOCKS of it, else
+    SMALL_BLOCK_SIZE."""
     narrowest = min(decoder_spec["hidden_size"], decoder_spec["intermediate_size"])
-    return BLOCK_SIZE if narrowest >= MIN_BLOCKS * BLOCK_SIZE else SMALL_BLOCK_SIZE
+    return preferred if narrowest >= MIN_BLOCKS * preferred else SMALL_BLOCK_SIZE
 
 
 def _needs_external_data(fp32_path: Path, bytes_per_weight: float) -> bool:

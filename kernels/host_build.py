@@ -21,7 +21,8 @@ from .launch import TileAssembly
 from .tile_plan import NORMALIZATION_TABLE, DRIVING_CANVAS_SIZE, Destination, ResizePlan, plan_driving_views, plan_tiles
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("cuda_compat.cuh", "resample.cuh", "pixel_shuffle.cuh", "tile_assembly.cu", "pixel_shuffle.cu", "host_emulation.cpp")
+SOURCES = ("cuda_compat.cuh", "resample.cuh", "pixel_shuffle.cuh", "tile_assembly.cu", "pixel_shuffle.cu",
+           "host_emulation.cpp")
 
 
 class NoHostCompiler(RuntimeError):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevl.device import DeviceBuffer, check
 from edgevl.preprocess import TilingConfig
 
 from .nvrtc_compile import HEADERS, KERNEL_DIR, KERNELS, compile_source, nvrtc_version, supported_archs
@@ -64,19 +65,6 @@ def cached_binary(source: str, arch: int, cache_dir: Path | None = None) -> byte
     tmp.write_bytes(binary)
     os.replace(tmp, path)  # atomic, so concurrent first uses never read half a file
     return binary
-
-
-class DeviceBuffer:
-    """Device memory owned by Python; freed when collected."""
-
-    def __init__(self, cuda, nbytes: int):
-        self._cuda, self.nbytes = cuda, int(nbytes)
-        self.ptr = int(cuda.check(cuda.drv.cuMemAlloc(max(self.nbytes, 1)), "cuMemAlloc"))
-
-    def __del__(self):
-        if getattr(self, "ptr", 0):
-            self._cuda.drv.cuMemFree(self.ptr)
-            self.ptr = 0
 
 
 @dataclass(frozen=True)
@@ -147,61 +135,60 @@ class CudaKernels(TileAssembly):
             raise NoCudaDevice(NO_DRIVER_MESSAGE) from e
         if err != drv.CUresult.CUDA_SUCCESS:
             raise NoCudaDevice(f"{NO_DRIVER_MESSAGE} (cuInit: {err.name})")
-        if self.check(drv.cuDeviceGetCount(), "cuDeviceGetCount") <= device:
+        if check(drv.cuDeviceGetCount(), "cuDeviceGetCount") <= device:
             raise NoCudaDevice(f"{NO_DRIVER_MESSAGE} (no CUDA device {device})")
-        dev = self.check(drv.cuDeviceGet(device), "cuDeviceGet")
+        dev = check(drv.cuDeviceGet(device), "cuDeviceGet")
         attr = drv.CUdevice_attribute
-        major = self.check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cc")
-        minor = self.check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cc")
+        major = check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cc")
+        minor = check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cc")
         self.arch = major * 10 + minor
-        self.context = self.check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-        self.check((drv.cuCtxSetCurrent(self.context)[0], None), "cuCtxSetCurrent")
+        self.context = check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+        check((drv.cuCtxSetCurrent(self.context)[0], None), "cuCtxSetCurrent")
+        # Buffers come from the runtime API (edgevl.device), which allocates in the context current on this thread:
+        # the primary context just made current, the one the TensorRT backend's runtime calls use too.
+        from cuda.bindings import runtime
+
+        self.runtime = runtime
         self.functions = {}
         self._modules = []
         for source, names in KERNELS.items():
             image = np.frombuffer(cached_binary(source, self.arch, cache_dir and Path(cache_dir)), np.uint8)
             image = np.append(image, np.uint8(0))  # PTX must be NUL-terminated; harmless for a cubin
-            module = self.check(drv.cuModuleLoadData(image.ctypes.data), f"cuModuleLoadData({source})")
+            module = check(drv.cuModuleLoadData(image.ctypes.data), f"cuModuleLoadData({source})")
             self._modules.append(module)
             for name in names:
-                self.functions[name] = self.check(drv.cuModuleGetFunction(module, name.encode()), name)
-        self.stream = self.check(drv.cuStreamCreate(0), "cuStreamCreate")
+                self.functions[name] = check(drv.cuModuleGetFunction(module, name.encode()), name)
+        self.stream = check(drv.cuStreamCreate(0), "cuStreamCreate")
         self._tables: dict[int, DeviceBuffer] = {}  # id(numpy table) -> device copy, kept with the plan
         self._plans: dict[tuple, object] = {}
         self._scratch: DeviceBuffer | None = None
         self.norm_table = self.upload(NORMALIZATION_TABLE)
 
-    def check(self, result, what: str):
-        err, *rest = result
-        if err != self.drv.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"{what} failed: {err.name}")
-        return rest[0] if len(rest) == 1 else (rest or None)
-
     # -- memory ---------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> DeviceBuffer:
-        return DeviceBuffer(self, nbytes)
+        return DeviceBuffer(self.runtime, nbytes)
 
     def upload_into(self, buf: DeviceBuffer, array: np.ndarray) -> DeviceBuffer:
         """Copy a host array into the start of buf (at least array.nbytes); synchronous for pageable memory."""
         array = np.ascontiguousarray(array)
         if array.nbytes > buf.nbytes:
             raise ValueError(f"{array.nbytes} bytes do not fit a {buf.nbytes}-byte device buffer")
-        self.check((self.drv.cuMemcpyHtoD(buf.ptr, array.ctypes.data, array.nbytes)[0], None), "cuMemcpyHtoD")
+        check((self.drv.cuMemcpyHtoD(buf.ptr, array.ctypes.data, array.nbytes)[0], None), "cuMemcpyHtoD")
         return buf
 
     def download(self, buf: DeviceBuffer, shape, dtype) -> np.ndarray:
         out = np.empty(shape, dtype=dtype)
         self.synchronize()
-        self.check((self.drv.cuMemcpyDtoH(out.ctypes.data, buf.ptr, out.nbytes)[0], None), "cuMemcpyDtoH")
+        check((self.drv.cuMemcpyDtoH(out.ctypes.data, buf.ptr, out.nbytes)[0], None), "cuMemcpyDtoH")
         return out
 
     def synchronize(self) -> None:
-        self.check((self.drv.cuStreamSynchronize(self.stream)[0], None), "cuStreamSynchronize")
+        check((self.drv.cuStreamSynchronize(self.stream)[0], None), "cuStreamSynchronize")
 
     def launch(self, name: str, blocks: int, threads: int, args: list[tuple[object, type]]) -> None:
         values = tuple(a for a, _ in args)
         types = tuple(t for _, t in args)
-        self.check((self.drv.cuLaunchKernel(self.functions[name], blocks, 1, 1, threads, 1, 1, 0, self.stream,
+        check((self.drv.cuLaunchKernel(self.functions[name], blocks, 1, 1, threads, 1, 1, 0, self.stream,
                                             (values, types), 0)[0], None), f"cuLaunchKernel({name})")
 
     def _device_taps(self, plan):

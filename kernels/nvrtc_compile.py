@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgevl.device import check
+
 KERNEL_DIR = Path(__file__).resolve().parent
 HEADERS = ("cuda_compat.cuh", "resample.cuh", "pixel_shuffle.cuh")
 # Source file -> the extern "C" kernels it defines.
@@ -33,10 +35,7 @@ def _nvrtc():
 
 
 def _check(result, what: str):
-    err, *rest = result
-    if int(err) != 0:
-        raise KernelCompileError(f"{what} failed: {err}")
-    return rest[0] if len(rest) == 1 else rest
+    return check(result, what, KernelCompileError)
 
 
 def nvrtc_version() -> tuple[int, int]:
@@ -67,7 +66,8 @@ def compile_source(source: str, arch: int, output: str = "cubin") -> bytes:
             size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
             log = b" " * size
             nvrtc.nvrtcGetProgramLog(prog, log)
-            raise KernelCompileError(f"NVRTC could not compile {source} for sm_{arch}: {err}\n{log.decode(errors='replace')}")
+            raise KernelCompileError(f"NVRTC could not compile {source} for sm_{arch}: {err}\n"
+                                     f"{log.decode(errors='replace')}")
         get_size, get = (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN) if output == "cubin" else (
             nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
         size = _check(get_size(prog), "NVRTC output size")

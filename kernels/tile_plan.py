@@ -79,7 +79,8 @@ def plan_resize(in_w: int, in_h: int, out_w: int, out_h: int) -> ResizePlan:
     return ResizePlan(in_w, in_h, out_w, out_h, first, second, row0, out_w, row_end - row0)
 
 
-def plan_tiles(width: int, height: int, config: TilingConfig = TilingConfig()) -> tuple[int, list[tuple[ResizePlan, Destination]]]:
+def plan_tiles(width: int, height: int,
+               config: TilingConfig = TilingConfig()) -> tuple[int, list[tuple[ResizePlan, Destination]]]:
     """(tile count, resizes) for one image: the grid resize, then the thumbnail when the grid has 2+ cells."""
     size = config.image_size
     cols, rows = tile_grid(width, height, config)
@@ -89,7 +90,8 @@ def plan_tiles(width: int, height: int, config: TilingConfig = TilingConfig()) -
     return cols * rows + len(jobs) - 1, jobs
 
 
-def plan_driving_views(view_sizes: list[tuple[int, int]], config: TilingConfig = TilingConfig()) -> list[tuple[ResizePlan, Destination]]:
+def plan_driving_views(view_sizes: list[tuple[int, int]],
+                       config: TilingConfig = TilingConfig()) -> list[tuple[ResizePlan, Destination]]:
     """Six views (w, h) each resized to 896x448 into the 2688x896 canvas, three across and two down.
 
     The canvas tiles as a 6x2 grid of 448 squares (12 tiles), so each view's second pass writes its

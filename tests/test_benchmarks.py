@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks.__main__ import main
-from benchmarks.plan import DEVICES, decode_bytes_per_token, kv_cache_bytes, parameter_counts, plan
+from benchmarks.plan import DEVICES, decode_bytes_per_token, export_memory, kv_cache_bytes, parameter_counts, plan
 from edgevl.specs import KNOWN_SPECS
 
 BACKENDS = "transformers,torch,ort-fp32,ort-int8,trt-fp16,ort-cuda-fp16,torch-cuda-fp16"
@@ -129,6 +129,20 @@ def test_plan_cli_says_what_fits(capsys):
     assert main(["plan", "--shape", "internvl2-1b", "--device", "cpu", "--ram-gb", "16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["memory_bytes"] == 16 << 30
     assert main(["plan", "--device", "pi-zero"]) == 2
+    assert main(["plan", "--shape", "internvl2-2b", "--device", "cpu", "--ram-gb", "24"]) == 0
+    assert "Exporting (`edgevl export`" in capsys.readouterr().out
+
+
+def test_export_memory_is_the_largest_stage_and_follows_the_decoder():
+    estimates = {shape: export_memory(KNOWN_SPECS[shape], "int8") for shape in ("internvl2-1b", "internvl2-2b",
+                                                                                 "internvl2-4b")}
+    for stages in estimates.values():
+        assert stages["peak"] == max(v for k, v in stages.items() if k != "peak")
+    one, two, four = (estimates[s]["peak"] / (1 << 30) for s in estimates)
+    assert 3.5 < one < 4.5  # measured: 4.0 GiB (benchmarks/RESULTS.md)
+    assert one < two < four < 20  # the 4B's fp32 weights are 15.4 GiB: never two copies of them
+    assert export_memory(KNOWN_SPECS["internvl2-1b"], "fp32").keys() == {
+        "vision.onnx (torch export process)", "decoder.onnx (torch export process)", "peak"}
 
 
 def test_plan_arithmetic_on_internvl2_1b():
@@ -187,7 +201,8 @@ def test_tensorrt_rows_build_plans_from_an_fp32_export(monkeypatch, tmp_path):
         Path(out).mkdir(parents=True)
 
     monkeypatch.setattr(edgevl.export, "export_model", export)
-    monkeypatch.setattr(edgevl.export.trt, "build_engines", lambda out, precision, log: calls.append(("build", precision)))
+    monkeypatch.setattr(edgevl.export.trt, "build_engines",
+                        lambda out, precision, log: calls.append(("build", precision)))
     models._export_main([str(tmp_path / "model"), str(tmp_path / "plans"), "int4-llm", "13", "tensorrt"])
     assert calls == [("export", "fp32"), ("build", "int4-llm")]
     assert json.loads((tmp_path / "plans" / models.EXPORT_RECORD).read_text())["max_tiles"] == 13

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgevl.cpu import configure_session
 from edgevl.export.cpu_graph import fuse_attention, fuse_rms_norm, quantize_matmuls_per_token
+from edgevl.precisions import INT4, INT8
 
 K, N = 128, 96
 
@@ -156,6 +157,56 @@ def test_fused_attention_matches_the_exported_attention(tiny_checkpoint, tmp_pat
 def test_int4_blocks_are_128_where_every_k_holds_four_and_32_below():
     from edgevl.export.quantize import matmulnbits_block_size
 
-    assert matmulnbits_block_size({"hidden_size": 896, "intermediate_size": 4864}) == 128  # Qwen2-0.5B
-    assert matmulnbits_block_size({"hidden_size": 2048, "intermediate_size": 8192}) == 128  # InternLM2-1.8B
-    assert matmulnbits_block_size({"hidden_size": 64, "intermediate_size": 96}) == 32  # the tests' tiny models
+    assert matmulnbits_block_size({"hidden_size": 896, "intermediate_size": 4864}, 128) == 128  # Qwen2-0.5B
+    assert matmulnbits_block_size({"hidden_size": 2048, "intermediate_size": 8192}, 128) == 128  # InternLM2-1.8B
+    assert matmulnbits_block_size({"hidden_size": 64, "intermediate_size": 96}, 128) == 32  # the tests' tiny models
+
+
+def _graph_and_values(model):
+    nodes = sorted((n.op_type, tuple(n.input), tuple(n.output), str(n.attribute)) for n in model.graph.node)
+    return nodes, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tensor_by_tensor_quantization_from_external_data_equals_the_in_memory_rewrite(tiny_checkpoint, tmp_path,
+                                                                                       monkeypatch, bits):
+    """quantize_decoder_weights reads an fp32 graph's external data one weight at a time and writes the quantized
+    weights to the output's data file as it goes: the graph and every tensor equal the whole-model rewrite in
+    memory (ONNX Runtime's MatMulNBitsQuantizer for int4)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from edgevl.backends.torch_backend import TorchBackend
+    from edgevl.checkpoint import load_checkpoint
+    from edgevl.export import quantize
+    from edgevl.export.graphs import export_decoder
+    from edgevl.specs import spec_to_dict
+
+    checkpoint = load_checkpoint(tiny_checkpoint("qwen2"))
+    spec = spec_to_dict(checkpoint.spec)["decoder"]
+    export_decoder(TorchBackend(checkpoint, dtype="float32").lm, tmp_path / "inline.onnx", max_seq=64)
+    (tmp_path / "fp32").mkdir()
+    onnx.save(onnx.load(tmp_path / "inline.onnx"), tmp_path / "fp32" / "decoder.onnx", save_as_external_data=True,
+              location="decoder.onnx.data", size_threshold=0)
+    monkeypatch.setattr(quantize, "EXTERNAL_DATA_BYTES", 0)  # the tiny graph's output goes to external data too
+    quantize.quantize_decoder_weights(tmp_path / "fp32" / "decoder.onnx", tmp_path / "decoder.onnx",
+                                      {8: INT8, 4: INT4}[bits], spec, max_seq=64, log=lambda _: None)
+    assert (tmp_path / "decoder.onnx.data").stat().st_size > 0
+    streamed = onnx.load(tmp_path / "decoder.onnx")
+
+    expected = onnx.load(tmp_path / "inline.onnx")
+    fuse_rms_norm(expected)
+    fuse_attention(expected, spec, max_seq=64)
+    if bits == 8:
+        quantize_matmuls_per_token(expected)
+    else:
+        quantizer = MatMulNBitsQuantizer(expected, bits=4, block_size=quantize.matmulnbits_block_size(spec, INT4.block_size),
+                                         is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+        quantizer.model.topological_sort()
+    got_nodes, got_values = _graph_and_values(streamed)
+    want_nodes, want_values = _graph_and_values(expected)
+    assert got_nodes == want_nodes
+    assert got_values.keys() == want_values.keys()
+    for name, value in want_values.items():
+        assert got_values[name].dtype == value.dtype and got_values[name].shape == value.shape, name
+        np.testing.assert_array_equal(got_values[name], value, err_msg=name)

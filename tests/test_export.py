@@ -14,9 +14,9 @@ import pytest
 
 from edgevl import EdgeVL
 from edgevl.cli import main
-from edgevl.drift import DRIFT_BOUNDS
 from edgevl.export.trt_ops import trt_incompatibilities
 from edgevl.manifest import ExportError
+from edgevl.precisions import EXPORT_PRECISIONS
 from edgevl.preprocess import preprocess_image
 from edgevl.synthetic import synthetic_image
 
@@ -78,7 +78,7 @@ def test_chunked_prefill_equals_one_run(exported, family, precision, length):
         return np.stack(logits)
 
     np.testing.assert_allclose(run(5), run(None), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="at least one position"):
+    with pytest.raises(ValueError, match=r"prefill of 0 positions: expected 1\.\."):
         backend.prefill(embeds[:0])
 
 
@@ -152,7 +152,7 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
     manifest = json.loads((out / "manifest.json").read_text())
     drift = manifest["drift_vs_fp32"]
     assert manifest["precision"] == {"vision": "int8", "decoder": precision}
-    for metric, floor in DRIFT_BOUNDS[precision].items():
+    for metric, floor in EXPORT_PRECISIONS[precision].drift_bounds.items():
         assert drift[metric] >= floor, metric
     # Only the quantized graphs: no fp32 weights left behind from the export it was made from.
     assert not list(out.glob("*.onnx.data"))
@@ -257,8 +257,9 @@ def test_fp16_export_runs_on_onnxruntime_with_bounded_drift(exported):
     cache, fp32 embeddings in and image embeddings out, drift within the fp16 bounds."""
     out = exported("qwen2", "fp16")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["precision"] == {"vision": "fp16", "decoder": "fp16"} and manifest["kv_cache"]["dtype"] == "float16"
-    for metric, floor in DRIFT_BOUNDS["fp16"].items():
+    assert manifest["precision"] == {"vision": "fp16", "decoder": "fp16"}
+    assert manifest["kv_cache"]["dtype"] == "float16"
+    for metric, floor in EXPORT_PRECISIONS["fp16"].drift_bounds.items():
         assert manifest["drift_vs_fp32"][metric] >= floor, metric
     for kind in ("vision", "decoder"):
         graph = onnx.load(out / f"{kind}.onnx").graph

@@ -109,4 +109,4 @@ def test_sigkill_at_any_stage_keeps_the_previous_export(previous, tiny_checkpoin
     assert main(["export", "--model", str(tiny_checkpoint("qwen2")), "--out", str(previous),
                  "--precision", "int8"]) == 0
     assert not _leftovers(previous)  # ...the next export does
-    assert read_manifest(previous)["precision"]["decoder"] == "int8"
+    assert read_manifest(previous).precision.decoder == "int8"

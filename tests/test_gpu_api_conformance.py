@@ -60,8 +60,8 @@ REACHED = {
           "Runtime.deserialize_cuda_engine", "Builder.build_serialized_network", "IBuilderConfig.progress_monitor",
           "IProgressMonitor.phase_start", "ITimingCache.serialize", "ITensor.name", "Logger.WARNING", "__version__"},
     "runtime": {"cudaGraphLaunch", "cudaFreeHost", "cudaMemcpyKind.cudaMemcpyHostToDevice", "cudaDeviceProp.major",
-                "cudaError_t.cudaErrorNoDevice", "cudaError_t.name"},
-    "driver": {"cuMemAlloc", "cuLaunchKernel", "CUresult.CUDA_SUCCESS",
+                "cudaError_t.cudaErrorNoDevice", "cudaError_t.name", "cudaMalloc"},
+    "driver": {"cuMemcpyHtoD", "cuLaunchKernel", "CUresult.CUDA_SUCCESS",
                "CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR"},
     "nvrtc": {"nvrtcGetCUBIN", "nvrtcGetSupportedArchs"},
 }

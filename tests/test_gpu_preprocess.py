@@ -4,14 +4,16 @@ the device (host memory behind the "device pointers", the kernels' host build be
 ONNX Runtime CPU backend binds those pointers through the same IOBinding call it makes on CUDA."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from edgevl import EdgeVL
 from edgevl.formats.driving import CAMERA_ORDER, assemble_views
-from edgevl.gpu_preprocess import (DevicePreprocessor, HostPreprocessor, PreprocessUnavailable, make_preprocessor,
-                                   resolve_preprocess)
+from edgevl.gpu_preprocess import (DevicePreprocessor, DeviceTiles, HostPreprocessor, PreprocessUnavailable,
+                                   make_preprocessor, resolve_preprocess)
 from edgevl.kernels.host_build import HostDevice, build_host_library, find_host_compiler
 from edgevl.preprocess import TilingConfig, preprocess_image
 from edgevl.synthetic import synthetic_image
@@ -78,9 +80,7 @@ def test_from_pretrained_defaults_to_host_tiling_on_cpu(qwen2_export, tiny_check
 
 class _DeviceBackend:
     vision_input_dtype = np.dtype(np.float32)
-
-    def encode_device_tiles(self, ptr, tiles, dtype):
-        raise AssertionError("not reached")
+    takes_device_tiles = True
 
 
 def test_backend_without_device_encoding_is_refused():
@@ -179,20 +179,25 @@ def pair(qwen2_export, host_device):
     return host, device
 
 
-def test_encode_device_tiles_equals_encode_images_across_chunks(pair):
+def _host_tiles(pixels: np.ndarray) -> DeviceTiles:
+    """Host memory standing in for device memory (ONNX Runtime on CPU binds the address in place)."""
+    return DeviceTiles(SimpleNamespace(ptr=pixels.ctypes.data, keep=pixels), pixels.shape, pixels.dtype, (), "")
+
+
+def test_device_tiles_equal_host_arrays_across_chunks(pair):
     _, device = pair
     backend = device.backend
     pixels = preprocess_image(synthetic_image(900, 500), TWELVE)  # 3 tiles
     want = backend.encode_images(pixels)  # one tile per run on CPU
     saved, backend.vision_batch = backend.vision_batch, 2  # runs of 2 + 1: the pointer offsets are exercised
     try:
-        got = backend.encode_device_tiles(pixels.ctypes.data, len(pixels), np.float32)
+        got = backend.encode_images(_host_tiles(pixels))
     finally:
         backend.vision_batch = saved
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.allclose(got, want, atol=1e-5)
     with pytest.raises(ValueError, match="device tiles are float16"):
-        backend.encode_device_tiles(pixels.ctypes.data, 1, np.float16)
+        backend.encode_images(_host_tiles(pixels[:1].astype(np.float16)))
 
 
 @pytest.mark.parametrize("images", [

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict, replace
 
 import numpy as np
 import onnx
 import pytest
 
 from edgevl import EdgeVL
-from edgevl.drift import DRIFT_BOUNDS
 from edgevl.errors import SettingError
 from edgevl.export import export_model
 from edgevl.export.cpu_graph import fuse_attention
-from edgevl.export.exporter import SHARED_KV_CACHE
-from edgevl.manifest import read_manifest, write_manifest
+from edgevl.manifest import SHARED_KV, read_manifest, write_manifest
+from edgevl.precisions import EXPORT_PRECISIONS
 
 # The tiny Phi-3's original_max_position_embeddings: prompts and decodes here cross it. Against its
 # max_position_embeddings of 10240 the attention factor is sqrt(1 + ln(10240 / 48) / ln 48) = 1.54, so the graphs'
@@ -39,10 +39,9 @@ def fused(exported, tmp_path_factory):
     shutil.copytree(exported("phi3", original_max_position_embeddings=SWITCH), out)
     manifest = read_manifest(out, verify_checksums=False)
     model = onnx.load(out / "decoder.onnx")
-    assert fuse_attention(model, manifest["spec"]["decoder"], manifest["limits"]["max_seq"]) == 2
+    assert fuse_attention(model, asdict(manifest.spec.decoder), manifest.limits.max_seq) == 2
     onnx.save(model, out / "decoder.onnx")
-    manifest.pop("files")
-    write_manifest(out, {**manifest, "kv_cache": SHARED_KV_CACHE})
+    write_manifest(out, replace(manifest, kv_cache=SHARED_KV))
     return EdgeVL.from_pretrained(out)
 
 
@@ -100,7 +99,7 @@ def test_quantized_exports_fuse_longrope_attention_over_the_shared_cache(exporte
     out = exported("phi3", precision, original_max_position_embeddings=SWITCH)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kv_cache"]["layout"] == "shared"
-    for metric, floor in DRIFT_BOUNDS[precision].items():
+    for metric, floor in EXPORT_PRECISIONS[precision].drift_bounds.items():
         assert manifest["drift_vs_fp32"][metric] >= floor, metric
     graph = onnx.load(out / "decoder.onnx").graph
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]

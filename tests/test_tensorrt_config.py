@@ -3,6 +3,8 @@ ONNX Runtime CPU), manifest section and plan compatibility, and plain errors on 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -10,21 +12,23 @@ import onnxruntime as ort
 import pytest
 
 from edgevl import EdgeVL
-from edgevl.backends.tensorrt_backend import (CudaGraph, PlanMismatchError, TensorRTBackend,
+from edgevl.backends.tensorrt_backend import (PlanMismatchError, TensorRTBackend,
                                               check_plan_compatibility, profile_for, tensorrt_unavailable_reason)
 from edgevl.cli import main
+from edgevl.device import CudaGraph
 from edgevl.export import export_model
 from edgevl.export.trt import build_engines
 from edgevl.export.trt.builder import BuildError, check_profiles_cover_inputs
-from edgevl.export.trt.config import (PRECISIONS, check_limits, check_tensorrt_supports, decoder_profiles,
+from edgevl.export.trt.config import (check_limits, check_tensorrt_supports, decoder_profiles,
                                       source_graphs, tensorrt_section, tile_ranges, vision_profiles)
 from edgevl.export.trt.precision import fp32_node_names, int4_block_size, write_precision_graph
 from edgevl.export.trt_ops import trt_incompatibilities
-from edgevl.manifest import read_manifest, write_manifest
+from edgevl.manifest import Precision, read_manifest, write_manifest
+from edgevl.precisions import BUILD_PRECISIONS
 
 NO_TRT = tensorrt_unavailable_reason()
 MAX_SEQ = 384  # > 300 prompt + 32 decode positions, for the fixed-cache parity runs
-FP16_COSINE = 0.999  # the issue's gate for fp16 engines vs fp32
+FP16_COSINE = 0.999  # fp16 engines' image-embedding floor against fp32 (edgevl.precisions, build fp16)
 WEIGHT_INT8_COSINE = 0.99  # tiny random model (hidden 64): quantization noise is relatively large
 WEIGHT_INT4_COSINE = 0.95  # int4 blocks of 32-64 on the same model: measured min 0.978 over 9 steps
 
@@ -55,8 +59,8 @@ def cosine(a, b) -> float:
 
 
 def _decoder_dims(manifest):
-    d = manifest["spec"]["decoder"]
-    return d["hidden_size"], d["num_layers"], d["num_kv_heads"], d["hidden_size"] // d["num_heads"]
+    d = manifest.spec.decoder
+    return d.hidden_size, d.num_layers, d.num_kv_heads, d.head_dim
 
 
 # -- profiles ---------------------------------------------------------------------------------------------------
@@ -92,8 +96,7 @@ def test_decoder_profiles_name_every_decoder_input(export_dir, manifest):
 
 
 def test_profile_for_routes_prefill_and_decode_and_refuses_overflow(manifest):
-    profiles = [p.to_dict() for p in decoder_profiles(MAX_SEQ, *_decoder_dims(manifest))]
-    profiles = json.loads(json.dumps(profiles))  # as read back from manifest.json
+    profiles = decoder_profiles(MAX_SEQ, *_decoder_dims(manifest))
 
     def shapes(seq, past):
         return {"inputs_embeds": (1, seq, 64), "past_key_values.0.key": (1, 2, past, 16)}
@@ -106,7 +109,7 @@ def test_profile_for_routes_prefill_and_decode_and_refuses_overflow(manifest):
         profile_for(profiles, shapes(1, MAX_SEQ))
     with pytest.raises(ValueError, match="no optimization profile"):
         profile_for(profiles, shapes(2, 5))  # chunked continuation is not a call the runtime makes
-    vision = [p.to_dict() for p in vision_profiles(13)]
+    vision = vision_profiles(13)
     assert [profile_for(vision, {"pixel_values": (t, 3, 448, 448)}) for t in (1, 2, 7, 8, 13)] == [0, 1, 1, 2, 2]
 
 
@@ -115,25 +118,26 @@ def test_profile_for_routes_prefill_and_decode_and_refuses_overflow(manifest):
 def test_source_graphs_and_limits(manifest):
     assert source_graphs(manifest, "fp16") == {"vision": ("vision.onnx", False), "decoder": ("decoder.onnx", False)}
     assert source_graphs(manifest, "int8")["vision"] == ("vision.onnx", True)  # calibrated during the build
-    int8_export = {**manifest, "precision": {"vision": "int8", "decoder": "int8"}}
+    int8_export = replace(manifest, precision=Precision("int8", "int8"))
     with pytest.raises(ValueError, match="an ONNX Runtime graph"):
         source_graphs(int8_export, "fp16")
     with pytest.raises(ValueError, match="expected one of"):
         source_graphs(manifest, "int4")
     assert source_graphs(manifest, "int4-llm", "fixed") == {"vision": ("vision.onnx", False),
                                                            "decoder": ("decoder_fixed.onnx", False)}
-    without_fixed = {**manifest, "graphs": {k: v for k, v in manifest["graphs"].items() if k != "decoder_fixed"}}
+    without_fixed = replace(manifest, graphs=replace(manifest.graphs, decoder_fixed=None))
     with pytest.raises(ValueError, match="--kv-cache fixed .* re-export"):
         source_graphs(without_fixed, "fp16", "fixed")
-    assert check_limits(manifest, None, None) == (manifest["limits"]["max_tiles"], MAX_SEQ)
+    assert check_limits(manifest, None, None) == (manifest.limits.max_tiles, MAX_SEQ)
     assert check_limits(manifest, 7, 128) == (7, 128)
     with pytest.raises(ValueError, match="re-export with a larger --max-seq"):
         check_limits(manifest, None, MAX_SEQ + 1)
     with pytest.raises(ValueError, match="--max-tiles"):
         check_limits(manifest, 99, None)
-    assert set(PRECISIONS) == {"fp16", "int8", "int8-vision-fp16-llm", "int4-llm", "int8-vision-int4-llm"}
-    assert PRECISIONS["int4-llm"] == ("fp16", "int4-weight-only")
-    assert PRECISIONS["int8-vision-int4-llm"] == ("int8", "int4-weight-only")
+    assert set(BUILD_PRECISIONS) == {"fp16", "int8", "int8-vision-fp16-llm", "int4-llm", "int8-vision-int4-llm"}
+    assert (BUILD_PRECISIONS["int4-llm"].vision, BUILD_PRECISIONS["int4-llm"].decoder) == ("fp16", "int4-weight-only")
+    recipe = BUILD_PRECISIONS["int8-vision-int4-llm"]
+    assert (recipe.vision, recipe.decoder) == ("int8", "int4-weight-only")
 
 
 def test_int4_needs_tensorrt_10_and_ampere():
@@ -259,8 +263,13 @@ def _section(manifest):
                             {"vision": 12.345, "decoder": 67.8})
 
 
-def test_tensorrt_section_records_version_gpu_precisions(manifest):
-    section = json.loads(json.dumps(_section(manifest)))
+def test_tensorrt_section_records_version_gpu_precisions(export_dir, manifest, tmp_path):
+    built = shutil.copytree(export_dir, tmp_path / "built")
+    for plan in ("vision.plan", "decoder.plan"):
+        (built / plan).write_bytes(b"a plan")
+    write_manifest(built, replace(manifest, tensorrt=_section(manifest)))
+    assert read_manifest(built).tensorrt == _section(manifest)  # written and read back whole, typed
+    section = json.loads((built / "manifest.json").read_text())["tensorrt"]
     assert section["version"] == "10.3.0"
     assert section["gpu"] == {"name": "Orin", "compute_capability": "8.7", "integrated": True}
     assert section["precision"] == {"vision": "int8", "decoder": "fp16"}
@@ -297,9 +306,7 @@ def test_build_and_backend_say_plainly_that_tensorrt_needs_a_gpu(export_dir, cap
     (fake / "vision.plan").write_bytes(b"not a plan")
     (fake / "decoder.plan").write_bytes(b"not a plan")
     claimed = read_manifest(fake)
-    claimed.pop("files")
-    claimed["tensorrt"] = _section(claimed)
-    write_manifest(fake, claimed)
+    write_manifest(fake, replace(claimed, tensorrt=_section(claimed)))
     model = EdgeVL.from_pretrained(fake)
     assert type(model.backend).__name__ == "OnnxRuntimeBackend"
     with pytest.raises(RuntimeError, match="backend='tensorrt' needs an NVIDIA GPU"):
@@ -401,9 +408,8 @@ def decoder_pair(tiny_checkpoint, export_dir):
     from edgevl.backends.torch_backend import TorchBackend
     from edgevl.checkpoint import load_checkpoint
     from edgevl.export import graphs
-    from edgevl.specs import spec_from_dict
 
-    made = {"qwen2": (export_dir, spec_from_dict(read_manifest(export_dir)["spec"]).decoder)}
+    made = {"qwen2": (export_dir, read_manifest(export_dir).spec.decoder)}
 
     def make(family):
         if family not in made:
@@ -501,31 +507,29 @@ def test_fixed_cache_profiles_and_routing(export_dir, manifest):
     assert prefill.shapes["past_key_values.0.key"] == decode.shapes["past_key_values.0.key"] == (
         (1, 2, MAX_SEQ, 16),) * 3  # static: the capacity is the plan's max_seq
     assert decode.shapes["position_ids"] == ((1, 1),) * 3
-    as_read = json.loads(json.dumps([p.to_dict() for p in profiles]))
-
     def shapes(seq, capacity=MAX_SEQ):
         return {"inputs_embeds": (1, seq, 64), "past_key_values.0.key": (1, 2, capacity, 16)}
 
-    assert [profile_for(as_read, shapes(s)) for s in (1, 2, 300 if MAX_SEQ >= 300 else MAX_SEQ)] == [1, 0, 0]
+    assert [profile_for(profiles, shapes(s)) for s in (1, 2, 300 if MAX_SEQ >= 300 else MAX_SEQ)] == [1, 0, 0]
     with pytest.raises(ValueError, match="no optimization profile"):
-        profile_for(as_read, shapes(1, MAX_SEQ // 2))
+        profile_for(profiles, shapes(1, MAX_SEQ // 2))
     with pytest.raises(ValueError, match="kv_cache='paged'"):
         decoder_profiles(MAX_SEQ, *_decoder_dims(manifest), kv_cache="paged")
 
 
 def test_export_manifest_records_the_fixed_cache_graph(export_dir, manifest):
-    assert manifest["graphs"]["decoder_fixed"] == "decoder_fixed.onnx"
-    assert "decoder_fixed.onnx" in manifest["files"]
-    fixed = manifest["kv_cache"]["decoder_fixed"]
-    assert fixed["layout"] == "fixed" and "capacity" in fixed["inputs"] and "position_ids" in fixed["outputs"]
-    assert manifest["kv_cache"]["layout"] == "concat"  # what ONNX Runtime runs is unchanged
+    assert manifest.graphs.decoder_fixed == "decoder_fixed.onnx"
+    assert "decoder_fixed.onnx" in manifest.files
+    fixed = manifest.kv_cache.decoder_fixed
+    assert fixed.layout == "fixed" and "capacity" in fixed.inputs and "position_ids" in fixed.outputs
+    assert manifest.kv_cache.layout == "concat"  # what ONNX Runtime runs is unchanged
     section = tensorrt_section("10.3.0", ORIN, "fp16", 13, MAX_SEQ, {}, {}, kv_cache="fixed")
-    assert section["kv_cache"]["layout"] == "fixed-ping-pong" and section["kv_cache"]["cuda_graph"]
-    assert tensorrt_section("10.3.0", ORIN, "fp16", 13, MAX_SEQ, {}, {})["kv_cache"]["layout"] == "concat-ping-pong"
+    assert section.kv_cache.layout == "fixed-ping-pong" and section.kv_cache.cuda_graph
+    assert tensorrt_section("10.3.0", ORIN, "fp16", 13, MAX_SEQ, {}, {}).kv_cache.layout == "concat-ping-pong"
 
 
 def test_cuda_graph_is_refused_where_it_cannot_apply(export_dir, manifest):
-    concat = {**manifest, "tensorrt": tensorrt_section("10.3.0", ORIN, "fp16", 13, MAX_SEQ, {}, {})}
+    concat = replace(manifest, tensorrt=tensorrt_section("10.3.0", ORIN, "fp16", 13, MAX_SEQ, {}, {}))
     with pytest.raises(ValueError, match="--kv-cache fixed"):
         TensorRTBackend(export_dir, concat, cuda_graph=True)
     with pytest.raises(ValueError, match="TensorRT backend option"):
@@ -536,12 +540,14 @@ class _FakeCudart:
     """cuda-python's runtime surface CudaGraph uses, recording calls; `capture_error` fails EndCapture."""
 
     class cudaError_t:  # noqa: N801 (cuda-python's names)
-        class _Err:
-            def __init__(self, name):
-                self.name = name
+        class _Err(int):  # cuda-python's status enums are ints, 0 for success
+            def __new__(cls, value, name):
+                err = int.__new__(cls, value)
+                err.name = name
+                return err
 
-        cudaSuccess = _Err("cudaSuccess")
-        cudaErrorStreamCaptureInvalidated = _Err("cudaErrorStreamCaptureInvalidated")
+        cudaSuccess = _Err(0, "cudaSuccess")
+        cudaErrorStreamCaptureInvalidated = _Err(901, "cudaErrorStreamCaptureInvalidated")
 
     class cudaStreamCaptureMode:  # noqa: N801
         cudaStreamCaptureModeThreadLocal = "thread-local"

@@ -3,6 +3,7 @@ Skipped, with the reason, on machines without TensorRT or a GPU."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -81,16 +82,13 @@ def test_plans_from_another_tensorrt_version_are_refused(built):
     from edgevl.manifest import read_manifest, write_manifest
 
     manifest = read_manifest(out)
-    manifest.pop("files")
-    manifest["tensorrt"] = {**manifest["tensorrt"], "version": "0.0.1"}
-    write_manifest(out, manifest)
+    write_manifest(out, replace(manifest, tensorrt=replace(manifest.tensorrt, version="0.0.1")))
     try:
         with pytest.raises(PlanMismatchError, match="rebuild"):
             EdgeVL.from_pretrained(out, backend="tensorrt")
     finally:
         import tensorrt
 
-        manifest["tensorrt"]["version"] = tensorrt.__version__
         write_manifest(out, manifest)
 
 
@@ -137,7 +135,7 @@ def test_cuda_graph_needs_fixed_plans(built):
 def test_int4_decoder_logits_track_fp32(built, precision):
     import tensorrt
 
-    from edgevl.doctor import gpu_info
+    from edgevl.device import gpu_info
     from edgevl.export.trt.config import check_tensorrt_supports
 
     try:

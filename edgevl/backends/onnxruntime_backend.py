@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..cpu import configure_session, integer_gemm
-from ..errors import SettingError
-from ..manifest import ExportError, check_graph_shapes
+from ..manifest import ExportError, Manifest, check_graph_shapes
+from .exported import ExportedBackend
 
 _DEVICE_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _TENSOR_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
@@ -42,8 +42,8 @@ def _ort():
     return onnxruntime
 
 
-class OnnxRuntimeBackend:
-    def __init__(self, export_dir, manifest: dict, device: str = "cpu", num_threads: int | None = None,
+class OnnxRuntimeBackend(ExportedBackend):
+    def __init__(self, export_dir, manifest: Manifest, device: str = "cpu", num_threads: int | None = None,
                  max_seq: int | None = None):
         ort = _ort()
         export_dir = Path(export_dir)
@@ -53,53 +53,41 @@ class OnnxRuntimeBackend:
         if provider not in ort.get_available_providers():
             raise RuntimeError(f"device={device!r} needs {provider}, but this onnxruntime has "
                                f"{ort.get_available_providers()} (install onnxruntime-gpu for CUDA)")
+        super().__init__(export_dir, manifest, manifest.limits, max_seq, "this export was made", "re-export")
         self.device = device
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads or 0  # 0: one per physical core
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.integer_gemm = None
-        if device == "cpu" and "int8" in manifest["precision"].values():
+        if device == "cpu" and "int8" in (manifest.precision.vision, manifest.precision.decoder):
             self.integer_gemm = integer_gemm()
             if not self.integer_gemm.exact:
                 raise RuntimeError(f"{export_dir}: this is an int8 export, and ONNX Runtime {ort.__version__} cannot "
                                    f"compute its integer products exactly on this CPU ({self.integer_gemm.describe()})"
                                    "; use an fp32 export")
             configure_session(options)
-        files = manifest["graphs"]
-        self.vision = _session(ort, export_dir / files["vision"], options, provider)
+        self.vision = _session(ort, export_dir / manifest.graphs.vision, options, provider)
         with _plain_gqa_kernel(device == "cpu"):
-            self.decoder = _session(ort, export_dir / files["decoder"], options, provider)
+            self.decoder = _session(ort, export_dir / manifest.graphs.decoder, options, provider)
         check_graph_shapes(export_dir, manifest, {kind: {t.name: t.shape for t in s.get_inputs() + s.get_outputs()}
                                                   for kind, s in (("vision", self.vision), ("decoder", self.decoder))})
         # Positions per prefill run (None: the whole prompt in one). GPU prefill is left in one run: not measured.
         self.prefill_chunk = PREFILL_CHUNK_CPU if device == "cpu" else None
-        self.embed_table = np.load(export_dir / files["embed_tokens"], mmap_mode="r")
-        limits, spec = manifest["limits"], manifest["spec"]["decoder"]
-        if max_seq is not None and not 0 < max_seq <= limits["max_seq"]:
-            raise SettingError("", "max_seq", max_seq, f"this export was made for 1..{limits['max_seq']} positions "
-                               "(re-export with a larger --max-seq for more)")
-        self.max_seq, self.max_tiles = max_seq or limits["max_seq"], limits["max_tiles"]
         # Tiles per vision run: on CPU one at a time (7 tiles of the InternVL2-1B shape: int8 8.7 s one by one
         # against 10.6 s in one batch, fp32 19.5 against 21.7 s; the batch's activations outgrow the cache).
         self.vision_batch = 1 if device == "cpu" else self.max_tiles
-        self._kv_shape = (1, spec["num_kv_heads"], 0, spec["hidden_size"] // spec["num_heads"])
-        self._kv_dtype = np.dtype(manifest["kv_cache"]["dtype"])
+        spec = manifest.spec.decoder
+        self._kv_shape = (1, spec.num_kv_heads, 0, spec.head_dim)
+        self._kv_dtype = np.dtype(manifest.kv_cache.dtype)
         self._embeds_dtype = _TENSOR_DTYPES[self.decoder.get_inputs()[0].type]  # fp32 even in fp16 graphs
-        self._shared_kv = manifest["kv_cache"]["layout"] == "shared"
+        self._shared_kv = manifest.kv_cache.layout == "shared"
         # LongRoPE picks its factor set from the furthest position of each run, so a prompt that crosses
         # original_max_position_embeddings is prefilled in one run, rotating its keys as the reference's one call does.
-        long_rope = spec.get("long_rope")
-        self._one_run_beyond = long_rope["original_max_position_embeddings"] if long_rope else None
+        self._one_run_beyond = spec.long_rope.original_max_position_embeddings if spec.long_rope else None
         names = [i.name for i in self.decoder.get_inputs()]
         self._past_names = [n for n in names if n.startswith("past_key_values.")]
         self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
-        self._past, self._pos = [], 0
-
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        chunks = [self.vision.run(None, {"pixel_values": pixel_values[i:i + self.vision_batch]})[0]
-                  for i in range(0, len(pixel_values), self.vision_batch)]
-        return np.concatenate(chunks).astype(np.float32, copy=False)
+        self._past = []
 
     @property
     def vision_input_dtype(self) -> np.dtype:
@@ -108,33 +96,24 @@ class OnnxRuntimeBackend:
             raise ValueError(f"the vision graph takes {kind} pixel values; expected one of {sorted(_TENSOR_DTYPES)}")
         return _TENSOR_DTYPES[kind]
 
-    def encode_device_tiles(self, ptr: int, tiles: int, dtype) -> np.ndarray:
-        """Image embeddings [tiles, 256, H] float32 for pixel values already in this backend's device memory
-        (GPU tiling): [tiles, 3, S, S] of vision_input_dtype at address ptr, bound in place through IOBinding.
-        On device='cpu' the address is host memory (the tests' stand-in for a GPU)."""
-        dtype = np.dtype(dtype)
-        if dtype != self.vision_input_dtype:
-            raise ValueError(f"device tiles are {dtype}, the vision graph takes {self.vision_input_dtype}")
+    def _encode(self, tiles: np.ndarray) -> np.ndarray:
+        return self.vision.run(None, {"pixel_values": tiles})[0]
+
+    def _encode_device(self, ptr: int, tiles: int, dtype) -> np.ndarray:
+        """Pixel values already in this backend's device memory, bound in place through IOBinding. On device='cpu'
+        the address is host memory (the tests' stand-in for a GPU)."""
+        dtype = self._check_device_dtype(dtype)
         size = self.vision.get_inputs()[0].shape[-1]
-        tile_bytes = 3 * size * size * dtype.itemsize
-        output = self.vision.get_outputs()[0].name
-        chunks = []
-        for first in range(0, tiles, self.vision_batch):
-            n = min(self.vision_batch, tiles - first)
-            binding = self.vision.io_binding()
-            binding.bind_input("pixel_values", self.device, 0, dtype, (n, 3, size, size), ptr + first * tile_bytes)
-            binding.bind_output(output, "cpu")
-            self.vision.run_with_iobinding(binding)
-            chunks.append(binding.copy_outputs_to_cpu()[0])
-        return np.concatenate(chunks).astype(np.float32, copy=False)
+        binding = self.vision.io_binding()
+        binding.bind_input("pixel_values", self.device, 0, dtype, (tiles, 3, size, size), ptr)
+        binding.bind_output(self.vision.get_outputs()[0].name, "cpu")
+        self.vision.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
-    def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
-        return np.asarray(self.embed_table[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
+    def _prefill_chunk(self, n: int) -> int:
+        return n if self._one_run_beyond is not None and n > self._one_run_beyond else super()._prefill_chunk(n)
 
-    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        n = len(inputs_embeds)
-        if n == 0:
-            raise ValueError("prefill needs at least one position; inputs_embeds has none")
+    def _reset(self) -> None:
         ort = _ort()
         if not self._shared_kv:
             self._past = [ort.OrtValue.ortvalue_from_shape_and_type(self._kv_shape, self._kv_dtype, self.device, 0)
@@ -151,16 +130,6 @@ class OnnxRuntimeBackend:
             self._logits = ort.OrtValue.ortvalue_from_shape_and_type(logits.shape, _TENSOR_DTYPES[logits.type],
                                                                      "cpu", 0)
             self._binding.bind_ortvalue_output("logits", self._logits)
-        self._pos = 0
-        chunk = self.prefill_chunk or n
-        if self._one_run_beyond is not None and n > self._one_run_beyond:
-            chunk = n
-        for start in range(0, n, chunk):
-            logits = self._step(inputs_embeds[start:start + chunk])
-        return logits
-
-    def decode(self, token_id: int) -> np.ndarray:
-        return self._step(self.embed_tokens(np.array([token_id])))
 
     def _step(self, embeds: np.ndarray) -> np.ndarray:
         n = len(embeds)

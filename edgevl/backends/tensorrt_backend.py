@@ -24,17 +24,18 @@ capture raises: there is no silent fallback to uncaptured steps.
 """
 from __future__ import annotations
 
-import ctypes
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import SettingError
-from ..manifest import ExportError
+from ..manifest import GPU, ExportError, Manifest, Profile, TensorRTSection
+from ..device import CudaGraph, DeviceBuffer, PinnedBuffer, check, device_index, gpu_info
+from .exported import ExportedBackend
 
 INSTALL_HINT = ("pip install 'edgevl[gpu]' (TensorRT + cuda-python); on Jetson, TensorRT comes with JetPack "
-                "(apt install python3-libnvinfer) and cuda-python must match its CUDA 12 (pip install 'cuda-python<13')")
+                "(apt install python3-libnvinfer) and cuda-python must match its CUDA 12 "
+                "(pip install 'cuda-python<13')")
 
 
 class PlanMismatchError(ExportError):
@@ -43,46 +44,45 @@ class PlanMismatchError(ExportError):
 
 # -- plain logic (tested without a GPU) -----------------------------------------------------------------------
 
-def check_plan_compatibility(section: dict, trt_version: str, gpu: dict, export_dir="") -> list[str]:
+def check_plan_compatibility(section: TensorRTSection, trt_version: str, gpu: dict, export_dir="") -> list[str]:
     """Raise PlanMismatchError when the plans cannot load here; return warnings for plans that load but were
     tuned on another GPU model of the same architecture (e.g. built on an AGX Orin, run on an Orin NX)."""
     rebuild = f"rebuild them here: edgevl build {export_dir or 'EXPORT_DIR'}"
-    if section.get("version") != trt_version:
-        raise PlanMismatchError(f"{export_dir}: the TensorRT plans were built with TensorRT {section.get('version')}, "
+    if section.version != trt_version:
+        raise PlanMismatchError(f"{export_dir}: the TensorRT plans were built with TensorRT {section.version}, "
                                 f"this is TensorRT {trt_version}; plans only load in the version that built them: "
                                 f"{rebuild}")
-    built = section.get("gpu", {})
-    if built.get("compute_capability") != gpu["compute_capability"]:
-        raise PlanMismatchError(f"{export_dir}: the TensorRT plans were built for {built.get('name')} (compute "
-                                f"capability {built.get('compute_capability')}), this GPU is {gpu['name']} "
+    built: GPU = section.gpu
+    if built.compute_capability != gpu["compute_capability"]:
+        raise PlanMismatchError(f"{export_dir}: the TensorRT plans were built for {built.name} (compute "
+                                f"capability {built.compute_capability}), this GPU is {gpu['name']} "
                                 f"(compute capability {gpu['compute_capability']}): {rebuild}")
-    if built.get("name") != gpu["name"]:
-        return [f"TensorRT plans were built on {built.get('name')}, running on {gpu['name']} (same architecture): "
+    if built.name != gpu["name"]:
+        return [f"TensorRT plans were built on {built.name}, running on {gpu['name']} (same architecture): "
                 f"they load, but kernels were timed on the other GPU; {rebuild} for best speed"]
     return []
 
 
-def profile_for(profiles: list[dict], shapes: dict[str, tuple[int, ...]]) -> int:
-    """Index of the first optimization profile (manifest form) whose ranges contain every given shape."""
+def profile_for(profiles: list[Profile], shapes: dict[str, tuple[int, ...]]) -> int:
+    """Index of the first optimization profile whose ranges contain every given shape."""
     for index, profile in enumerate(profiles):
-        ranges = profile["shapes"]
+        ranges = profile.shapes
         if all(name in ranges and len(shape) == len(ranges[name][0]) and
                all(lo <= s <= hi for s, lo, hi in zip(shape, ranges[name][0], ranges[name][2]))
                for name, shape in shapes.items()):
             return index
     raise ValueError(f"no optimization profile covers shapes {shapes}; profiles: "
-                     f"{[p['name'] for p in profiles]} (rebuild with larger --max-tiles / --max-seq)")
+                     f"{[p.name for p in profiles]} (rebuild with larger --max-tiles / --max-seq)")
 
 
-def plans_present(export_dir, manifest: dict) -> bool:
-    section = manifest.get("tensorrt")
-    return bool(section) and all((Path(export_dir) / name).is_file() for name in section["plans"].values())
+def plans_present(export_dir, manifest: Manifest) -> bool:
+    section = manifest.tensorrt
+    return section is not None and all((Path(export_dir) / name).is_file()
+                                       for name in (section.plans.vision, section.plans.decoder))
 
 
 def tensorrt_unavailable_reason() -> str | None:
     """None when tensorrt imports and a GPU is visible; else why not (used to pick the default backend)."""
-    from ..doctor import gpu_info
-
     try:
         gpu_info()
     except RuntimeError as e:  # asked first: without a GPU, TensorRT could not run even if installed
@@ -117,93 +117,6 @@ def _imports():
     except ImportError:
         raise ImportError(f"backend='tensorrt' needs cuda-python: {INSTALL_HINT}") from None
     return trt, cudart
-
-
-def _check(cudart, result, what: str):
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"{what} failed: {err.name}")
-    return rest[0] if len(rest) == 1 else (rest or None)
-
-
-class DeviceBuffer:
-    """cudaMalloc'd memory; freed by close() or when collected."""
-
-    def __init__(self, cudart, nbytes: int):
-        self._cudart, self.nbytes = cudart, int(nbytes)
-        self.ptr = int(_check(cudart, cudart.cudaMalloc(max(self.nbytes, 256)), f"cudaMalloc({nbytes})"))
-
-    def close(self):
-        if getattr(self, "ptr", 0):
-            try:
-                self._cudart.cudaFree(self.ptr)
-            except Exception:  # interpreter shutdown: the bindings may already be gone
-                pass
-            self.ptr = 0
-
-    __del__ = close
-
-
-class PinnedBuffer:
-    """Page-locked host memory viewed as a numpy array, so cudaMemcpyAsync does not fall back to a sync copy."""
-
-    def __init__(self, cudart, shape, dtype):
-        self._cudart, dtype = cudart, np.dtype(dtype)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        self.ptr = int(_check(cudart, cudart.cudaMallocHost(max(nbytes, 256)), f"cudaMallocHost({nbytes})"))
-        raw = (ctypes.c_byte * nbytes).from_address(self.ptr)
-        self.array = np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-    def close(self):
-        if getattr(self, "ptr", 0):
-            self.array = None
-            try:
-                self._cudart.cudaFreeHost(self.ptr)
-            except Exception:
-                pass
-            self.ptr = 0
-
-    __del__ = close
-
-
-class CudaGraph:
-    """One captured `enqueue()` (an execute_async_v3 whose context already ran with these shapes and addresses),
-    instantiated once and replayed by launch() on the same stream."""
-
-    def __init__(self, cudart, stream, enqueue, what: str):
-        self._cudart, self.stream, self.graph, self.exec = cudart, stream, None, None
-        success = cudart.cudaError_t.cudaSuccess
-        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        _check(cudart, cudart.cudaStreamBeginCapture(stream, mode), f"cudaStreamBeginCapture ({what})")
-        enqueued = False
-        try:
-            enqueued = enqueue()
-        finally:  # always end the capture: a stream left capturing fails every later call on it
-            err, graph = cudart.cudaStreamEndCapture(stream)
-            if err != success or not enqueued:
-                if graph:
-                    cudart.cudaGraphDestroy(graph)
-        if err != success or not enqueued:
-            reason = (f"cudaStreamEndCapture returned {err.name} (something in the step is not capturable)"
-                      if err != success else "execute_async_v3 returned False while capturing (see TensorRT's log)")
-            raise RuntimeError(f"capturing {what} as a CUDA graph failed: {reason}; run without cuda_graph=True")
-        self.graph = graph
-        self.exec = _check(cudart, cudart.cudaGraphInstantiate(graph, 0), f"cudaGraphInstantiate ({what})")
-
-    def launch(self) -> None:
-        _check(self._cudart, self._cudart.cudaGraphLaunch(self.exec, self.stream), "cudaGraphLaunch")
-
-    def close(self) -> None:
-        try:
-            if self.exec is not None:
-                self._cudart.cudaGraphExecDestroy(self.exec)
-            if self.graph is not None:
-                self._cudart.cudaGraphDestroy(self.graph)
-        except Exception:  # interpreter shutdown: the bindings may already be gone
-            pass
-        self.exec = self.graph = None
-
-    __del__ = close
 
 
 class Engine:
@@ -270,21 +183,23 @@ class Engine:
         self.scratch.close()
 
 
-class TensorRTBackend:
-    def __init__(self, export_dir, manifest: dict, device: str = "cuda", max_seq: int | None = None,
+class TensorRTBackend(ExportedBackend):
+    min_seq = 2  # a fixed-cache plan's prefill profile starts at 2 positions
+
+    def __init__(self, export_dir, manifest: Manifest, device: str = "cuda", max_seq: int | None = None,
                  cuda_graph: bool = False):
         export_dir = Path(export_dir)
-        section = manifest.get("tensorrt")
-        if not section:
+        section = manifest.tensorrt
+        if section is None:
             raise ExportError(f"{export_dir}: no TensorRT plans in this export: run `edgevl build {export_dir}`")
-        self.fixed_cache = section["kv_cache"]["layout"] == "fixed-ping-pong"
+        self.fixed_cache = section.kv_cache.layout == "fixed-ping-pong"
         if cuda_graph and not self.fixed_cache:
             raise ValueError(f"cuda_graph=True needs a decoder plan with a fixed-capacity KV cache; these plans use "
-                             f"the {section['kv_cache']['layout']} layout, whose decode shapes change every token: "
+                             f"the {section.kv_cache.layout} layout, whose decode shapes change every token: "
                              f"rebuild with `edgevl build {export_dir} --kv-cache fixed`")
-        from ..doctor import gpu_info
-
-        index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        super().__init__(export_dir, manifest, section.limits, max_seq, "these plans were built", "rebuild")
+        self.vision_batch = self.max_tiles
+        index = device_index(device)
         try:
             gpu = gpu_info(index)
         except RuntimeError as e:  # asked first: without a GPU, installing TensorRT would not help
@@ -293,42 +208,37 @@ class TensorRTBackend:
         trt, cudart = _imports()
         for warning in check_plan_compatibility(section, trt.__version__, gpu, export_dir):
             warnings.warn(warning, stacklevel=3)
-        _check(cudart, cudart.cudaSetDevice(index), f"cudaSetDevice({index})")
+        check(cudart.cudaSetDevice(index), f"cudaSetDevice({index})")
         self.trt, self.cudart, self.gpu = trt, cudart, gpu
-        free, total = _check(cudart, cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+        free, total = check(cudart.cudaMemGetInfo(), "cudaMemGetInfo")
         self._baseline_used, self._peak_used = total - free, 0
-        self.stream = _check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream = check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
-        self.vision = Engine(trt, cudart, runtime, export_dir / section["plans"]["vision"], self.stream)
-        self.decoder = Engine(trt, cudart, runtime, export_dir / section["plans"]["decoder"], self.stream)
-        self.profiles = section["profiles"]
-        limits, spec = section["limits"], manifest["spec"]
-        if max_seq is not None and not 1 < max_seq <= limits["max_seq"]:
-            raise SettingError("", "max_seq", max_seq, f"these plans were built for 2..{limits['max_seq']} "
-                               "positions (rebuild with a larger --max-seq for more)")
-        self.max_seq, self.max_tiles = max_seq or limits["max_seq"], limits["max_tiles"]
-        self.embed_table = np.load(export_dir / manifest["graphs"]["embed_tokens"], mmap_mode="r")
-        self.hidden_size = spec["decoder"]["hidden_size"]
-        self.vocab_size = spec["decoder"]["vocab_size"]
-        self._allocate(spec, limits["max_seq"])
-        self._pos, self._current = 0, 0
+        self.vision = Engine(trt, cudart, runtime, export_dir / section.plans.vision, self.stream)
+        self.decoder = Engine(trt, cudart, runtime, export_dir / section.plans.decoder, self.stream)
+        self.profiles = section.profiles
+        spec = manifest.spec
+        self.hidden_size = spec.decoder.hidden_size
+        self.vocab_size = spec.decoder.vocab_size
+        self._allocate(spec, section.limits.max_seq)
+        self._current = 0
         # parity -> (its own decode context, its captured step); filled on the first decode of each parity
         self._graphs = {} if cuda_graph else None
         self._track_memory()
 
     # -- buffers ---------------------------------------------------------------------------------------------
 
-    def _allocate(self, spec: dict, plan_max_seq: int) -> None:
-        cudart, dec = self.cudart, spec["decoder"]
-        size = self.image_size = spec["vision"]["image_size"]
+    def _allocate(self, spec, plan_max_seq: int) -> None:
+        cudart, dec = self.cudart, spec.decoder
+        size = self.image_size = spec.vision.image_size
         tokens_per_tile = 256  # (448 / 14 * 0.5)^2, fixed by InternVL's pixel shuffle
         vision_shapes = {"pixel_values": (self.max_tiles, 3, size, size),
                          "image_embeds": (self.max_tiles, tokens_per_tile, self.hidden_size)}
         self._vision_dev = {n: DeviceBuffer(cudart, np.prod(s) * self.vision.dtypes[n].itemsize)
                             for n, s in vision_shapes.items()}
         self._vision_host = {n: PinnedBuffer(cudart, s, self.vision.dtypes[n]) for n, s in vision_shapes.items()}
-        kv, head_dim = dec["num_kv_heads"], dec["hidden_size"] // dec["num_heads"]
+        kv, head_dim = dec.num_kv_heads, dec.head_dim
         io_shapes = {"inputs_embeds": (self.max_seq, self.hidden_size), "position_ids": (self.max_seq,),
                      "logits": (self.vocab_size,)}
         self._dec_dev = {n: DeviceBuffer(cudart, np.prod(s) * self.decoder.dtypes[n].itemsize)
@@ -343,51 +253,39 @@ class TensorRTBackend:
         self.kv_cache_bytes = 2 * kv_bytes * len(self._past_names)
         if self.fixed_cache:
             for buffer in (b for pair in self._kv.values() for b in pair):
-                _check(cudart, cudart.cudaMemsetAsync(buffer.ptr, 0, buffer.nbytes, self.stream), "cudaMemsetAsync")
+                check(cudart.cudaMemsetAsync(buffer.ptr, 0, buffer.nbytes, self.stream), "cudaMemsetAsync")
             self._sync()
 
     def _copy_in(self, host: PinnedBuffer, device: DeviceBuffer, nbytes: int) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        _check(self.cudart, self.cudart.cudaMemcpyAsync(device.ptr, host.ptr, nbytes, kind, self.stream), "HtoD")
+        check(self.cudart.cudaMemcpyAsync(device.ptr, host.ptr, nbytes, kind, self.stream), "HtoD")
 
     def _copy_out(self, device: DeviceBuffer, host: PinnedBuffer, nbytes: int) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        _check(self.cudart, self.cudart.cudaMemcpyAsync(host.ptr, device.ptr, nbytes, kind, self.stream), "DtoH")
+        check(self.cudart.cudaMemcpyAsync(host.ptr, device.ptr, nbytes, kind, self.stream), "DtoH")
 
     def _sync(self) -> None:
-        _check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         self._track_memory()
 
     # -- Backend protocol ------------------------------------------------------------------------------------
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        return np.concatenate([self._encode_chunk(pixel_values[i:i + self.max_tiles])
-                               for i in range(0, len(pixel_values), self.max_tiles)])
+    @property
+    def vision_input_dtype(self) -> np.dtype:
+        return self.vision.dtypes["pixel_values"]
 
-    def _encode_chunk(self, tiles: np.ndarray) -> np.ndarray:
+    def _encode(self, tiles: np.ndarray) -> np.ndarray:
         n = len(tiles)
         host_in = self._vision_host["pixel_values"]
         host_in.array[:n] = tiles
         self._copy_in(host_in, self._vision_dev["pixel_values"], host_in.array[:n].nbytes)
         return self._run_vision(self._vision_dev["pixel_values"].ptr, tiles.shape)
 
-    @property
-    def vision_input_dtype(self) -> np.dtype:
-        return self.vision.dtypes["pixel_values"]
-
-    def encode_device_tiles(self, ptr: int, tiles: int, dtype) -> np.ndarray:
-        """Image embeddings [tiles, 256, H] float32 for pixel values already on this GPU (GPU tiling):
-        [tiles, 3, S, S] of vision_input_dtype at device address ptr, bound in place (no host copy). The caller
-        has finished writing them (synchronized its stream); only the embeddings come back."""
-        dtype = np.dtype(dtype)
-        if dtype != self.vision_input_dtype:
-            raise ValueError(f"device tiles are {dtype}, the vision plan takes {self.vision_input_dtype}")
-        tile_bytes = 3 * self.image_size * self.image_size * dtype.itemsize
-        return np.concatenate([
-            self._run_vision(ptr + first * tile_bytes,
-                             (min(self.max_tiles, tiles - first), 3, self.image_size, self.image_size))
-            for first in range(0, tiles, self.max_tiles)])
+    def _encode_device(self, ptr: int, tiles: int, dtype) -> np.ndarray:
+        """Pixel values already on this GPU (GPU tiling), bound in place (no host copy). The preprocessor has
+        finished writing them (synchronized its stream); only the embeddings come back."""
+        self._check_device_dtype(dtype)
+        return self._run_vision(ptr, (tiles, 3, self.image_size, self.image_size))
 
     def _run_vision(self, pixels_ptr: int, shape: tuple[int, ...]) -> np.ndarray:
         n = shape[0]
@@ -401,19 +299,8 @@ class TensorRTBackend:
         self._sync()
         return np.array(out.reshape(out_shape), dtype=np.float32)  # a copy: the staging buffer is reused
 
-    def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
-        return np.asarray(self.embed_table[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
-
-    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        if len(inputs_embeds) > self.max_seq:
-            raise ValueError(f"{len(inputs_embeds)} prompt positions, these plans hold {self.max_seq}")
-        self._pos, self._current = 0, 0
-        return self._step(inputs_embeds)
-
-    def decode(self, token_id: int) -> np.ndarray:
-        if self._pos >= self.max_seq:
-            raise ValueError(f"the KV cache is full ({self.max_seq} positions)")
-        return self._step(self.embed_tokens(np.array([token_id])))
+    def _reset(self) -> None:
+        self._current = 0
 
     def _step(self, embeds: np.ndarray) -> np.ndarray:
         n, past = len(embeds), self._pos
@@ -455,7 +342,7 @@ class TensorRTBackend:
     # -- memory ----------------------------------------------------------------------------------------------
 
     def _track_memory(self) -> None:
-        free, total = _check(self.cudart, self.cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+        free, total = check(self.cudart.cudaMemGetInfo(), "cudaMemGetInfo")
         self._peak_used = max(self._peak_used, total - free - self._baseline_used)
 
     def memory_report(self) -> dict:

@@ -16,10 +16,34 @@ _TORCH_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def to_tensor(array: np.ndarray, dtype: "torch.dtype") -> "torch.Tensor":
-    """numpy (incl. ml_dtypes bfloat16, which torch cannot read directly) -> torch, copied out of the mmap."""
+    """numpy (incl. ml_dtypes bfloat16, which torch cannot read directly) -> torch; a read-only array (a memory
+    map) is copied, a checkpoint's `Weights` read is fresh already and used as it is."""
+    if not array.flags.writeable:
+        array = np.array(array)
     if array.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.array(array).view(np.int16)).view(torch.bfloat16).to(dtype)
-    return torch.from_numpy(np.array(array)).to(dtype)
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).to(dtype)
+    return torch.from_numpy(array).to(dtype)
+
+
+def load_vision(checkpoint: Checkpoint, dtype: "torch.dtype") -> VisionModel:
+    """The vision tower and projector alone, weights converted to `dtype` (the exporter holds one part at a time)."""
+    with torch.device("meta"):  # no random init of weights that are replaced right away
+        vision = VisionModel(checkpoint.spec)
+    _assign(vision, checkpoint, dtype, lambda name: not name.startswith("decoder."), "")
+    return vision
+
+
+def load_language_model(checkpoint: Checkpoint, dtype: "torch.dtype") -> LanguageModel:
+    with torch.device("meta"):
+        lm = LanguageModel(checkpoint.spec.decoder)
+    lm.rope = Rope(checkpoint.spec.decoder)  # computed tables, not weights: build them for real
+    _assign(lm, checkpoint, dtype, lambda name: name.startswith("decoder."), "decoder.")
+    return lm
+
+
+def _assign(module, checkpoint: Checkpoint, dtype, wanted, prefix: str) -> None:
+    state = {name[len(prefix):]: to_tensor(w, dtype) for name, w in checkpoint.weights.items() if wanted(name)}
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 class TorchBackend:
@@ -39,17 +63,8 @@ class TorchBackend:
         if max_seq is not None and not 0 < max_seq <= limit:
             raise SettingError("", "max_seq", max_seq, f"must be between 1 and the model's context ({limit})")
         self.max_seq = max_seq or limit
-        # Built on the meta device: no random init of weights that are replaced right away.
-        with torch.device("meta"):
-            self.vision, self.lm = VisionModel(spec), LanguageModel(spec.decoder)
-        self.lm.rope = Rope(spec.decoder)  # computed tables, not weights: build them for real
-        for module, prefix in ((self.vision, ""), (self.lm, "decoder.")):
-            state = {name[len(prefix):]: to_tensor(w, self.dtype)
-                     for name, w in checkpoint.weights.items() if name.startswith(prefix)}
-            if not prefix:
-                state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
-            module.load_state_dict(state, strict=True, assign=True)
-            module.to(self.device).eval()
+        self.vision = load_vision(checkpoint, self.dtype).to(self.device).eval()
+        self.lm = load_language_model(checkpoint, self.dtype).to(self.device).eval()
         self._cache, self._pos = None, 0
 
     @torch.inference_mode()

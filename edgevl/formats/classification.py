@@ -3,7 +3,8 @@
 Prompt, from OpenGVLab/InternVL internvl_chat/eval/mmbench/evaluate_mmbench.py (MMBenchDataset.__getitem__
 and `prompt['en']`; Mini-InternVL's medical results use the same MCQ style through VLMEvalKit):
 
-    question + '\\nA. first' + '\\nB. second' ... + '\\n' + "Answer with the option's letter from the given choices directly."
+    question + '\\nA. first' + '\\nB. second' ... + '\\n'
+        + "Answer with the option's letter from the given choices directly."
 """
 from __future__ import annotations
 

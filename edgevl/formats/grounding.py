@@ -49,7 +49,8 @@ class GroundingResult:
 
 
 def _check_size(width, height) -> None:
-    if not (isinstance(width, (int, np.integer)) and isinstance(height, (int, np.integer)) and width > 0 and height > 0):
+    integers = isinstance(width, (int, np.integer)) and isinstance(height, (int, np.integer))
+    if not (integers and width > 0 and height > 0):
         raise ValueError(f"image size width={width!r}, height={height!r}: expected positive integers (pixels)")
 
 

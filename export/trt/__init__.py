@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from edgevl.precisions import build_recipe
+
 from .config import (DEFAULT_KV_CACHE, DEFAULT_PRECISION, DEFAULT_WORKSPACE_GB, KV_CACHE_LAYOUTS, PLAN_NAMES,
-                     PRECISIONS, check_limits, check_tensorrt_supports, decoder_profiles, source_graphs,
+                     check_limits, check_tensorrt_supports, decoder_profiles, source_graphs,
                      tensorrt_section, vision_profiles)
 
-__all__ = ["KV_CACHE_LAYOUTS", "PRECISIONS", "build_engines"]
+__all__ = ["KV_CACHE_LAYOUTS", "build_engines"]
 
 
 def build_engines(export_dir, precision: str = DEFAULT_PRECISION, max_tiles: int | None = None,
@@ -24,7 +27,7 @@ def build_engines(export_dir, precision: str = DEFAULT_PRECISION, max_tiles: int
     """Build vision.plan and decoder.plan into `export_dir` for the GPU of this machine and record them in its
     manifest (re-written, so its checksums cover the plans). kv_cache: "concat" or "fixed" (the decoder graph;
     "fixed" is what TensorRTBackend's cuda_graph=True needs, see config.py). Returns the manifest path."""
-    from edgevl.doctor import gpu_info
+    from edgevl.device import gpu_info
     from edgevl.manifest import read_manifest, write_manifest
 
     from ..trt_ops import trt_incompatibilities
@@ -45,16 +48,17 @@ def build_engines(export_dir, precision: str = DEFAULT_PRECISION, max_tiles: int
                            "itself), or run this export with backend onnxruntime; `edgevl doctor` says more") from None
     trt = import_tensorrt()
     check_tensorrt_supports(precision, trt.__version__, gpu["compute_capability"])
-    dec = manifest["spec"]["decoder"]
-    profiles = {"vision": vision_profiles(max_tiles, manifest["spec"]["vision"]["image_size"]),
-                "decoder": decoder_profiles(max_seq, dec["hidden_size"], dec["num_layers"], dec["num_kv_heads"],
-                                            dec["hidden_size"] // dec["num_heads"], kv_cache=kv_cache)}
+    dec = manifest.spec.decoder
+    profiles = {"vision": vision_profiles(max_tiles, manifest.spec.vision.image_size),
+                "decoder": decoder_profiles(max_seq, dec.hidden_size, dec.num_layers, dec.num_kv_heads, dec.head_dim,
+                                            kv_cache=kv_cache)}
     log(f"[build] TensorRT {trt.__version__} on {gpu['name']} (compute capability {gpu['compute_capability']}), "
         f"precision {precision}, tiles 1..{max_tiles}, max_seq {max_seq}, KV cache {kv_cache}")
     seconds, built = {}, {}
     timing_cache = Path(timing_cache) if timing_cache else None
     with tempfile.TemporaryDirectory(prefix=".edgevl-build-", dir=export_dir) as tmp:
-        for kind, graph_precision in zip(("vision", "decoder"), PRECISIONS[precision]):
+        recipe = build_recipe(precision)
+        for kind, graph_precision in (("vision", recipe.vision), ("decoder", recipe.decoder)):
             source, needs_quantizing = sources[kind]
             src = export_dir / source
             if needs_quantizing:
@@ -72,21 +76,17 @@ def build_engines(export_dir, precision: str = DEFAULT_PRECISION, max_tiles: int
             log(f"[build] {kind}: {built[kind].stat().st_size / 2**20:.1f} MiB plan in {seconds[kind]:.1f} s")
         for kind, path in built.items():  # only now: a failed build leaves the old plans and manifest intact
             os.replace(path, export_dir / PLAN_NAMES[kind])
-    manifest.pop("files", None)
-    manifest["tensorrt"] = tensorrt_section(trt.__version__, gpu, precision, max_tiles, max_seq, profiles, seconds,
-                                            kv_cache)
-    path = write_manifest(export_dir, manifest)
+    section = tensorrt_section(trt.__version__, gpu, precision, max_tiles, max_seq, profiles, seconds, kv_cache)
+    path = write_manifest(export_dir, replace(manifest, tensorrt=section))
     log(f"[build] done: {', '.join(PLAN_NAMES.values())} in {export_dir} (run it: edgevl generate --model "
         f"{export_dir} --backend tensorrt ...). Gate it: compare against the onnxruntime fp32 backend first.")
     return path
 
 
-def _calibrate_vision(src: Path, dst: Path, manifest: dict, calib_images, log) -> Path:
-    from edgevl.specs import spec_from_dict
-
+def _calibrate_vision(src: Path, dst: Path, manifest, calib_images, log) -> Path:
     from ..quantize import calibration_tiles, quantize_vision_int8
 
-    tiling = spec_from_dict(manifest["spec"]).tiling
+    tiling = manifest.spec.tiling
     start = time.perf_counter()
     log(f"[build] vision: calibrating int8 Q/DQ on {calib_images or 'generated images'} (ONNX Runtime, CPU) ...")
     quantize_vision_int8(src, dst, calibration_tiles(Path(calib_images) if calib_images else None, tiling))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import Profile
+from edgevl.manifest import Profile
 
 
 class BuildError(RuntimeError):

@@ -21,16 +21,9 @@ The runtime picks the profile whose ranges contain the call's shapes (edgevl.bac
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from edgevl.manifest import GPU, Limits, Manifest, Plans, Profile, TensorRTKVCache, TensorRTSection
+from edgevl.precisions import build_recipe
 
-# --precision -> (vision graph, decoder graph)
-PRECISIONS = {
-    "fp16": ("fp16", "fp16"),
-    "int8": ("int8", "int8-weight-only"),
-    "int8-vision-fp16-llm": ("int8", "fp16"),
-    "int4-llm": ("fp16", "int4-weight-only"),
-    "int8-vision-int4-llm": ("int8", "int4-weight-only"),
-}
 # Graph precision -> (oldest TensorRT, oldest compute capability, why). INT4 weight-only (blocked INT4
 # DequantizeLinear before a MatMul) arrived in TensorRT 10.0 (release notes; onnx-tensorrt 10.0 EA: "Added support
 # for INT4 quantization"); NVIDIA Model Optimizer's support matrix lists W4A16 for "Ampere and later" (sm_80+:
@@ -41,11 +34,11 @@ GRAPH_REQUIREMENTS = {
 KV_CACHE_LAYOUTS = {"concat": "decoder", "fixed": "decoder_fixed"}  # --kv-cache -> manifest graphs key
 DEFAULT_KV_CACHE = "concat"
 KV_CACHE_SECTIONS = {
-    "concat": {"layout": "concat-ping-pong", "dtype": "float16",
-               "note": "two max_seq-capacity device buffers per KV tensor; present(t) is past(t+1)"},
-    "fixed": {"layout": "fixed-ping-pong", "dtype": "float16", "cuda_graph": True,
-              "note": "two [1, kv, max_seq, d] device buffers per KV tensor (zeroed once: rows past the position "
-                      "are masked, never NaN); present(t) is past(t+1); static decode shapes"},
+    "concat": TensorRTKVCache("concat-ping-pong", "float16",
+                              note="two max_seq-capacity device buffers per KV tensor; present(t) is past(t+1)"),
+    "fixed": TensorRTKVCache("fixed-ping-pong", "float16", cuda_graph=True,
+                             note="two [1, kv, max_seq, d] device buffers per KV tensor (zeroed once: rows past the "
+                                  "position are masked, never NaN); present(t) is past(t+1); static decode shapes"),
 }
 DEFAULT_PRECISION = "fp16"
 # Tile counts tuned for: one tile (video frames, small images), 2x3 + thumbnail, 12 + thumbnail.
@@ -54,19 +47,6 @@ PREFILL_OPT_TOKENS = 256 * 7 + 128  # a 6-tile image + thumbnail and a short que
 DEFAULT_WORKSPACE_GB = 4.0  # Orin Nano has 8 GB shared: a cap, not an allocation
 PLAN_NAMES = {"vision": "vision.plan", "decoder": "decoder.plan"}
 GRAPH_NAMES = {"vision": "vision.trt.onnx", "decoder": "decoder.trt.onnx"}
-
-Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One TensorRT optimization profile: input name -> (min, opt, max) shapes."""
-    name: str
-    shapes: dict[str, tuple[Shape, Shape, Shape]]
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()}}
-
 
 def tile_ranges(max_tiles: int, common=COMMON_TILE_COUNTS) -> list[tuple[int, int, int]]:
     """(min, opt, max) tile counts covering 1..max_tiles, one range per common count (opt = max = that count,
@@ -119,7 +99,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 def check_tensorrt_supports(precision: str, trt_version: str, compute_capability: str) -> None:
     """Refuse, before building, a precision this TensorRT or GPU cannot build, naming what it needs."""
-    for graph_precision in PRECISIONS[precision]:
+    recipe = build_recipe(precision)
+    for graph_precision in (recipe.vision, recipe.decoder):
         if graph_precision not in GRAPH_REQUIREMENTS:
             continue
         (trt_min, cc_min, what) = GRAPH_REQUIREMENTS[graph_precision]
@@ -133,65 +114,63 @@ def check_tensorrt_supports(precision: str, trt_version: str, compute_capability
                              "build --precision int8 instead")
 
 
-def check_limits(manifest: dict, max_tiles: int | None, max_seq: int | None) -> tuple[int, int]:
+def check_limits(manifest: Manifest, max_tiles: int | None, max_seq: int | None) -> tuple[int, int]:
     """The build's limits: the export's by default; never above them (the ONNX dims were exported bounded)."""
-    limits = manifest["limits"]
-    max_tiles = limits["max_tiles"] if max_tiles is None else max_tiles
-    max_seq = limits["max_seq"] if max_seq is None else max_seq
-    if not 1 <= max_tiles <= limits["max_tiles"]:
-        raise ValueError(f"max_tiles={max_tiles}: this export takes 1..{limits['max_tiles']} tiles "
+    limits = manifest.limits
+    max_tiles = limits.max_tiles if max_tiles is None else max_tiles
+    max_seq = limits.max_seq if max_seq is None else max_seq
+    if not 1 <= max_tiles <= limits.max_tiles:
+        raise ValueError(f"max_tiles={max_tiles}: this export takes 1..{limits.max_tiles} tiles "
                          "(re-export with a larger --max-tiles)")
-    if not 2 <= max_seq <= limits["max_seq"]:
-        raise ValueError(f"max_seq={max_seq}: this export takes 2..{limits['max_seq']} positions "
+    if not 2 <= max_seq <= limits.max_seq:
+        raise ValueError(f"max_seq={max_seq}: this export takes 2..{limits.max_seq} positions "
                          "(re-export with a larger --max-seq)")
     return max_tiles, max_seq
 
 
-def source_graphs(manifest: dict, precision: str, kv_cache: str = DEFAULT_KV_CACHE) -> dict[str, tuple[str, bool]]:
+def source_graphs(manifest: Manifest, precision: str,
+                  kv_cache: str = DEFAULT_KV_CACHE) -> dict[str, tuple[str, bool]]:
     """kind -> (exported ONNX the engine starts from, whether build must quantize it to int8 Q/DQ first), or a
     ValueError saying which export to make instead. The decoder always starts from fp32 weights: the export's
     int8/int4 decoders are ONNX Runtime CPU graphs (contrib ops TensorRT does not parse) and the fp16 one has
     already lost the fp32 weights the build's own precision rewrite starts from. Vision int8 uses the
     export's static Q/DQ graph when it has one, else build calibrates one (export/quantize.py). kv_cache picks
     the decoder graph (see the module docstring)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: expected one of {tuple(PRECISIONS)}")
+    vision_want = build_recipe(precision).vision
     if kv_cache not in KV_CACHE_LAYOUTS:
         raise ValueError(f"kv_cache={kv_cache!r}: expected one of {tuple(KV_CACHE_LAYOUTS)}")
-    vision_want, _ = PRECISIONS[precision]
-    have = manifest["precision"]
-    if have["decoder"] != "fp32":
-        raise ValueError(f"this export's decoder is {have['decoder']} (an ONNX Runtime graph), which TensorRT does "
+    have = manifest.precision
+    if have.decoder != "fp32":
+        raise ValueError(f"this export's decoder is {have.decoder} (an ONNX Runtime graph), which TensorRT does "
                          "not build from: export with `edgevl export --precision fp32`, then "
                          f"`edgevl build --precision {precision}` (int8 vision is calibrated during the build)")
-    if vision_want == "fp16" and have["vision"] != "fp32":
+    if vision_want == "fp16" and have.vision != "fp32":
         raise ValueError(f"--precision {precision} builds vision from fp32 weights; this export's vision is "
-                         f"{have['vision']}: export with --precision fp32")
-    graphs = manifest["graphs"]
-    if KV_CACHE_LAYOUTS[kv_cache] not in graphs:
+                         f"{have.vision}: export with --precision fp32")
+    decoder = getattr(manifest.graphs, KV_CACHE_LAYOUTS[kv_cache])
+    if decoder is None:
         raise ValueError(f"--kv-cache {kv_cache} builds from the export's fixed-capacity decoder graph, which this "
                          "export lacks: re-export it with this edgevl (`edgevl export --precision fp32`)")
-    return {"vision": (graphs["vision"], vision_want == "int8" and have["vision"] == "fp32"),
-            "decoder": (graphs[KV_CACHE_LAYOUTS[kv_cache]], False)}
+    return {"vision": (manifest.graphs.vision, vision_want == "int8" and have.vision == "fp32"),
+            "decoder": (decoder, False)}
 
 
 def tensorrt_section(trt_version: str, gpu: dict, precision: str, max_tiles: int, max_seq: int,
                      profiles: dict[str, list[Profile]], build_seconds: dict[str, float],
-                     kv_cache: str = DEFAULT_KV_CACHE) -> dict:
+                     kv_cache: str = DEFAULT_KV_CACHE) -> TensorRTSection:
     """The manifest's `tensorrt` section; the runtime refuses plans whose version or GPU differ from it."""
-    vision, decoder = PRECISIONS[precision]
-    return {
-        "version": trt_version,
-        "gpu": {"name": gpu["name"], "compute_capability": gpu["compute_capability"],
-                "integrated": bool(gpu.get("integrated", False))},
-        "build_precision": precision,
-        "precision": {"vision": vision, "decoder": decoder},
-        "strongly_typed": True,
-        "plans": dict(PLAN_NAMES),
-        "limits": {"max_tiles": max_tiles, "max_seq": max_seq},
-        "profiles": {kind: [p.to_dict() for p in ps] for kind, ps in profiles.items()},
-        "kv_cache": KV_CACHE_SECTIONS[kv_cache],
-        "io_dtypes": {"pixel_values": "float32", "image_embeds": "float32", "inputs_embeds": "float32",
-                      "position_ids": "int64", "logits": "float16"},
-        "build_seconds": {k: round(v, 2) for k, v in build_seconds.items()},
-    }
+    recipe = build_recipe(precision)
+    return TensorRTSection(
+        version=trt_version,
+        gpu=GPU(gpu["name"], gpu["compute_capability"], bool(gpu.get("integrated", False))),
+        build_precision=precision,
+        precision={"vision": recipe.vision, "decoder": recipe.decoder},
+        strongly_typed=True,
+        plans=Plans(**PLAN_NAMES),
+        limits=Limits(max_tiles, max_seq),
+        profiles=profiles,
+        kv_cache=KV_CACHE_SECTIONS[kv_cache],
+        io_dtypes={"pixel_values": "float32", "image_embeds": "float32", "inputs_embeds": "float32",
+                   "position_ids": "int64", "logits": "float16"},
+        build_seconds={k: round(v, 2) for k, v in build_seconds.items()},
+    )

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevl.precisions import INT4
+
+from ..quantizer import symmetric_weights
+
 # Overflow-prone or precision-critical ops kept in fp32: normalisations (LayerNorm; the decomposed RMSNorm's
 # Pow -> ReduceMean -> Sqrt -> Reciprocal), softmax, and the ops that feed them.
 FP32_OP_TYPES = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal")
@@ -73,16 +77,15 @@ def to_mixed_fp16(model, keep_fp32_io=()):
 
 # INT4 blocks run along K (the MatMul's reduction axis, axis 0 of a [K, N] weight): TensorRT's DequantizeLayer
 # takes block quantization on one of the last two axes (IDequantizeLayer docs, TensorRT 10.x) and its ONNX parser
-# infers the block from the scale's shape (onnx-tensorrt 10.0 QuantDequantLinearHelper). 128 is NVIDIA Model
-# Optimizer's INT4 weight-only (W4A16/AWQ) default and divides every K of InternVL2-1B/2B/4B (896, 2048, 3072,
-# 4864, 8192); a K it does not divide (tiny test models) takes the largest power of two below it that does.
-INT4_BLOCK_SIZE = 128
+# infers the block from the scale's shape (onnx-tensorrt 10.0 QuantDequantLinearHelper). The recipes' 128
+# (edgevl.precisions.INT4) divides every K of InternVL2-1B/2B/4B (896, 2048, 3072, 4864, 8192); a K it does not
+# divide (tiny test models) takes the largest power of two below it that does.
 INT4_MIN_BLOCK_SIZE = 16
 # DequantizeLinear's fp16 scales need opset 19; INT4 inputs and blocked scales (block_size) need opset 21.
 WEIGHT_ONLY_OPSET = {8: 19, 4: 21}
 
 
-def int4_block_size(k: int, preferred: int = INT4_BLOCK_SIZE) -> int | None:
+def int4_block_size(k: int, preferred: int = INT4.block_size) -> int | None:
     """The block length along K for an INT4 weight with K rows, or None when no block of at least
     INT4_MIN_BLOCK_SIZE divides K (such a weight stays fp16)."""
     block = preferred
@@ -96,17 +99,9 @@ def int4_block_size(k: int, preferred: int = INT4_BLOCK_SIZE) -> int | None:
 def _quantized_weight(w: np.ndarray, bits: int, block_size: int):
     """Symmetric (zero point 0, TensorRT's requirement) int8 per output column, or int4 per (block of K, column):
     returns the integer weight, its fp16 scale (shape [N] or [K / block, N]) and the DequantizeLinear attributes."""
-    limit = (1 << (bits - 1)) - 1  # 127 / 7: the symmetric range, so -8 / -128 are never used
-    if bits == 8:
-        scale = np.maximum(np.abs(w).max(axis=0), 1e-8) / limit
-        q = np.rint(w / scale)
-        attributes = {"axis": 1}
-    else:
-        k, n = w.shape
-        scale = np.maximum(np.abs(w).reshape(k // block_size, block_size, n).max(axis=1), 1e-8) / limit
-        q = np.rint(w / np.repeat(scale, block_size, axis=0))
-        attributes = {"axis": 0, "block_size": block_size}
-    return np.clip(q, -limit, limit).astype(np.int8), scale.astype(np.float16), attributes
+    q, scale = symmetric_weights(w, bits, None if bits == 8 else block_size)
+    attributes = {"axis": 1} if bits == 8 else {"axis": 0, "block_size": block_size}
+    return q, scale.astype(np.float16), attributes
 
 
 def _int_tensor(name: str, q: np.ndarray, bits: int):
@@ -122,7 +117,7 @@ def _int_tensor(name: str, q: np.ndarray, bits: int):
     return helper.make_tensor(name, TensorProto.INT4, q.shape, packed.tobytes(), raw=True)
 
 
-def quantize_weights(model, bits: int, block_size: int = INT4_BLOCK_SIZE,
+def quantize_weights(model, bits: int, block_size: int = INT4.block_size,
                      min_elements: int = WEIGHT_ONLY_MIN_ELEMENTS) -> int:
     """Weight-only int8 or int4 for the fp16 decoder: every MatMul whose B is an fp16 [K, N] initializer (used
     once) becomes DequantizeLinear(intN B, fp16 scale, zero point 0) -> MatMul. int8: one scale per output column

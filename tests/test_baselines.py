@@ -1,0 +1,43 @@
+"""The baselines' common source: an InternVL decoder of any family written as the Qwen2 checkpoint llama.cpp's and
+onnxruntime-genai's converters read (benchmarks/baselines.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgevl import EdgeVL
+from benchmarks.baselines import write_qwen2_dir
+
+
+@pytest.mark.parametrize("family, fmt", [("qwen2", "original"), ("internlm2", "original"), ("internlm2", "hf")])
+def test_every_family_becomes_the_same_qwen2_model(tiny_checkpoint, tmp_path, family, fmt):
+    """Same logits from transformers' Qwen2ForCausalLM on the written checkpoint as from edgevl's PyTorch decoder
+    (InternLM2's packed wqkv unpacked, zero q/k/v biases where the family has none)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    source = tiny_checkpoint(family, fmt)
+    written = write_qwen2_dir(source, tmp_path)
+    theirs = transformers.Qwen2ForCausalLM.from_pretrained(written, dtype=torch.float32).eval()
+    ours = EdgeVL.from_pretrained(source).backend
+    ids = np.arange(5, 40)
+    want = ours.prefill(ours.embed_tokens(ids))
+    with torch.no_grad():
+        got = theirs(torch.from_numpy(ids)[None]).logits[0, -1].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_phi3_keeps_its_shapes(tiny_checkpoint, tmp_path):
+    """Phi-3 maps onto the same tensors (fused qkv and gate/up split); its LongRoPE becomes plain RoPE, so only the
+    shapes are compared: a speed baseline needs the same work per token, not the same numbers."""
+    safetensors = pytest.importorskip("safetensors")
+    import json
+
+    written = write_qwen2_dir(tiny_checkpoint("phi3"), tmp_path)
+    config = json.loads((written / "config.json").read_text())
+    index = json.loads((written / "model.safetensors.index.json").read_text())["weight_map"]
+    with safetensors.safe_open(written / index["model.layers.0.self_attn.k_proj.weight"], "np") as f:
+        k = f.get_tensor("model.layers.0.self_attn.k_proj.weight")
+        bias = f.get_tensor("model.layers.0.self_attn.q_proj.bias")
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    assert k.shape == (config["num_key_value_heads"] * head_dim, config["hidden_size"])
+    assert not bias.any()
