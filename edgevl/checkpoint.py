@@ -81,7 +81,7 @@ def _drop_resident_pages(array: np.ndarray) -> None:
     if end > start:
         try:
             ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-        except (OSError, AttributeError):  # no madvise (not POSIX): the pages stay until reclaimed
+        except (OSError, AttributeError, TypeError):  # no madvise (not POSIX): the pages stay until reclaimed
             pass
 
 

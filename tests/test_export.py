@@ -135,6 +135,34 @@ def test_int8_vision_qdq_is_tensorrt_explicit_quantization(exported):
     assert attention and not any(set(n.input) & dequantized for n in attention)
 
 
+def test_vision_calibration_ranges_equal_quantize_statics_own(exported, tmp_path):
+    """calibrate_vision (one tile per run, tensors freed as soon as they are reduced) measures exactly the ranges
+    ONNX Runtime's calibrator gives quantize_static, which the int8 vision graph is built from."""
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    from edgevl.export.quantize import VISION_QUANTIZED_OPS, calibrate_vision, calibration_tiles
+    from edgevl.manifest import read_manifest
+
+    path = exported("qwen2") / "vision.onnx"
+    tiles = calibration_tiles(None, read_manifest(path.parent).spec.tiling, max_tiles=3)
+    ours = calibrate_vision(path, tiles, tmp_path, log=lambda _: None)
+
+    class Reader:
+        def __init__(self):
+            self._it = iter({"pixel_values": tiles[i:i + 1]} for i in range(len(tiles)))
+
+        def get_next(self):
+            return next(self._it, None)
+
+    theirs = create_calibrator(path, VISION_QUANTIZED_OPS, augmented_model_path=str(tmp_path / "theirs.onnx"))
+    theirs.collect_data(Reader())
+    theirs = theirs.compute_data()
+    assert set(ours.data) == set(theirs.data) and ours.data
+    for name, expected in theirs.data.items():
+        for got, want in zip(ours.data[name].range_value, expected.range_value):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
 def test_each_steps_logits_stay_the_callers_own(exported):
     """The shared-KV backend binds one logits buffer for every step: what a step returned must not change when
     the next step runs."""
