@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevl.cpu import process_memory_bytes
+
 FRAME = (1920, 1080)
 PROMPT_SENTENCE = ("Describe the scene in front of the vehicle, list every road user, the traffic lights and "
                    "signs, their distances and what each of them is likely to do next. ")
@@ -59,18 +61,8 @@ def _vision_ms(encode, tiles, repeat: int) -> dict:
     return out
 
 
-def _proc_status_bytes(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def rss_now_bytes() -> int | None:
-    return _proc_status_bytes("VmRSS")
+    return process_memory_bytes("VmRSS")
 
 
 def device_used_bytes() -> int | None:
@@ -87,7 +79,7 @@ def device_used_bytes() -> int | None:
 def peak_rss_bytes() -> int:
     """This process's high-water RSS. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and
     exec, so a worker would report its parent's peak when that is higher."""
-    hwm = _proc_status_bytes("VmHWM")
+    hwm = process_memory_bytes("VmHWM")
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -128,3 +128,16 @@ def configure_session(options) -> None:
 def describe() -> dict:
     """This CPU for a report or a manifest: {"isa": [...], "integer_gemm": IntegerGemm.to_dict()}."""
     return {"isa": list(isa_classes()), "integer_gemm": integer_gemm().to_dict()}
+
+
+def process_memory_bytes(field: str = "VmHWM") -> int | None:
+    """This process's resident memory from /proc/self/status (Linux): "VmHWM" its peak, "VmRSS" now; None where
+    there is no such field."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -9,28 +9,18 @@ import signal
 import sys
 import time
 
+from edgevl.cpu import process_memory_bytes
+
 GIB = 1 << 30
 LOG_INTERVAL_S = 5.0
 
 
 def peak_rss_bytes() -> int | None:
-    """VmHWM: this process's high-water resident set (Linux); None where /proc has no such field."""
-    return _status_bytes("VmHWM")
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return process_memory_bytes("VmHWM")
 
 
 def current_rss_bytes() -> int | None:
-    return _status_bytes("VmRSS")
+    return process_memory_bytes("VmRSS")
 
 
 # Per finished child process: this process's RSS when it started the child plus the child's own peak.

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import GPU, ExportError, Manifest, Profile, TensorRTSection
+from ..cpu import process_memory_bytes
 from ..device import CudaGraph, DeviceBuffer, PinnedBuffer, check, device_index, gpu_info
 from .exported import ExportedBackend
 
@@ -91,17 +92,6 @@ def tensorrt_unavailable_reason() -> str | None:
         import tensorrt  # noqa: F401
     except Exception as e:  # ImportError, or libnvinfer failing to load
         return f"tensorrt does not import ({e})"
-    return None
-
-
-def _process_peak_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     return None
 
 
@@ -355,7 +345,7 @@ class TensorRTBackend(ExportedBackend):
                   "io_buffers_bytes": sum(b.nbytes for b in buffers) - self.kv_cache_bytes,
                   "device_peak_used_bytes": self._peak_used, "integrated": self.gpu["integrated"]}
         if self.gpu["integrated"]:
-            rss = _process_peak_rss_bytes()
+            rss = process_memory_bytes("VmHWM")
             report["process_peak_rss_bytes"] = rss
             report["process_total_peak_bytes"] = (rss or 0) + self._peak_used
         return report
