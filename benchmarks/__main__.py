@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-tokens", type=int, default=None, help="text tokens in the TTFT prompt (default 300)")
     run.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per generation (default 128)")
     run.add_argument("--repeat", type=int, default=None, help="measured repeats per figure (default 3)")
+    run.add_argument("--contexts", type=_ints, default=(),
+                     help="also the cost of context: TTFT, decode tokens/s and RSS of a generation whose last token "
+                          "sits at each of these positions, e.g. 512,2048,4096 (1 tile + text; edgevl rows)")
     run.add_argument("--threads", type=int, default=None, help="intra-op threads for ONNX Runtime (default: cores)")
     run.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON, table and plots go")
     run.add_argument("--cache", type=Path, default=None, help=f"checkpoints and exports (default {DEFAULT_CACHE})")
@@ -82,6 +85,7 @@ def _run(args, argv) -> int:
         tiles=args.tiles or _ints(defaults["tiles"]),
         prompt_tokens=args.prompt_tokens or defaults["prompt_tokens"],
         new_tokens=args.new_tokens or defaults["new_tokens"], repeat=args.repeat or defaults["repeat"],
+        contexts=args.contexts,
         threads=args.threads, bandwidth_mib=64 if args.quick else 2048, quick=args.quick,
         huge_page_malloc=not args.default_malloc)
     if args.quick and (args.model or args.shape):

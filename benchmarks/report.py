@@ -84,7 +84,25 @@ def format_table(result: dict) -> str:
     out = ["### Results", "", *lines, *notes, *([""] + unavailable if unavailable else [])]
     out += ["", "### Decode roofline", "", *_roofline_table(result), "", "### Relative to transformers eager", "",
             *_ratio_table(result, tiles)]
+    if c.get("contexts"):
+        out += ["", "### Cost of context", "", *_context_table(result)]
     return "\n".join(out)
+
+
+def _context_table(result: dict) -> list[str]:
+    lines = _md_header(["backend", "positions (prompt)", "TTFT ms", "prefill ms", "decode tok/s", "RSS GiB"])
+    for row in result["rows"]:
+        for point in row.get("context_curve", []) if row.get("available") else []:
+            if "reason" in point:
+                lines.append(f"| {row['backend']} | {point['positions']}: {point['reason']} | | | | |")
+                continue
+            lines.append(f"| {row['backend']} | {point['positions']} ({point['prompt_tokens']}) | "
+                         f"{_spread(point['ttft_ms'])} | {_spread(point['prefill_ms'])} | "
+                         f"{_spread(point['decode_tokens_per_s'], 1)} | {point['rss_bytes'] / GIB:.2f} |")
+    c = result["config"]
+    lines += ["", f"Each point: generations of {c['new_tokens']} tokens from a fresh cache, 1 tile + text, the last "
+              "token at that position; decode tokens/s over the answer; RSS of the backend's process after them."]
+    return lines
 
 
 def _first(result: dict, key: str):
@@ -174,6 +192,22 @@ def write_plots(result: dict, out_dir: Path, stem: str) -> list[Path]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(_save(fig, out_dir / f"{stem}-vision.png"))
+    curves = [(r["backend"], [p for p in r["context_curve"] if "reason" not in p])
+              for r in rows if r.get("context_curve")]
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for name, points in curves:
+            positions = [p["positions"] for p in points]
+            axes[0].plot(positions, [p["decode_tokens_per_s"]["median"] for p in points], marker="o", label=name)
+            axes[1].plot(positions, [p["ttft_ms"]["median"] / 1e3 for p in points], marker="o", label=name)
+        for ax, label in ((axes[0], "decode tokens/s"), (axes[1], "time to first token, s")):
+            ax.set_xlabel("positions at the last token")
+            ax.set_title(label, fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(_title(result), fontsize=9)
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / f"{stem}-context.png"))
     return paths
 
 

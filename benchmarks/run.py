@@ -28,6 +28,7 @@ class RunConfig:
     prompt_tokens: int
     new_tokens: int
     repeat: int
+    contexts: tuple[int, ...] = ()  # positions of a generation's last token, for the context curve
     threads: int | None = None  # None: each runtime's default
     bandwidth_mib: int = 1024
     quick: bool = False
@@ -68,6 +69,7 @@ def run_benchmarks(source: ModelSource, config: RunConfig, out_dir: Path, comman
               "config": {"model": source.name, "model_dir": str(source.original), "backends": list(config.backends),
                          "tiles": list(config.tiles), "prompt_tokens": config.prompt_tokens,
                          "new_tokens": config.new_tokens, "repeat": config.repeat, "threads": config.threads,
+                         "contexts": list(config.contexts),
                          "quick": config.quick, "malloc": malloc_setting(worker_env(config)),
                          "frame": "1920x1080 synthetic",
                          "ttft_image": "448x448 synthetic (1 tile)"},
@@ -110,7 +112,7 @@ def _measure(backend: str, source: ModelSource, config: RunConfig, export, raw_d
     worker_config = {"runtime": runtime, "device": device, "model_dir": str(model_dir), "tiles": list(config.tiles),
                      "dtype": {"fp16": "float16"}.get(precision, "float32") if runtime == "torch" else "float32",
                      "prompt_tokens": config.prompt_tokens, "new_tokens": config.new_tokens,
-                     "repeat": config.repeat, "threads": config.threads}
+                     "repeat": config.repeat, "threads": config.threads, "contexts": list(config.contexts)}
     config_path, result_path = raw_dir / f"{backend}.config.json", raw_dir / f"{backend}.json"
     config_path.write_text(json.dumps(worker_config))
     row["others_busy_before"] = machine.background_activity(1.0)

@@ -144,6 +144,11 @@ def run_edgevl(config: dict) -> dict:
         model.generate(question, image, max_new_tokens=2)
     runs = [model.generate(question, image, max_new_tokens=config["new_tokens"]) for _ in range(repeat)]
     result.update(_generation_figures(runs, cold, model.tokenizer, question))
+    if config.get("contexts"):
+        # The prompt around the question (template, image tokens) is what runs[0] had beyond its text tokens.
+        around = runs[0].prompt_tokens - result["prompt_text_tokens"]
+        result["context_curve"] = [_context_point(model, image, c, around, config["new_tokens"], repeat)
+                                   for c in config["contexts"]]
     if device_samples:  # after load, then after the largest vision batch and the generations have run
         device_samples.append(device_used_bytes())
         result["peak_device_bytes"] = max(device_samples, key=lambda v: v or 0)
@@ -153,6 +158,23 @@ def run_edgevl(config: dict) -> dict:
                              "onnxruntime_inter_op": options.inter_op_num_threads,
                              "onnxruntime_providers": model.backend.decoder.get_providers()}
     return result
+
+
+def _context_point(model, image, positions: int, around: int, new_tokens: int, repeat: int) -> dict:
+    """One point of the context curve: generations of `new_tokens` whose last token sits at about `positions`
+    (1 tile + text), from a fresh cache each time. RSS is this process's after them: the shared KV layout holds
+    max_seq positions from the start, the concat one grows with the context."""
+    text_tokens = positions - new_tokens - around
+    if text_tokens < 1 or positions > model.backend.max_seq:
+        return {"positions": positions, "reason": f"out of range {around + new_tokens + 1}..{model.backend.max_seq} "
+                                                  f"(the image, template and answer take {around + new_tokens})"}
+    question = prompt_text(model.tokenizer, text_tokens)
+    runs = [model.generate(question, image, max_new_tokens=new_tokens) for _ in range(repeat)]
+    return {"positions": runs[0].prompt_tokens + len(runs[0].token_ids), "prompt_tokens": runs[0].prompt_tokens,
+            "ttft_ms": stats(r.timings.time_to_first_token_ms for r in runs),
+            "prefill_ms": stats(r.timings.prefill_ms for r in runs),
+            "decode_tokens_per_s": stats(r.timings.decode_tokens_per_s for r in runs),
+            "rss_bytes": rss_now_bytes()}
 
 
 def _generation_figures(runs, cold, tokenizer, question) -> dict:

@@ -14,6 +14,7 @@ from benchmarks.plan import DEVICES, decode_bytes_per_token, export_memory, kv_c
 from edgevl.specs import KNOWN_SPECS
 
 BACKENDS = "transformers,torch,ort-fp32,ort-int8,trt-fp16,ort-cuda-fp16,torch-cuda-fp16"
+CONTEXTS = (400, 460, 9000)  # the last is beyond every row's max_seq
 MEASURED = ["preprocess_ms", "ttft_ms", "decode_tokens_per_s"]
 ROW_FIELDS = ["backend", "runtime", "precision", "available", "model_bytes", "model_dir_bytes", "export_s",
               "export_peak_rss_bytes", "drift", "load_s",
@@ -31,7 +32,8 @@ def quick_run(tmp_path_factory):
     real_print = builtins.print
     builtins.print = lambda *a, **k: capture.append(" ".join(map(str, a))) if "file" not in k else real_print(*a, **k)
     try:
-        code = main(["run", "--quick", "--backends", BACKENDS, "--out", str(out), "--cache", str(cache)])
+        code = main(["run", "--quick", "--backends", BACKENDS, "--out", str(out), "--cache", str(cache),
+                     "--contexts", ",".join(map(str, CONTEXTS))])
     finally:
         builtins.print = real_print
     return code, out, json.loads((out / "tiny.json").read_text()), "\n".join(capture)
@@ -69,6 +71,16 @@ def test_quick_run_measures_every_backend(quick_run):
         assert roof["weights_bytes_per_token"] > 0 and roof["ceiling_tokens_per_s"] > 0
         assert roof["fraction"] == pytest.approx(row["decode_tokens_per_s"]["median"] / roof["ceiling_tokens_per_s"])
         assert row["threads"]["threadpools"] is not None
+    for name in ("torch", "ort-fp32", "ort-int8"):  # the context curve: edgevl rows
+        *points, beyond = rows[name]["context_curve"]
+        assert [p["positions"] for p in points] == pytest.approx(CONTEXTS[:-1], abs=3), name
+        assert points[0]["prompt_tokens"] < points[1]["prompt_tokens"] < CONTEXTS[1]
+        for point in points:
+            for key in ("ttft_ms", "prefill_ms", "decode_tokens_per_s"):
+                _check_stat(point[key], config["repeat"])
+            assert point["rss_bytes"] > 50 << 20
+        assert beyond["positions"] == CONTEXTS[-1] and "out of range" in beyond["reason"]
+    assert "context_curve" not in rows["transformers"]
     assert rows["transformers"]["vs_transformers"]["ttft"] == pytest.approx(1.0)
     assert rows["ort-fp32"]["vs_transformers"]["decode"] == pytest.approx(
         rows["ort-fp32"]["decode_tokens_per_s"]["median"] / rows["transformers"]["decode_tokens_per_s"]["median"])
@@ -95,12 +107,13 @@ def test_quick_run_prints_the_table_and_writes_plots(quick_run):
         assert f"| {name} |" in printed
     assert "trt-fp16: not available:" in printed
     assert "### Decode roofline" in printed and "### Relative to transformers eager" in printed
+    assert "### Cost of context" in printed and f"| ort-int8 | {CONTEXTS[-1]}: out of range " in printed
     written = (out / "tiny.md").read_text()
     assert written.startswith("- command: `python -m benchmarks run --quick")
     assert written[written.index("### Results"):].strip() in printed
     assert "- memory bandwidth" in written and "- also running:" in written
     pytest.importorskip("matplotlib")
-    for name in ("tiny-decode-ttft.png", "tiny-vision.png"):
+    for name in ("tiny-decode-ttft.png", "tiny-vision.png", "tiny-context.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
