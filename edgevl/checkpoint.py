@@ -67,6 +67,10 @@ class Weights(Mapping):
     def dtype(self, name: str) -> np.dtype:
         return self._parts[name][0][0].dtype
 
+    def elements(self, name: str) -> int:
+        """The element count of `name`, from the stored parts' shapes (nothing is read)."""
+        return sum(part.size for part in self._parts[name][0])
+
 
 _MADV_DONTNEED = 4
 

@@ -70,6 +70,7 @@ def export_model(model_dir, out_dir, precision: str = "fp32", max_tiles: int = D
                            f"{precision!r} has none")
     check_destination(out_dir, source=model_dir)
     checkpoint = load_checkpoint(model_dir)  # weights are memory-mapped: this reads headers and shapes
+    check_free_space(out_dir, checkpoint, precision)
     limit = checkpoint.spec.decoder.max_position_embeddings
     if not isinstance(max_seq, int) or not 1 <= max_seq <= limit:
         raise SettingError("", "max_seq", max_seq, f"expected 1..{limit} (the model's context)")
@@ -100,6 +101,21 @@ def check_destination(out_dir: Path, source: Path | None = None) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_export_dir(out_dir):
         raise ValueError(f"{out_dir}: exists, is not empty and is not an edgevl export; refusing to replace it "
                          "(choose a new or empty directory)")
+
+
+def check_free_space(out_dir: Path, checkpoint, precision: str) -> None:
+    """Refuse, before anything is written, an export the output's disk cannot hold at its largest: fp32 holds every
+    weight once plus the decoder's again while TensorRT's fixed-cache graph is exported (its copy is dropped for the
+    first's data file after); the other precisions hold an fp32 export in a temporary directory beside the output,
+    plus the output itself (at most half of it, fp16's)."""
+    fp32_bytes = 4 * sum(checkpoint.weights.elements(name) for name in checkpoint.weights)
+    need = 2 * fp32_bytes if precision == "fp32" else 3 * fp32_bytes // 2
+    where = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise OSError(f"{where}: {free / 1e9:.1f} GB free; a {precision} export of {checkpoint.path} needs about "
+                      f"{need / 1e9:.1f} GB there while it runs ({fp32_bytes / 1e9:.1f} GB of fp32 weights): free "
+                      "some space or choose another --out")
 
 
 @contextmanager

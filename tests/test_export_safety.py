@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgevl import EdgeVL
@@ -45,6 +46,28 @@ def test_bad_arguments_leave_the_previous_export_untouched(previous, tiny_checkp
     with pytest.raises(ValueError, match="overlap"):
         export_model(previous, previous)
     assert _snapshot(previous) == before and not _leftovers(previous)
+
+
+@pytest.mark.parametrize("precision, times_fp32", [("fp32", 2.0), ("int8", 1.5)])
+def test_an_export_the_disk_cannot_hold_is_refused_before_it_starts(previous, tiny_checkpoint, monkeypatch,
+                                                                   precision, times_fp32):
+    import edgevl.export.exporter as exporter
+    from edgevl.checkpoint import load_checkpoint
+
+    weights = load_checkpoint(tiny_checkpoint("qwen2")).weights
+    fp32_bytes = 4 * sum(int(np.prod(weights[name].shape)) for name in weights)  # independent of elements()
+    need = int(times_fp32 * fp32_bytes)
+    real = shutil.disk_usage
+    free = lambda path, free: real(path)._replace(free=free)  # noqa: E731
+    before = _snapshot(previous)
+    monkeypatch.setattr(exporter.shutil, "disk_usage", lambda path: free(path, need - 1))
+    with pytest.raises(OSError, match=rf"GB free; a {precision} export of .* needs about {need / 1e9:.1f} GB"):
+        export_model(tiny_checkpoint("qwen2"), previous, precision=precision)
+    assert _snapshot(previous) == before and not _leftovers(previous)
+    monkeypatch.setattr(exporter.shutil, "disk_usage", lambda path: free(path, need))
+    monkeypatch.setattr(exporter, "staged", lambda out: (_ for _ in ()).throw(RuntimeError("past the check")))
+    with pytest.raises(RuntimeError, match="past the check"):
+        export_model(tiny_checkpoint("qwen2"), previous, precision=precision)
 
 
 def test_a_directory_that_is_not_an_export_is_refused_not_deleted(tiny_checkpoint, tmp_path):
