@@ -206,23 +206,26 @@ def mmproj_source_dir(model: Path, out: Path) -> Path:
     return cached(out / "mmproj-source", make)
 
 
-def llama_convert(build: Path, model: Path, qwen2: Path, out: Path) -> dict:
-    """{text type: (text gguf, mmproj gguf)}, converted once and cached."""
+def llama_convert(build: Path, model: Path, qwen2, out: Path, types) -> dict:
+    """{text type: (text gguf, mmproj gguf)} for `types`, converted once and cached. qwen2() writes (or finds) the
+    Qwen2 checkpoint; it and the F32 GGUF the others are quantized from are made only when a file is missing (the
+    4B's are 15 GB each)."""
     src, bin_dir = llama_source_dir(build), build / "bin"
     out.mkdir(parents=True, exist_ok=True)
 
-    def convert(source: Path, outtype: str, *extra):
-        return lambda tmp: run_logged([sys.executable, "-c", _CONVERT, src, source, "--outtype", outtype,
+    def convert(source, outtype: str, *extra):
+        return lambda tmp: run_logged([sys.executable, "-c", _CONVERT, src, source(), "--outtype", outtype,
                                        "--outfile", tmp, *extra], tmp.with_suffix(".log"), timed=False)
 
     vision_src = mmproj_source_dir(model, out)
-    f32 = cached(out / "text-F32.gguf", convert(qwen2, "f32"))
+    f32 = lambda: cached(out / "text-F32.gguf", convert(qwen2, "f32"))  # noqa: E731
     files = {}
-    for text_type, mmproj_type in LLAMA_ROWS.items():
-        text = f32 if text_type == "F32" else cached(
+    for text_type in types:
+        mmproj_type = LLAMA_ROWS[text_type]
+        text = f32() if text_type == "F32" else cached(
             out / f"text-{text_type}.gguf", lambda tmp, t=text_type: run_logged(
-                [bin_dir / "llama-quantize", f32, tmp, t, "2"], tmp.with_suffix(".log"), timed=False))
-        mmproj = cached(out / f"mmproj-{mmproj_type}.gguf", convert(vision_src, mmproj_type, "--mmproj"))
+                [bin_dir / "llama-quantize", f32(), tmp, t, "2"], tmp.with_suffix(".log"), timed=False))
+        mmproj = cached(out / f"mmproj-{mmproj_type}.gguf", convert(lambda: vision_src, mmproj_type, "--mmproj"))
         files[text_type] = (text, mmproj)
     return files
 
@@ -274,10 +277,10 @@ def llama_rows(args, log) -> list[dict]:
     reason = llama_missing(args.llama_cpp)
     if reason:
         log(f"[baselines] llama.cpp skipped: {reason}")
-        return [{"tool": "llama.cpp", "precision": p, "skipped": reason} for p in LLAMA_ROWS]
+        return [{"tool": "llama.cpp", "precision": p, "skipped": reason} for p in args.llama_types]
     build, out = args.llama_cpp.resolve(), args.out / "llama.cpp"
     log("[baselines] llama.cpp: converting (cached) ...")
-    files = llama_convert(build, args.model, write_qwen2_dir(args.model, args.out), out)
+    files = llama_convert(build, args.model, lambda: write_qwen2_dir(args.model, args.out), out, args.llama_types)
     image = write_test_image(out / "tile-448.ppm")
     rows = []
     for precision, (text, mmproj) in files.items():
@@ -422,6 +425,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _llama_types(text: str) -> tuple[str, ...]:
+    types = tuple(t for t in text.split(",") if t)
+    unknown = [t for t in types if t not in LLAMA_ROWS]
+    if unknown or not types:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {','.join(LLAMA_ROWS)}")
+    return types
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baselines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -433,6 +444,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-types", type=_llama_types, default=tuple(LLAMA_ROWS),
+                        help=f"llama.cpp text weight types to measure, of {','.join(LLAMA_ROWS)} (default all)")
     parser.add_argument("--llama-no-repack", action="store_true",
                         help="llama.cpp without its repacked/AMX weight buffers (--repack 0): a native build on an "
                              "AMX CPU crashed in ggml_backend_amx_mul_mat on quantized weights")

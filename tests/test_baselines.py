@@ -2,6 +2,8 @@
 onnxruntime-genai's converters read (benchmarks/baselines.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -41,3 +43,33 @@ def test_phi3_keeps_its_shapes(tiny_checkpoint, tmp_path):
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     assert k.shape == (config["num_key_value_heads"] * head_dim, config["hidden_size"])
     assert not bias.any()
+
+
+def test_llama_conversions_are_made_only_for_missing_files(tmp_path, monkeypatch):
+    """The 4B's Qwen2 checkpoint and F32 GGUF are 15 GB each: neither is made for types whose files exist."""
+    import benchmarks.baselines as baselines
+
+    made = []
+
+    def fake_run(cmd, log_path, timed, **kwargs):  # writes the file the command would
+        out = cmd[cmd.index("--outfile") + 1] if "--outfile" in cmd else cmd[2]
+        made.append(Path(str(out)).name)
+        Path(str(out)).write_bytes(b"gguf")
+
+    monkeypatch.setattr(baselines, "run_logged", fake_run)
+    model, out = tmp_path / "model", tmp_path / "llama.cpp"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    qwen2_writes = []
+    qwen2 = lambda: qwen2_writes.append(1) or tmp_path / "qwen2-hf"  # noqa: E731
+    files = baselines.llama_convert(tmp_path / "build", model, qwen2, out, ("Q8_0",))
+    assert made == ["text-F32.gguf.tmp", "text-Q8_0.gguf.tmp", "mmproj-q8_0.gguf.tmp"] and len(qwen2_writes) == 1
+    assert files == {"Q8_0": (out / "text-Q8_0.gguf", out / "mmproj-q8_0.gguf")}
+    (out / "text-F32.gguf").unlink()  # what a user short of disk removes once the quantized files exist
+    made.clear()
+    baselines.llama_convert(tmp_path / "build", model, qwen2, out, ("Q8_0",))
+    assert made == [] and len(qwen2_writes) == 1
+    baselines.llama_convert(tmp_path / "build", model, qwen2, out, ("Q8_0", "Q4_0"))
+    assert made == ["text-F32.gguf.tmp", "text-Q4_0.gguf.tmp"] and len(qwen2_writes) == 2
+    with pytest.raises(SystemExit):
+        baselines.main(["--llama-types", "Q5_K"])
