@@ -81,13 +81,16 @@ TORCH_EXPORT_OVERHEAD_BYTES = int(0.75 * GIB)  # torch.onnx.export beyond the fp
 # InternViT-300M + projector, the same in every InternVL2 size: its torch export process, and calibration +
 # quantize_static in the exporting process.
 VISION_EXPORT_BYTES, VISION_INT8_BYTES = int(2.4 * GIB), int(2.7 * GIB)
-ORT_FP32_FACTOR = 1.05  # the drift check's fp32 reference in ONNX Runtime, per byte of fp32 weights
+ORT_FP32_FACTOR = 1.065  # the drift check's fp32 reference in ONNX Runtime, per byte of fp32 weights
+# The drift check's longest generation: a 3-tile image, a prompt and a 32-token answer. Its fp32 reference decodes
+# in the concat layout, holding past and present (2x this cache) during a step: 1.2 GiB for the 4B (Phi-3, no GQA).
+DRIFT_CHECK_POSITIONS = 850
 
 
 def export_memory(spec: ModelSpec, precision: str) -> dict[str, int]:
     """Peak RSS of `edgevl export --precision precision` for `spec`, per stage and in all ("peak"). Assumes the
     coefficients above: a torch export holds its fp32 weights and a fixed overhead, the drift check's fp32
-    reference as large as its weights (its candidate is smaller and loaded after it), quantized decoder weights
+    reference as large as its weights plus its KV cache (its candidate is smaller and loaded after it), quantized decoder weights
     held whole only when the graph embeds them (under EXTERNAL_DATA_BYTES), else one weight at a time."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
@@ -107,7 +110,8 @@ def export_memory(spec: ModelSpec, precision: str) -> dict[str, int]:
             # Embedded: the whole quantized graph; else the largest weight (the lm_head) and ~4 temporaries of it.
             stages[f"decoder {precision}"] = floor + int(quantized if quantized <= EXTERNAL_DATA_BYTES else
                                                          counts["lm_head"] * 4 * 5)
-        stages["drift check (fp32 reference in ONNX Runtime)"] = floor + int(ORT_FP32_FACTOR * (vision + decoder))
+        stages["drift check (fp32 reference in ONNX Runtime)"] = (floor + int(ORT_FP32_FACTOR * (vision + decoder))
+                                                                  + 2 * kv_cache_bytes(spec, DRIFT_CHECK_POSITIONS, 4))
     return {**stages, "peak": max(stages.values())}
 
 
