@@ -90,8 +90,9 @@ DRIFT_CHECK_POSITIONS = 850
 def export_memory(spec: ModelSpec, precision: str) -> dict[str, int]:
     """Peak RSS of `edgevl export --precision precision` for `spec`, per stage and in all ("peak"). Assumes the
     coefficients above: a torch export holds its fp32 weights and a fixed overhead, the drift check's fp32
-    reference as large as its weights plus its KV cache (its candidate is smaller and loaded after it), quantized decoder weights
-    held whole only when the graph embeds them (under EXTERNAL_DATA_BYTES), else one weight at a time."""
+    reference as large as its weights plus its KV cache (its candidate is smaller and loaded after it), quantized
+    decoder weights held whole only when the graph embeds them (under EXTERNAL_DATA_BYTES), else one weight at a
+    time."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     counts = parameter_counts(spec)
