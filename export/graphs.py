@@ -12,6 +12,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -39,16 +40,22 @@ class _DecoderWithFlatCache(nn.Module):
         return (logits,) + tuple(t for kv in present for t in kv)
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
+def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes,
+            weights_from: Path | None = None) -> None:
+    """weights_from: see export_decoder_fixed_cache."""
     params_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
     registration.setLevel(logging.ERROR)  # "torchvision is not installed" x4 per export: irrelevant here
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
-        torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, input_names=input_names,
-                          output_names=output_names, dynamic_shapes=dynamic_shapes,
-                          external_data=params_bytes > EXTERNAL_DATA_BYTES, verbose=False)
+        program = torch.onnx.export(module, args, None, dynamo=True, opset_version=OPSET, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False)
+        if weights_from is None:
+            program.save(str(path), external_data=params_bytes > EXTERNAL_DATA_BYTES)
+        else:
+            _point_into(program.model, weights_from)
+            ir.save(program.model, str(path))  # external tensors stay references, the rest is embedded
     registration.setLevel(level)
 
 
@@ -64,7 +71,8 @@ def export_decoder(lm: LanguageModel, path: Path, max_seq: int) -> None:
                            cache=torch.export.Dim("past", min=0, max=max_seq))
 
 
-def _export_decoder_module(module: nn.Module, path: Path, max_seq: int, example_cache: int, cache) -> None:
+def _export_decoder_module(module: nn.Module, path: Path, max_seq: int, example_cache: int, cache,
+                           weights_from: Path | None = None) -> None:
     """inputs_embeds [1, seq, H] + position_ids [1, seq] + per-layer KV [1, kv, cache, d] -> logits + present KV;
     seq dynamic in 1..max_seq, the KV's dim 2 as `cache` says."""
     spec = module.lm.spec
@@ -73,69 +81,61 @@ def _export_decoder_module(module: nn.Module, path: Path, max_seq: int, example_
     seq = torch.export.Dim("seq", min=1, max=max_seq)
     dynamic = ({1: seq}, {1: seq}, tuple({2: cache} for _ in past))
     _export(module, args, path, ["inputs_embeds", "position_ids"] + kv_names(spec.num_layers, "past_key_values"),
-            ["logits"] + kv_names(spec.num_layers, "present"), dynamic)
+            ["logits"] + kv_names(spec.num_layers, "present"), dynamic, weights_from)
 
 
 def export_decoder_fixed_cache(lm: LanguageModel, path: Path, max_seq: int, weights_from: Path | None = None) -> None:
     """decoder_fixed.onnx: the decoder with past/present [1, kv_heads, capacity, head_dim], capacity and seq dynamic
-    up to max_seq (TensorRT fixes the capacity per plan). When `weights_from` (decoder.onnx, exported from the same
-    model) keeps its weights in external data, this graph's initializers point into that file instead of a copy."""
+    up to max_seq (TensorRT fixes the capacity per plan). `weights_from`: decoder.onnx exported from the same model
+    into the same directory; this graph's initializers then read its data file instead of writing a copy (a second
+    15 GB of disk for InternVL2-4B at fp32)."""
     _export_decoder_module(_DecoderWithFlatCache(lm.float().eval(), fixed_capacity=True), path, max_seq,
-                           example_cache=16, cache=torch.export.Dim("capacity", min=2, max=max_seq))
-    if weights_from is not None:
-        share_external_weights(path, weights_from)
+                           example_cache=16, cache=torch.export.Dim("capacity", min=2, max=max_seq),
+                           weights_from=weights_from)
 
 
-def _external_key(tensor, base: Path) -> tuple:
-    """(data type, dims, sha256 of the bytes) of an externally stored initializer, streamed from its file."""
+def _content_digest(chunks) -> str:
     import hashlib
 
-    info = {e.key: e.value for e in tensor.external_data}
-    digest, remaining = hashlib.sha256(), int(info["length"])
-    with open(base / info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        while remaining > 0:
-            chunk = f.read(min(remaining, 1 << 24))
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_chunks(path: Path, offset: int, length: int, size: int = 1 << 24):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while length > 0:
+            chunk = f.read(min(length, size))
             if not chunk:
-                raise ValueError(f"{base / info['location']}: shorter than {tensor.name}'s external data says")
-            digest.update(chunk)
-            remaining -= len(chunk)
-    return tensor.data_type, tuple(tensor.dims), digest.hexdigest()
+                raise ValueError(f"{path}: ends before the {length} bytes its graph says are at offset {offset}")
+            yield chunk
+            length -= len(chunk)
 
 
-def share_external_weights(path: Path, source: Path) -> int:
-    """Rewrite `path` so each externally stored initializer whose bytes equal one of `source`'s external
-    initializers reads `source`'s data file (matched by content: the exporter names folded weights val_N, which
-    differ between graphs). Tensors without a twin are embedded; `path`'s own data file is then deleted. Returns
-    the number of shared tensors."""
+def _point_into(model: "ir.Model", source: Path) -> int:
+    """Replace each initializer of `model` whose bytes equal one of `source`'s externally stored initializers with
+    a reference into `source`'s data file (matched by content: the exporter names folded weights val_N, which
+    differ between graphs); `model` is to be saved beside `source`. Only tensors whose type and shape match one of
+    source's are hashed, one at a time. Returns the number of references made."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor
 
-    path, source = Path(path), Path(source)
-    model = onnx.load(str(path), load_external_data=False)
-    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    if not external:
-        return 0
-    theirs = {}
+    source = Path(source)
+    theirs: dict[tuple, dict[str, tuple]] = {}  # (data type, dims) -> sha256 -> (location, offset, length)
     for tensor in onnx.load(str(source), load_external_data=False).graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in tensor.external_data}
-            theirs[_external_key(tensor, source.parent)] = (info["location"], int(info.get("offset", 0)),
-                                                            int(info["length"]))
-    own_files, shared = set(), 0
-    for tensor in external:
-        own_files.add(next(e.value for e in tensor.external_data if e.key == "location"))
-        twin = theirs.get(_external_key(tensor, path.parent))
-        if twin is not None:
-            del tensor.external_data[:]
-            for key, value in zip(("location", "offset", "length"), twin):
-                tensor.external_data.add(key=key, value=str(value))
+            where = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+            digest = _content_digest(_file_chunks(source.parent / where[0], *where[1:]))
+            theirs.setdefault((tensor.data_type, tuple(tensor.dims)), {})[digest] = where
+    shared = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        candidates = theirs.get((tensor.dtype.value, tuple(tensor.shape.numpy())), {})
+        twin = candidates and candidates.get(_content_digest([tensor.tobytes()]))
+        if twin:
+            value.const_value = ir.ExternalTensor(*twin, tensor.dtype, shape=tensor.shape, name=value.name,
+                                                  base_dir=source.parent)
             shared += 1
-        else:
-            load_external_data_for_tensor(tensor, str(path.parent))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
-    onnx.save(model, str(path))
-    for name in own_files:
-        (path.parent / name).unlink()
     return shared
