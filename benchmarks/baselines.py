@@ -101,13 +101,14 @@ def spread(values: list[float], digits: int = 1) -> dict:
 
 # ---- the text model as a plain Qwen2 checkpoint: what both tools' converters take -------------------------------
 
-def write_qwen2_dir(model: Path, out: Path) -> Path:
+def write_qwen2_dir(model: Path, out: Path, dtype: str = "float32") -> Path:
     """The decoder of an InternVL checkpoint (either format, any family) as a Qwen2ForCausalLM checkpoint: the
     tools' converters take that, onnxruntime-genai's builder has no InternVL architecture, and one source keeps both
     tools on the same weights. Qwen2 is a Llama decoder with q/k/v biases, so InternLM2 (packed wqkv) and Phi-3
     (fused qkv and gate/up) map onto it exactly with zero biases, read through edgevl's own loader. Phi-3's LongRoPE
     becomes plain RoPE at its short factors: the same work per token, slightly different numbers, which a speed
-    comparison on random weights does not read."""
+    comparison on random weights does not read. dtype: float32, or float16 (half the disk, and half the memory
+    onnxruntime-genai's builder loads it into: both tools quantize from it, so their rows do not change)."""
     from edgevl.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(model)
@@ -118,7 +119,7 @@ def write_qwen2_dir(model: Path, out: Path) -> Path:
         from safetensors.numpy import save_file
 
         tmp.mkdir(parents=True)
-        config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "torch_dtype": "float32",
+        config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "torch_dtype": dtype,
                   "hidden_size": d.hidden_size, "intermediate_size": d.intermediate_size,
                   "num_hidden_layers": d.num_layers, "num_attention_heads": d.num_heads,
                   "num_key_value_heads": d.num_kv_heads, "vocab_size": d.vocab_size, "rms_norm_eps": d.rms_norm_eps,
@@ -128,7 +129,7 @@ def write_qwen2_dir(model: Path, out: Path) -> Path:
         weights = checkpoint.weights
 
         def get(name):
-            return np.ascontiguousarray(np.asarray(weights[name], dtype=np.float32))
+            return np.ascontiguousarray(np.asarray(weights[name], dtype=np.dtype(dtype)))
 
         q_rows, kv_rows = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
 
@@ -165,7 +166,7 @@ def write_qwen2_dir(model: Path, out: Path) -> Path:
             if (model / name).exists():
                 shutil.copy(model / name, tmp / name)
 
-    return cached(out / "qwen2-hf", make)
+    return cached(out / f"qwen2-hf-{dtype}", make)
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------------------------------
@@ -280,7 +281,8 @@ def llama_rows(args, log) -> list[dict]:
         return [{"tool": "llama.cpp", "precision": p, "skipped": reason} for p in args.llama_types]
     build, out = args.llama_cpp.resolve(), args.out / "llama.cpp"
     log("[baselines] llama.cpp: converting (cached) ...")
-    files = llama_convert(build, args.model, lambda: write_qwen2_dir(args.model, args.out), out, args.llama_types)
+    files = llama_convert(build, args.model, lambda: write_qwen2_dir(args.model, args.out, args.source_dtype), out,
+                          args.llama_types)
     image = write_test_image(out / "tile-448.ppm")
     rows = []
     for precision, (text, mmproj) in files.items():
@@ -330,7 +332,7 @@ def ortgenai_rows(args, log) -> list[dict]:
     if reason:
         log(f"[baselines] onnxruntime-genai skipped: {reason}")
         return [{"tool": "onnxruntime-genai", "precision": p, "skipped": reason} for p in ORTGENAI_ROWS]
-    qwen2, out = write_qwen2_dir(args.model, args.out), args.out / "ortgenai"
+    qwen2, out = write_qwen2_dir(args.model, args.out, args.source_dtype), args.out / "ortgenai"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for precision in ORTGENAI_ROWS:
@@ -440,6 +442,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ortgenai-python", type=Path, help="a python with onnxruntime-genai and its builder")
     parser.add_argument("--model", type=Path, help="an InternVL2 checkpoint (either format, any decoder family)")
     parser.add_argument("--out", type=Path, default=Path("baselines-results"), help="conversions, logs, JSON")
+    parser.add_argument("--source-dtype", choices=("float32", "float16"), default="float32",
+                        help="dtype of the Qwen2 checkpoint both tools convert from; float16 halves its disk and "
+                             "onnxruntime-genai's builder memory (InternVL2-4B on a 24 GiB machine); the quantized "
+                             "rows are the same either way")
     parser.add_argument("--prompt-tokens", type=int, default=662)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
@@ -472,7 +478,8 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     result = {"schema": "edgevl-baselines/1", "command": "python -m benchmarks.baselines " + " ".join(
                   sys.argv[1:] if argv is None else argv),
-              "config": {"model": str(args.model), "prompt_tokens": args.prompt_tokens,
+              "config": {"model": str(args.model), "source_dtype": args.source_dtype,
+                         "prompt_tokens": args.prompt_tokens,
                          "new_tokens": args.new_tokens, "repeat": args.repeat, "threads": args.threads,
                          "malloc": malloc_setting(os.environ)},
               "machine": machine.describe(), "background": {"before": machine.background_activity(1.0)}}

@@ -45,6 +45,24 @@ def test_phi3_keeps_its_shapes(tiny_checkpoint, tmp_path):
     assert not bias.any()
 
 
+def test_a_float16_source_holds_the_same_weights_rounded(tiny_checkpoint, tmp_path):
+    safetensors = pytest.importorskip("safetensors")
+    import json
+
+    from edgevl.checkpoint import load_checkpoint
+
+    source = tiny_checkpoint("internlm2")
+    written = write_qwen2_dir(source, tmp_path, "float16")
+    assert json.loads((written / "config.json").read_text())["torch_dtype"] == "float16"
+    assert written != write_qwen2_dir(source, tmp_path)  # each dtype its own cached copy
+    index = json.loads((written / "model.safetensors.index.json").read_text())["weight_map"]
+    with safetensors.safe_open(written / index["model.layers.1.self_attn.o_proj.weight"], "np") as f:
+        o = f.get_tensor("model.layers.1.self_attn.o_proj.weight")
+    assert o.dtype == np.float16
+    want = np.asarray(load_checkpoint(source).weights["decoder.layers.1.o.weight"], np.float32).astype(np.float16)
+    np.testing.assert_array_equal(o, want)
+
+
 def test_llama_conversions_are_made_only_for_missing_files(tmp_path, monkeypatch):
     """The 4B's Qwen2 checkpoint and F32 GGUF are 15 GB each: neither is made for types whose files exist."""
     import benchmarks.baselines as baselines
