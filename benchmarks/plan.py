@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgevl.export.exporter import export_disk_bytes
 from edgevl.manifest import EXTERNAL_DATA_BYTES
 from edgevl.precisions import EXPORT_PRECISIONS
 from edgevl.specs import ModelSpec
@@ -169,7 +170,9 @@ def plan(spec: ModelSpec, device: Device, precision: str, max_seq: int, tiles: i
             "tiles": tiles, "terms": terms, "total_bytes": total, "fits": total <= device.memory_bytes,
             "headroom_bytes": device.memory_bytes - total, "decode_bytes_per_token": bytes_per_token,
             "decode_ceiling_tokens_per_s": ceiling, "largest_max_seq": _largest_max_seq(spec, device, precision, tiles),
-            "export_peak_bytes": {p: export_memory(spec, p)["peak"] for p in PRECISIONS}}
+            "export_peak_bytes": {p: export_memory(spec, p)["peak"] for p in PRECISIONS},
+            "export_disk_bytes": {p: export_disk_bytes(4 * sum(parameter_counts(spec).values()), p)
+                                  for p in PRECISIONS}}
 
 
 def _largest_max_seq(spec, device, precision, tiles) -> int:
@@ -199,7 +202,9 @@ def format_plan(result: dict) -> str:
                      f"({result['decode_bytes_per_token'] / 1e6:.0f} MB of weights read per token).")
     lines.append("Exporting (`edgevl export`, on the machine that exports) needs a peak RSS of "
                  + ", ".join(f"{p} {b / GIB:.1f} GiB" for p, b in result["export_peak_bytes"].items())
-                 + " (plan.export_memory: the largest stage, from the fp32 weights).")
+                 + " (plan.export_memory: the largest stage, from the fp32 weights), and free disk of "
+                 + ", ".join(f"{p} {b / 1e9:.1f} GB" for p, b in result["export_disk_bytes"].items())
+                 + " beside --out (the export checks it before it starts).")
     lines.append("Estimates: attention scores counted as materialised; the token embedding counted whole.")
     return "\n".join(lines)
 

@@ -103,13 +103,18 @@ def check_destination(out_dir: Path, source: Path | None = None) -> None:
                          "(choose a new or empty directory)")
 
 
+def export_disk_bytes(fp32_weight_bytes: int, precision: str) -> int:
+    """Disk an export of `precision` holds at its largest: fp32 every weight once (TensorRT's fixed-cache graph
+    reads decoder.onnx's data file) and a tenth for the graphs and files beside them; the other precisions an fp32
+    export without that graph in a temporary directory beside the output, plus the output itself (at most half of
+    it, fp16's)."""
+    return 11 * fp32_weight_bytes // 10 if precision == "fp32" else 3 * fp32_weight_bytes // 2
+
+
 def check_free_space(out_dir: Path, checkpoint, precision: str) -> None:
-    """Refuse, before anything is written, an export the output's disk cannot hold at its largest: fp32 holds every
-    weight once (TensorRT's fixed-cache graph reads decoder.onnx's data file), plus a tenth for the graphs and
-    files beside them; the other precisions hold an fp32 export without that graph in a temporary directory
-    beside the output, plus the output itself (at most half of it, fp16's)."""
+    """Refuse, before anything is written, an export the output's disk cannot hold at its largest."""
     fp32_bytes = 4 * sum(checkpoint.weights.elements(name) for name in checkpoint.weights)
-    need = 11 * fp32_bytes // 10 if precision == "fp32" else 3 * fp32_bytes // 2
+    need = export_disk_bytes(fp32_bytes, precision)
     where = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
     free = shutil.disk_usage(where).free
     if free < need:

@@ -143,7 +143,13 @@ def test_plan_cli_says_what_fits(capsys):
     assert json.loads(capsys.readouterr().out)["memory_bytes"] == 16 << 30
     assert main(["plan", "--device", "pi-zero"]) == 2
     assert main(["plan", "--shape", "internvl2-2b", "--device", "cpu", "--ram-gb", "24"]) == 0
-    assert "Exporting (`edgevl export`" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Exporting (`edgevl export`" in printed and "free disk of fp32 " in printed
+    assert main(["plan", "--shape", "internvl2-2b", "--device", "cpu", "--ram-gb", "24", "--json"]) == 0
+    disk = json.loads(capsys.readouterr().out)["export_disk_bytes"]
+    fp32_weights = 4 * 2.21e9  # InternVL2-2B: 2.21 B parameters; the export checks the same rule on the files
+    assert disk["fp32"] == pytest.approx(1.1 * fp32_weights, rel=0.01)
+    assert disk["int8"] == disk["int4"] == pytest.approx(1.5 * fp32_weights, rel=0.01)
 
 
 def test_export_memory_is_the_largest_stage_and_follows_the_decoder():
