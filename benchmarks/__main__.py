@@ -1,4 +1,4 @@
-"""python -m benchmarks run | plan | compare (also `--compare a.json b.json`). See benchmarks/README.md."""
+"""python -m benchmarks run | plan | profile | compare (also `--compare a.json b.json`). See benchmarks/README.md."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-seq", type=int, default=4096)
     plan.add_argument("--tiles", type=int, default=13, help="tiles of the largest image (13 = 12 + thumbnail)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    profile = sub.add_parser("profile", help="where a decode step's time goes: ONNX Runtime's profiler per op type")
+    profile.add_argument("export", type=Path, help="an `edgevl export` directory")
+    profile.add_argument("--positions", type=int, default=662, help="prompt positions before decoding (default 662)")
+    profile.add_argument("--steps", type=int, default=40, help="tokens decoded (default 40; the first 2 not counted)")
+    profile.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores)")
+    profile.add_argument("--json", action="store_true", help="print the profile as JSON")
     compare = sub.add_parser("compare", help="the change between two result JSONs")
     compare.add_argument("a", type=Path)
     compare.add_argument("b", type=Path)
@@ -71,7 +77,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["--compare"]:
         argv[0] = "compare"
     args = _parser().parse_args(argv)
-    return {"run": _run, "plan": _plan, "compare": _compare}[args.command](args, argv)
+    return {"run": _run, "plan": _plan, "profile": _profile, "compare": _compare}[args.command](args, argv)
 
 
 def _run(args, argv) -> int:
@@ -132,6 +138,18 @@ def _plan(args, argv) -> int:
         return 2
     result = plan(spec, device, args.precision, args.max_seq, args.tiles)
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
+def _profile(args, argv) -> int:
+    from .profile import decode_profile, format_profile
+
+    try:
+        result = decode_profile(args.export, args.positions, args.steps, args.threads)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1) if args.json else format_profile(result))
     return 0
 
 

@@ -225,3 +225,22 @@ def test_tensorrt_rows_build_plans_from_an_fp32_export(monkeypatch, tmp_path):
     models._export_main([str(tmp_path / "model"), str(tmp_path / "plans"), "int4-llm", "13", "tensorrt"])
     assert calls == [("export", "fp32"), ("build", "int4-llm")]
     assert json.loads((tmp_path / "plans" / models.EXPORT_RECORD).read_text())["max_tiles"] == 13
+
+
+def test_decode_profile_splits_a_token_by_op_type(exported, capsys):
+    from benchmarks.profile import WARMUP_STEPS, decode_profile
+
+    export = exported("qwen2", "int8")
+    profile = decode_profile(export, positions=20, steps=WARMUP_STEPS + 4, threads=1)
+    assert profile["tokens"] == 4 and profile["precision"] == "int8"
+    ops = profile["ops_ms"]
+    # the int8 decoder's weight matmuls and its fused attention (export/cpu_graph.py) are what a token runs
+    assert {"MatMulIntegerToFloat", "DynamicQuantizeMatMul", "GroupQueryAttention"} <= set(ops)
+    assert all(ms > 0 for ms in ops.values())
+    assert sum(ops.values()) == pytest.approx(profile["nodes_ms"])
+    assert profile["nodes_ms"] < profile["model_run_ms"]
+    assert main(["profile", str(export), "--positions", "20", "--steps", "4"]) == 0
+    assert "| MatMulIntegerToFloat |" in capsys.readouterr().out
+    assert main(["profile", str(export), "--steps", str(WARMUP_STEPS)]) == 2
+    assert main(["profile", str(export), "--positions", "100000"]) == 2
+    assert "max_seq" in capsys.readouterr().err

@@ -44,7 +44,9 @@ def _ort():
 
 class OnnxRuntimeBackend(ExportedBackend):
     def __init__(self, export_dir, manifest: Manifest, device: str = "cpu", num_threads: int | None = None,
-                 max_seq: int | None = None):
+                 max_seq: int | None = None, profile_prefix: str | None = None):
+        """profile_prefix: run the decoder under ONNX Runtime's profiler, its JSON written under this prefix by
+        `self.decoder.end_profiling()` (`python -m benchmarks profile`)."""
         ort = _ort()
         export_dir = Path(export_dir)
         if device not in _DEVICE_PROVIDERS:
@@ -67,6 +69,8 @@ class OnnxRuntimeBackend(ExportedBackend):
                                    "; use an fp32 export")
             configure_session(options)
         self.vision = _session(ort, export_dir / manifest.graphs.vision, options, provider)
+        if profile_prefix is not None:
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         with _plain_gqa_kernel(device == "cpu"):
             self.decoder = _session(ort, export_dir / manifest.graphs.decoder, options, provider)
         check_graph_shapes(export_dir, manifest, {kind: {t.name: t.shape for t in s.get_inputs() + s.get_outputs()}
