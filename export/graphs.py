@@ -114,11 +114,11 @@ def _file_chunks(path: Path, offset: int, length: int, size: int = 1 << 24):
             length -= len(chunk)
 
 
-def _point_into(model: "ir.Model", source: Path) -> int:
+def _point_into(model: "ir.Model", source: Path) -> None:
     """Replace each initializer of `model` whose bytes equal one of `source`'s externally stored initializers with
     a reference into `source`'s data file (matched by content: the exporter names folded weights val_N, which
     differ between graphs); `model` is to be saved beside `source`. Only tensors whose type and shape match one of
-    source's are hashed, one at a time. Returns the number of references made."""
+    source's are hashed, one at a time."""
     import onnx
 
     source = Path(source)
@@ -129,7 +129,6 @@ def _point_into(model: "ir.Model", source: Path) -> int:
             where = (info["location"], int(info.get("offset", 0)), int(info["length"]))
             digest = _content_digest(_file_chunks(source.parent / where[0], *where[1:]))
             theirs.setdefault((tensor.data_type, tuple(tensor.dims)), {})[digest] = where
-    shared = 0
     for value in model.graph.initializers.values():
         tensor = value.const_value
         candidates = theirs.get((tensor.dtype.value, tuple(tensor.shape.numpy())), {})
@@ -137,5 +136,3 @@ def _point_into(model: "ir.Model", source: Path) -> int:
         if twin:
             value.const_value = ir.ExternalTensor(*twin, tensor.dtype, shape=tensor.shape, name=value.name,
                                                   base_dir=source.parent)
-            shared += 1
-    return shared
