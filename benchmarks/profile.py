@@ -23,12 +23,12 @@ def decode_profile(export_dir: Path, positions: int, steps: int, threads: int | 
     if steps <= WARMUP_STEPS:
         raise ValueError(f"steps={steps}: expected more than the {WARMUP_STEPS} warm-up steps")
     manifest = read_manifest(export_dir)
+    if positions + steps > manifest.limits.max_seq:  # before loading the model
+        raise ValueError(f"positions + steps = {positions + steps}: more than the export's max_seq "
+                         f"{manifest.limits.max_seq}")
     with tempfile.TemporaryDirectory(prefix="edgevl-profile-") as tmp:
         backend = OnnxRuntimeBackend(export_dir, manifest, num_threads=threads,
                                      profile_prefix=str(Path(tmp) / "decoder"))
-        if positions + steps > backend.max_seq:
-            raise ValueError(f"positions + steps = {positions + steps}: more than the export's max_seq "
-                             f"{backend.max_seq}")
         vocab = manifest.spec.decoder.vocab_size
         logits = backend.prefill(backend.embed_tokens(np.random.default_rng(0).integers(0, vocab, positions)))
         for _ in range(steps):
