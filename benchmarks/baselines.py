@@ -424,6 +424,9 @@ def format_table(result: dict) -> str:
                   f"random token ids; malloc: {c.get('malloc', 'glibc defaults')}.",
               "¹ llama-bench has no TTFT: prefill of the prompt plus one decode step after it.",
               "² onnxruntime-genai has no InternVL vision path."]
+    if result.get("machine", {}).get("isa_mask"):  # benchmarks/isa_mask.py
+        lines.append(f"ONNX Runtime (onnxruntime-genai's too) under an ISA mask: {result['machine']['isa_mask']}; "
+                     "llama.cpp runs the ISA it was built for.")
     return "\n".join(lines)
 
 

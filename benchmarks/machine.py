@@ -23,7 +23,8 @@ def describe() -> dict:
             "hypervisor": lscpu.get("Hypervisor vendor"), **cpu.describe(),
             "ram_bytes": _meminfo_bytes("MemTotal"), "ram_available_bytes": _meminfo_bytes("MemAvailable"),
             "os": platform.platform(), "python": platform.python_version(), "versions": versions(),
-            "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}}
+            "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+            "isa_mask": os.environ.get("EDGEVL_ISA_MASK")}  # benchmarks/isa_mask.py: ONNX Runtime sees less
 
 
 def versions() -> dict:

@@ -273,6 +273,8 @@ def run_header(result: dict) -> str:
     flags = ", ".join(m.get("isa") or m.get("flags_of_note") or [])
     if m.get("integer_gemm"):
         flags += f"; int8 GEMM: {m['integer_gemm']['description']}"
+    if m.get("isa_mask"):
+        flags += f"; **ISA mask: {m['isa_mask']}**"
     lines = [
         f"- command: `{result['command']}`",
         f"- started {result['started']}, took {result.get('duration_s', 0) / 60:.1f} min "
