@@ -43,18 +43,18 @@ FEATURES = {
 }
 _AMX = ("amx_bf16", "amx_tile", "amx_int8", "amx_fp16", "amx_complex")
 _VNNI = ("avx512_vnni", "avx512_4vnniw", "avx_vnni", "avx_vnni_int8", "avx_vnni_int16")
-# Machine class -> the features it lacks.
+# Machine class -> (the features it lacks, what reports call it).
 CLASSES = {
-    "avx2": tuple(FEATURES),  # Haswell .. Zen 3: AVX2 + FMA, u8 x s8 through vpmaddubsw
-    "avx512": _AMX + _VNNI + ("avx10",),  # Skylake-SP: AVX-512 without VNNI, vpmaddubsw as well
-    "avx512-vnni": _AMX,  # Cascade Lake .. Zen 4: AVX-512 VNNI (vpdpbusd), no AMX
+    "avx2": (tuple(FEATURES), "no AVX-512, VNNI or AMX"),  # Haswell .. Zen 3: u8 x s8 through vpmaddubsw
+    "avx512": (_AMX + _VNNI + ("avx10",), "AVX-512 without VNNI, no AMX"),  # Skylake-SP: vpmaddubsw as well
+    "avx512-vnni": (_AMX, "no AMX"),  # Cascade Lake .. Zen 4: AVX-512 VNNI (vpdpbusd)
 }
 
 
 def clear_words(isa_class: str) -> str:
     """The shim's ISA_MASK_CLEAR for a machine class: five hex words of the leaf-7 bits to clear."""
     words = [0] * 5
-    for name in CLASSES[isa_class]:
+    for name in CLASSES[isa_class][0]:
         register, bit = FEATURES[name]
         words[register] |= 1 << bit
     return ",".join(f"{w:x}" for w in words)
@@ -127,7 +127,7 @@ def environment(isa_class: str, cache_dir: Path = DEFAULT_DIR, log=print) -> dic
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD")]))
     env["ISA_MASK_CLEAR"] = clear_words(isa_class)
-    env[LABEL_ENV] = f"{isa_class} (ONNX Runtime's cpuid without {', '.join(CLASSES[isa_class])})"
+    env[LABEL_ENV] = f"{isa_class} (ONNX Runtime's cpuid shows {CLASSES[isa_class][1]})"
     return env
 
 
