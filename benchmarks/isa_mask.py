@@ -7,9 +7,9 @@ ONNX Runtime (MLAS) picks its kernels from the `cpuid` instruction, which user s
 copy of the installed onnxruntime package is made (cached under --dir) whose libraries have each `cpuid` replaced
 by the two-byte UD0, and an LD_PRELOAD shim (isa_mask.c, built with `cc`) answers the resulting fault with the real
 cpuid minus the hidden features. The command gets that copy first on PYTHONPATH (onnxruntime-genai loads its
-runtime from the same package). /proc/cpuinfo, and so edgevl's own ISA report, still shows this CPU: benchmark
-reports name the mask from EDGEVL_ISA_MASK. Figures taken under a mask are this CPU running another class's
-kernels, not that class's speed.
+runtime from the same package, so its Python needs the same onnxruntime version). /proc/cpuinfo, and so edgevl's
+own ISA report, still shows this CPU: benchmark reports name the mask from EDGEVL_ISA_MASK. Figures taken under a
+mask are this CPU running another class's kernels, not that class's speed.
 """
 from __future__ import annotations
 
@@ -106,8 +106,9 @@ def build(cache_dir: Path = DEFAULT_DIR, log=print) -> tuple[Path, Path]:
     site, shim = out / "site", out / "libisamask.so"
     if (out / "done").exists():
         return site, shim
-    for stale in cache_dir.glob("*/done"):  # copies of another onnxruntime install or shim: 80 MB each
-        shutil.rmtree(stale.parent)
+    for stale in cache_dir.glob("*/done"):  # this install's older copies (an upgrade, another shim): 80 MB each
+        if stale.read_text().strip() == str(package):
+            shutil.rmtree(stale.parent)
     if out.exists():
         shutil.rmtree(out)
     log(f"[isa_mask] copying {package} and replacing its cpuid instructions (objdump, ~10 s) ...")
