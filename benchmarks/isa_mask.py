@@ -51,6 +51,12 @@ CLASSES = {
 }
 
 
+def active_class() -> str | None:
+    """The class this process's ONNX Runtime was shown by `environment`, None when unmasked."""
+    label = os.environ.get(LABEL_ENV)
+    return label.split(" ")[0] if label else None
+
+
 def clear_words(isa_class: str) -> str:
     """The shim's ISA_MASK_CLEAR for a machine class: five hex words of the leaf-7 bits to clear."""
     words = [0] * 5

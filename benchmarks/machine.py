@@ -12,6 +12,8 @@ import numpy as np
 
 from edgevl import cpu
 
+from . import isa_mask
+
 THREAD_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
               "ORT_NUM_THREADS")
 
@@ -24,7 +26,7 @@ def describe() -> dict:
             "ram_bytes": _meminfo_bytes("MemTotal"), "ram_available_bytes": _meminfo_bytes("MemAvailable"),
             "os": platform.platform(), "python": platform.python_version(), "versions": versions(),
             "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
-            "isa_mask": os.environ.get("EDGEVL_ISA_MASK")}  # benchmarks/isa_mask.py: ONNX Runtime sees less
+            "isa_mask": os.environ.get(isa_mask.LABEL_ENV)}  # ONNX Runtime shown a smaller CPU
 
 
 def versions() -> dict:

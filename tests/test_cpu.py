@@ -4,7 +4,6 @@ builds its sessions with (edgevl.cpu). On x86 without VNNI the u8 x s8 kernels s
 tests fail there unless edgevl switches ONNX Runtime to its exact u8 x u8 kernels."""
 from __future__ import annotations
 
-import os
 import platform
 
 import numpy as np
@@ -13,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks import isa_mask
 from edgevl import EdgeVL, cpu
 
 A, W, EXACT = cpu.probe_operands()
@@ -140,9 +140,8 @@ def test_precision_mode_is_set_exactly_where_u8s8_saturates():
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 _VNNI = bool({"AVX-512 VNNI", "AVX-VNNI", "AMX"} & set(cpu.isa_classes()))
 # Under benchmarks/isa_mask.py ONNX Runtime sees a smaller CPU than /proc/cpuinfo shows: the mask's class.
-_MASK = os.environ.get("EDGEVL_ISA_MASK", "").split(" ")[0]
-if _MASK:
-    _VNNI = _VNNI and _MASK not in ("avx2", "avx512")
+if isa_mask.active_class():
+    _VNNI = _VNNI and "avx512_vnni" not in isa_mask.CLASSES[isa_mask.active_class()][0]
 
 
 @pytest.mark.skipif(not (_X86 and _VNNI), reason="checks the VNNI/AMX class: this CPU has no VNNI or is not x86")
