@@ -26,7 +26,7 @@ from pathlib import Path
 LABEL_ENV = "EDGEVL_ISA_MASK"
 DEFAULT_DIR = Path.home() / ".cache" / "edgevl-isa-mask"
 SHIM_SOURCE = Path(__file__).with_name("isa_mask.c")
-UD0 = b"\x0f\xff"
+CPUID, UD0 = b"\x0f\xa2", b"\x0f\xff"
 
 # CPUID leaf-7 feature -> (register index in the shim's ISA_MASK_CLEAR: sub-leaf 0 EBX, ECX, EDX; sub-leaf 1 EAX,
 # EDX), bit). From Intel's SDM vol. 2A, CPUID, and AMD's APM vol. 3.
@@ -77,7 +77,7 @@ def cpuid_offsets(library: Path) -> list[int]:
     offsets = []
     for m in re.finditer(r"^\s*([0-9a-f]+):\s+cpuid\b", listing, re.M):
         address = int(m[1], 16)
-        start, offset, size = next(s for s in executable if s[0] <= address < s[0] + s[2])
+        start, offset, _ = next(s for s in executable if s[0] <= address < s[0] + s[2])
         offsets.append(address - start + offset)
     return offsets
 
@@ -87,7 +87,7 @@ def patch_library(src: Path, dst: Path) -> int:
     data = bytearray(src.read_bytes())
     offsets = cpuid_offsets(src)
     for offset in offsets:
-        if data[offset:offset + 2] != b"\x0f\xa2":
+        if data[offset:offset + 2] != CPUID:
             raise RuntimeError(f"{src}: objdump's cpuid at file offset {offset:#x} is {data[offset:offset + 2].hex()}")
         data[offset:offset + 2] = UD0
     dst.write_bytes(data)
@@ -97,7 +97,7 @@ def patch_library(src: Path, dst: Path) -> int:
 
 def build(cache_dir: Path = DEFAULT_DIR, log=print) -> tuple[Path, Path]:
     """The masked onnxruntime package's parent directory and the shim, built once per onnxruntime install and
-    shim source: (site_dir, shim_path)."""
+    version of this tool: (site_dir, shim_path)."""
     missing = [tool for tool in ("cc", "objdump", "readelf") if shutil.which(tool) is None]
     if missing:
         raise RuntimeError(f"benchmarks.isa_mask needs {', '.join(missing)} on PATH (a C compiler and binutils)")
@@ -106,13 +106,13 @@ def build(cache_dir: Path = DEFAULT_DIR, log=print) -> tuple[Path, Path]:
         raise RuntimeError("benchmarks.isa_mask: onnxruntime is not installed in this Python")
     package = Path(spec.submodule_search_locations[0])
     libraries = sorted((package / "capi").glob("*onnxruntime*.so*"))
-    key = hashlib.sha256(SHIM_SOURCE.read_bytes() + "".join(
+    key = hashlib.sha256(SHIM_SOURCE.read_bytes() + Path(__file__).read_bytes() + "".join(
         f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n" for p in libraries).encode()).hexdigest()[:16]
     out = cache_dir / key
     site, shim = out / "site", out / "libisamask.so"
     if (out / "done").exists():
         return site, shim
-    for stale in cache_dir.glob("*/done"):  # this install's older copies (an upgrade, another shim): 80 MB each
+    for stale in cache_dir.glob("*/done"):  # this install's older copies (upgraded, or an older tool): 80 MB each
         if stale.read_text().strip() == str(package):
             shutil.rmtree(stale.parent)
     if out.exists():
