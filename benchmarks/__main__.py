@@ -1,8 +1,10 @@
-"""python -m benchmarks run | plan | profile | compare (also `--compare a.json b.json`). See benchmarks/README.md."""
+"""python -m benchmarks run | versus | plan | profile | compare (also `--compare a.json b.json`).
+See benchmarks/README.md."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -51,6 +53,30 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--default-malloc", action="store_true",
                      help="start the workers with glibc's default malloc, not with huge pages (edgevl doctor)")
     run.add_argument("--no-plots", action="store_true")
+    versus = sub.add_parser(
+        "versus", help="edgevl against llama.cpp and onnxruntime-genai in interleaved rounds: per-round ratios",
+        description=_versus_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = versus.add_mutually_exclusive_group()
+    src.add_argument("--model", type=Path, help="an InternVL2 checkpoint directory")
+    src.add_argument("--shape", choices=sorted(KNOWN_SPECS), default="internvl2-1b",
+                     help="random weights with this model's real shapes (default internvl2-1b)")
+    versus.add_argument("--llama-cpp", type=Path, help="a llama.cpp build directory (benchmarks/README.md)")
+    versus.add_argument("--ortgenai-python", type=Path, help="a python with onnxruntime-genai and its builder")
+    versus.add_argument("--precisions", type=_precisions, default=("int8", "int4"), help="default int8,int4")
+    versus.add_argument("--rounds", type=int, default=3, help="rounds, alternating which runs first (default 3)")
+    versus.add_argument("--prompt-tokens", type=int, default=300,
+                        help="text tokens of edgevl's prompt, after its 1-tile image (default 300)")
+    versus.add_argument("--new-tokens", type=int, default=64, help="tokens decoded (default 64)")
+    versus.add_argument("--repeat", type=int, default=2, help="measured repeats per figure in each round (default 2)")
+    versus.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime "
+                                                                            "(default: the CPUs)")
+    versus.add_argument("--lead", type=float, default=1.2, help="the decode ratio to meet (default 1.2)")
+    versus.add_argument("--out", type=Path, default=Path("versus-results"),
+                        help="rounds, the baselines' conversions, versus.json and versus.md")
+    versus.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoints and exports "
+                                                                          f"(default {DEFAULT_CACHE})")
+    versus.add_argument("--from-rounds", action="store_true",
+                        help="run nothing: summarize the rounds already under --out")
     plan = sub.add_parser("plan", help="weights + KV cache + activations against a device's memory")
     plan.add_argument("--shape", choices=sorted(KNOWN_SPECS), default=None)
     plan.add_argument("--model", type=Path, default=None, help="a checkpoint directory (its config.json)")
@@ -77,7 +103,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["--compare"]:
         argv[0] = "compare"
     args = _parser().parse_args(argv)
-    return {"run": _run, "plan": _plan, "profile": _profile, "compare": _compare}[args.command](args, argv)
+    return {"run": _run, "versus": _versus, "plan": _plan, "profile": _profile,
+            "compare": _compare}[args.command](args, argv)
 
 
 def _run(args, argv) -> int:
@@ -116,6 +143,42 @@ def _run(args, argv) -> int:
     print()
     for kind, path in paths.items():
         print(f"[bench] {kind}: {path}")
+    return 0
+
+
+def _versus_doc() -> str:
+    from . import versus
+
+    return versus.__doc__
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    from .versus import PAIRS
+
+    values = tuple(t for t in text.split(",") if t)
+    if not values or any(v not in PAIRS for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {','.join(PAIRS)}")
+    return values
+
+
+def _versus(args, argv) -> int:
+    from .report import run_header
+    from .versus import format_summary, load_rounds, run_rounds, summarize
+
+    out = args.out.resolve()
+    try:
+        rounds = load_rounds(out) if args.from_rounds else run_rounds(args, out)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = summarize(rounds, args.precisions, args.lead)
+    summary["command"] = "python -m benchmarks " + shlex.join(argv)
+    table = format_summary(summary)
+    (out / "versus.json").write_text(json.dumps(summary, indent=1))
+    (out / "versus.md").write_text(f"- command: `{summary['command']}`\n- the first round's edgevl run:\n\n"
+                                   f"{run_header(rounds[0]['edgevl'])}\n\n{table}\n")
+    print(table)
+    print(f"[versus] {out / 'versus.json'}, {out / 'versus.md'}")
     return 0
 
 
