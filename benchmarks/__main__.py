@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -68,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="text tokens of edgevl's prompt, after its 1-tile image (default 300)")
     versus.add_argument("--new-tokens", type=int, default=64, help="tokens decoded (default 64)")
     versus.add_argument("--repeat", type=int, default=2, help="measured repeats per figure in each round (default 2)")
-    versus.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime "
-                                                                            "(default: the CPUs)")
+    versus.add_argument("--threads", type=int, default=None,
+                        help="threads for every runtime (default: the physical cores)")
     versus.add_argument("--lead", type=float, default=1.2, help="the decode ratio to meet (default 1.2)")
     versus.add_argument("--out", type=Path, default=Path("versus-results"),
                         help="rounds, the baselines' conversions, versus.json and versus.md")
@@ -165,7 +164,9 @@ def _versus(args, argv) -> int:
     from .report import run_header
     from .versus import format_summary, load_rounds, run_rounds, summarize
 
-    out = args.out.resolve()
+    from .machine import physical_cores
+
+    out, args.threads = args.out.resolve(), args.threads or physical_cores()
     try:
         rounds = load_rounds(out) if args.from_rounds else run_rounds(args, out)
     except (RuntimeError, ValueError) as e:

@@ -29,6 +29,16 @@ def describe() -> dict:
             "isa_mask": os.environ.get(isa_mask.LABEL_ENV)}  # ONNX Runtime shown a smaller CPU
 
 
+def physical_cores() -> int:
+    """Cores, not hardware threads: what ONNX Runtime's intra-op pool defaults to. os.cpu_count() where lscpu cannot
+    say."""
+    lscpu = _lscpu()
+    try:
+        return int(lscpu["Core(s) per socket"]) * int(lscpu.get("Socket(s)", "1"))
+    except (KeyError, ValueError):
+        return os.cpu_count() or 1
+
+
 def versions() -> dict:
     from importlib import metadata
 

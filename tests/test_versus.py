@@ -117,3 +117,14 @@ def test_cli_summarizes_rounds_on_disk_and_names_a_directory_without_them(tmp_pa
     assert "| int8 | median of rounds |" in table and "1.20x (meets)" in table and "machine: AMD EPYC, 2 CPUs" in table
     assert json.loads((tmp_path / "versus.json").read_text())["precisions"]["int8"]["median"][
         "decode vs llama.cpp"] == pytest.approx(1.2)
+
+
+def test_threads_default_to_physical_cores_not_hardware_threads(monkeypatch):
+    from benchmarks import machine
+
+    monkeypatch.setattr(machine, "_lscpu", lambda: {"Core(s) per socket": "4", "Socket(s)": "2",
+                                                    "Thread(s) per core": "2"})
+    assert machine.physical_cores() == 8
+    monkeypatch.setattr(machine, "_lscpu", lambda: {})  # no lscpu: every CPU the OS reports
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 6)
+    assert machine.physical_cores() == 6
