@@ -22,8 +22,8 @@ setup(
         # onnxruntime-gpu replaces the base onnxruntime on CUDA machines (uninstall onnxruntime first).
         "gpu": ["cuda-python>=12", "nvidia-cuda-nvrtc", "tensorrt>=10"],
         # NVRTC runs without a GPU, so CI compiles every kernel for the target architectures.
-        "dev": ["pytest>=8", "torch>=2.1", "transformers>=5,<6", "opencv-python-headless>=4.8", "onnx>=1.16",
-                "onnxscript>=0.2", "cuda-python>=12", "nvidia-cuda-nvrtc", "matplotlib", "psutil",
+        "dev": ["pytest>=8", "pytest-xdist>=3", "torch>=2.1", "transformers>=5,<6", "opencv-python-headless>=4.8",
+                "onnx>=1.16", "onnxscript>=0.2", "cuda-python>=12", "nvidia-cuda-nvrtc", "matplotlib", "psutil",
                 "threadpoolctl", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["edgevl=edgevl.cli:main"]},

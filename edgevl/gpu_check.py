@@ -99,7 +99,8 @@ def run_gpu_tests(out: Path, log) -> dict:
     _need_checkout(*GPU_TEST_FILES)
     junit, log_path = out / "gpu-tests.xml", out / "gpu-tests.log"
     junit.unlink(missing_ok=True)
-    code = _run_logged([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+    # -n 0: one process, the GPU's memory to itself
+    code = _run_logged([sys.executable, "-m", "pytest", "-q", "-rs", "-n", "0", "-p", "no:cacheprovider",
                         f"--junitxml={junit}", *GPU_TEST_FILES], log_path, TESTS_TIMEOUT_S, log)
     counts = _read_junit(junit) if junit.is_file() else {}
     return {"exit_code": code, "files": list(GPU_TEST_FILES), "log": str(log_path), "junit": str(junit), **counts}

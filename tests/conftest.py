@@ -1,5 +1,9 @@
-"""Shared fixtures: tiny random checkpoints written once per session in the real on-disk formats."""
+"""Shared fixtures: tiny random checkpoints in the real on-disk formats and their exports, each made once per test
+run (pytest-xdist's workers share them) and only read by the tests."""
 from __future__ import annotations
+
+import fcntl
+import shutil
 
 import pytest
 
@@ -7,36 +11,51 @@ from edgevl.testing.checkpoints import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """tiny_checkpoint(family, fmt="original", **options) -> directory, cached per argument set."""
-    made = {}
+def made_once(tmp_path_factory, worker_id):
+    """made_once(name, make) -> a directory make(path) filled, the same one for every worker of this run: the
+    first worker to ask makes it (the others wait on its lock), the rest reuse it. Checkpoints and exports are
+    deterministic, so which worker made one does not matter."""
+    root = tmp_path_factory.getbasetemp()
+    shared = root if worker_id == "master" else root.parent  # the workers' base temps are siblings
 
+    def get(name: str, make):
+        path = shared / name
+        with open(shared / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (shared / f"{name}.done").exists():
+                shutil.rmtree(path, ignore_errors=True)  # a failed attempt's leftovers
+                path.mkdir()
+                make(path)
+                (shared / f"{name}.done").touch()
+        return path
+
+    return get
+
+
+def _name(*parts, options: dict) -> str:
+    return "-".join([*parts] + [f"{k}={v}" for k, v in sorted(options.items())])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(made_once):
+    """tiny_checkpoint(family, fmt="original", **options) -> directory, made once per argument set."""
     def make(family: str, fmt: str = "original", **options):
-        key = (family, fmt, tuple(sorted(options.items())))
-        if key not in made:
-            name = "-".join([family, fmt] + [f"{k}={v}" for k, v in sorted(options.items())])
-            made[key] = write_tiny_checkpoint(tmp_path_factory.mktemp(name), family=family, fmt=fmt, **options)
-        return made[key]
+        return made_once(_name("checkpoint", family, fmt, options=options),
+                         lambda path: write_tiny_checkpoint(path, family=family, fmt=fmt, **options))
 
     return make
 
 
 @pytest.fixture(scope="session")
-def exported(tiny_checkpoint, tmp_path_factory):
+def exported(tiny_checkpoint, made_once):
     """exported(family, precision="fp32", **options) -> an `edgevl export` directory of
-    tiny_checkpoint(family, **options), cached."""
+    tiny_checkpoint(family, **options), made once."""
     from edgevl.export import export_model
 
-    made = {}
-
     def make(family: str, precision: str = "fp32", **options):
-        key = (family, precision, tuple(sorted(options.items())))
-        if key not in made:
-            name = "-".join(["export", family, precision] + [f"{k}={v}" for k, v in sorted(options.items())])
-            out = tmp_path_factory.mktemp(name)
-            export_model(tiny_checkpoint(family, **options), out, precision=precision, log=lambda _: None)
-            made[key] = out
-        return made[key]
+        return made_once(_name("export", family, precision, options=options),
+                         lambda path: export_model(tiny_checkpoint(family, **options), path, precision=precision,
+                                                   log=lambda _: None))
 
     return make
 

@@ -83,9 +83,9 @@ def test_a_corrupted_graph_fails_and_names_the_component(monkeypatch, tmp_path):
         return out_dir / "manifest.json"
 
     monkeypatch.setattr(export, "export_model", corrupted_export)
-    report = selftest(["onnxruntime-cpu"], keep=tmp_path, families=["qwen2"], log=lambda _: None)
-    failed = [c for c in report.checks if not c.passed]
-    assert not report.passed
-    assert any(c.component == "vision" and c.backend == "onnxruntime-cpu fp32" for c in failed)
-    assert main(["selftest", "--backends", "onnxruntime-cpu", "--families", "qwen2", "--keep",
-                 str(tmp_path / "again")]) == 1
+    assert main(["selftest", "--backends", "onnxruntime-cpu", "--families", "qwen2", "--keep", str(tmp_path / "work"),
+                 "--json", str(tmp_path / "selftest.json")]) == 1
+    report = json.loads((tmp_path / "selftest.json").read_text())
+    assert report["passed"] is False
+    assert any(c["component"] == "vision" and c["backend"] == "onnxruntime-cpu fp32"
+               for c in report["checks"] if not c["passed"])
