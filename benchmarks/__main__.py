@@ -166,7 +166,10 @@ def _versus(args, argv) -> int:
 
     from .machine import physical_cores
 
-    out, args.threads = args.out.resolve(), args.threads or physical_cores()
+    out, args.threads = args.out.absolute(), args.threads or physical_cores()
+    for name in ("model", "cache", "llama_cpp", "ortgenai_python"):  # the rounds run from the repository root
+        if getattr(args, name) is not None:  # absolute(), not resolve(): a venv's python is a link to keep
+            setattr(args, name, getattr(args, name).absolute())
     try:
         rounds = load_rounds(out) if args.from_rounds else run_rounds(args, out)
     except (RuntimeError, ValueError) as e:

@@ -1,5 +1,6 @@
 """`python -m benchmarks versus`: the interleaving of rounds, the figures it pairs and the ratios it takes."""
 import json
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -128,3 +129,24 @@ def test_threads_default_to_physical_cores_not_hardware_threads(monkeypatch):
     monkeypatch.setattr(machine, "_lscpu", lambda: {})  # no lscpu: every CPU the OS reports
     monkeypatch.setattr(machine.os, "cpu_count", lambda: 6)
     assert machine.physical_cores() == 6
+
+
+def test_cli_hands_the_rounds_absolute_paths_and_keeps_a_venvs_python_link(tmp_path, monkeypatch):
+    import benchmarks.versus as versus
+
+    venv_python = tmp_path / "venv" / "python"
+    venv_python.parent.mkdir()
+    venv_python.symlink_to(sys.executable)
+    seen = {}
+
+    def stop(args, out):  # the rounds run from the repository root: every path must survive the change of cwd
+        seen.update(vars(args), out=out)
+        raise RuntimeError("stopped before the rounds")
+
+    monkeypatch.setattr(versus, "run_rounds", stop)
+    monkeypatch.chdir(tmp_path)
+    assert main(["versus", "--model", "ckpt", "--cache", "cache", "--ortgenai-python", "venv/python",
+                 "--out", "results"]) == 2
+    assert seen["model"] == tmp_path / "ckpt" and seen["cache"] == tmp_path / "cache"
+    assert seen["ortgenai_python"] == venv_python and seen["out"] == tmp_path / "results"
+    assert seen["llama_cpp"] is None and seen["threads"] >= 1
