@@ -161,10 +161,9 @@ def _precisions(text: str) -> tuple[str, ...]:
 
 
 def _versus(args, argv) -> int:
+    from .machine import physical_cores
     from .report import run_header
     from .versus import format_summary, load_rounds, run_rounds, summarize
-
-    from .machine import physical_cores
 
     out, args.threads = args.out.absolute(), args.threads or physical_cores()
     for name in ("model", "cache", "llama_cpp", "ortgenai_python"):  # the rounds run from the repository root
