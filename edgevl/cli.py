@@ -227,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--backends", default="auto", help="auto, or a comma list of: pytorch, onnxruntime-cpu, "
                     "onnxruntime-cuda, tensorrt, kernels")
     st.add_argument("--json", metavar="FILE", help="also write the results as JSON (schema: edgevl.selftest)")
-    st.add_argument("--keep", metavar="DIR", help="keep the checkpoints and exports here; run again with the same "
-                    "DIR where PyTorch is missing (a Jetson: copy DIR there) to check the kept int8/int4 exports "
-                    "against the kept fp32 one on that CPU")
+    st.add_argument("--keep", metavar="DIR", help="keep the checkpoints and exports here; a later run with the same "
+                    "DIR checks the kept exports instead of making them again (made again where another edgevl "
+                    "made them or a file changed). Where PyTorch is missing (a Jetson: copy DIR there) the kept "
+                    "int8/int4 exports are checked against the kept fp32 one on that CPU")
     st.add_argument("--families", default="qwen2,internlm2,phi3", help="LLM families to check (default: all)")
     st.add_argument("--full", action="store_true", help="the whole GPU check (DEVICE.md): the GPU tests, this "
                     "selftest and the GPU benchmark rows, judged pass / fail / not run; exit 0 only if all passed")

@@ -50,6 +50,7 @@ SKIPPED_BECAUSE_GPU = ("a CUDA device is present",)
 GPU_SELFTEST_BACKENDS = ("onnxruntime-cuda", "tensorrt", "kernels")  # prefixes of Check.backend / not_run "what"
 TESTS_TIMEOUT_S = 1800  # TensorRT builds of the tiny models dominate; a hung driver call must not eat the loan
 BENCHMARKS_TIMEOUT_S = 1200
+SELFTEST_WORK = "selftest-work"  # under --out: the selftest's --keep DIR, so a second run reuses its exports
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def judge_gpu_tests(r: dict) -> tuple[str, str, dict]:
 
 
 def run_selftest(out: Path, log):
-    report = selftest("auto", keep=out / "selftest-work", log=log)
+    report = selftest("auto", keep=out / SELFTEST_WORK, log=log)
     write_json(report, out / "selftest.json")
     (out / "selftest.txt").write_text(format_report(report) + "\n")
     return report

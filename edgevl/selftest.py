@@ -263,7 +263,8 @@ def _family_checks(report: Report, family: str, work: Path, run: list[str], has_
         checkpoint = write_tiny_checkpoint(work / "checkpoint", family)
         reference = EdgeVL.from_pretrained(checkpoint)
         _reference_checks(report, family, reference, write_tiny_checkpoint(work / "checkpoint-hf", family, fmt="hf"))
-        export_model(checkpoint, fp32_dir, log=quiet)
+        if not _kept(fp32_dir):
+            export_model(checkpoint, fp32_dir, log=quiet)
     else:  # no PyTorch here: the exports kept by an earlier run (made on any machine) against each other
         report.not_run.append({"what": f"onnxruntime fp32 vs pytorch ({family})",
                                "why": "PyTorch is not installed; the kept exports were checked against each other"})
@@ -274,7 +275,7 @@ def _family_checks(report: Report, family: str, work: Path, run: list[str], has_
             _fp32_backend_checks(report, family, f"{backend} fp32", reference, fp32)
         for precision in QUANTIZED:
             out = work / f"export-{precision}"
-            if not (out / "manifest.json").is_file():
+            if not _kept(out):
                 from .export import quantize_export
 
                 quantize_export(fp32_dir, out, precision, log=quiet)
@@ -282,6 +283,18 @@ def _family_checks(report: Report, family: str, work: Path, run: list[str], has_
                           fp32, EdgeVL.from_pretrained(out, device=device))
     if "tensorrt" in run:
         _tensorrt_checks(report, family, fp32_dir, work, reference)
+
+
+def _kept(export_dir: Path) -> bool:
+    """An export an earlier run left in --keep, intact and made by this edgevl: reused, not made again (the tiny
+    checkpoints are the same every run)."""
+    from .manifest import ExportError, read_manifest
+
+    try:
+        read_manifest(export_dir)
+    except ExportError:
+        return False
+    return True
 
 
 def format_report(report: Report) -> str:

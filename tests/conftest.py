@@ -49,13 +49,18 @@ def tiny_checkpoint(made_once):
 @pytest.fixture(scope="session")
 def exported(tiny_checkpoint, made_once):
     """exported(family, precision="fp32", **options) -> an `edgevl export` directory of
-    tiny_checkpoint(family, **options), made once."""
-    from edgevl.export import export_model
+    tiny_checkpoint(family, **options), made once. The other precisions quantize the fp32 one (quantize_export,
+    which `edgevl export --precision` runs after an fp32 export of its own): one torch export per checkpoint."""
+    from edgevl.export import export_model, quantize_export
+
+    quiet = lambda _: None  # noqa: E731
 
     def make(family: str, precision: str = "fp32", **options):
-        return made_once(_name("export", family, precision, options=options),
-                         lambda path: export_model(tiny_checkpoint(family, **options), path, precision=precision,
-                                                   log=lambda _: None))
+        if precision == "fp32":
+            write = lambda path: export_model(tiny_checkpoint(family, **options), path, log=quiet)  # noqa: E731
+        else:
+            write = lambda path: quantize_export(make(family, **options), path, precision, log=quiet)  # noqa: E731
+        return made_once(_name("export", family, precision, options=options), write)
 
     return make
 
@@ -73,3 +78,19 @@ def tokenizers(tmp_path_factory):
             ids = write_tokenizer(d, family, fmt)
             out[family, fmt] = load_tokenizer(d), ids
     return out
+
+
+@pytest.fixture(scope="session")
+def kept_selftest_exports(exported):
+    """kept_selftest_exports(work, families) fills an `edgevl selftest --keep` DIR with the suite's exports of the
+    same tiny checkpoints, as an earlier run leaves it (test_selftest.py runs one selftest from nothing), and returns
+    {export directory: its manifest's modification time}."""
+    def seed(work, families) -> dict:
+        kept = {}
+        for family in families:
+            for precision in ("fp32", "int8", "int4"):
+                export = shutil.copytree(exported(family, precision), work / family / f"export-{precision}")
+                kept[export] = (export / "manifest.json").stat().st_mtime_ns
+        return kept
+
+    return seed

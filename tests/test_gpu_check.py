@@ -38,15 +38,17 @@ def _assert_schema(report: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def without_gpu(tmp_path_factory):
+def without_gpu(tmp_path_factory, kept_selftest_exports):
     _, problem = gpu_check.probe()
     if problem is None:
         pytest.skip("a GPU is usable here: the no-GPU path is not reachable")
     with pytest.MonkeyPatch.context() as mp:
-        # one family and the one GPU test file that skips whole keep this under a minute on 2 cores
+        # one family, its exports kept from the suite's, and the one GPU test file that skips whole keep this under
+        # a minute on 2 cores
         mp.setattr(gpu_check, "selftest", functools.partial(gpu_check.selftest, families=("qwen2",)))
         mp.setattr(gpu_check, "GPU_TEST_FILES", ("tests/test_tensorrt_gpu.py",))
         out = tmp_path_factory.mktemp("gpu-check")
+        kept_selftest_exports(out / gpu_check.SELFTEST_WORK, ("qwen2",))
         return (out, problem, *_full(out))
 
 

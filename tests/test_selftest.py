@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from edgevl import __version__
 from edgevl.cli import main
 from edgevl.manifest import manifest_from_dict, write_manifest
 from edgevl.selftest import BACKENDS, FAMILIES, selftest
@@ -16,20 +17,37 @@ CHECK_FIELDS = {"component", "family", "backend", "check", "value", "threshold",
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def result(tmp_path_factory, kept_selftest_exports):
     out = tmp_path_factory.mktemp("selftest")
+    kept = kept_selftest_exports(out / "work", FAMILIES)
     code = main(["selftest", "--json", str(out / "selftest.json"), "--keep", str(out / "work")])
-    return code, json.loads((out / "selftest.json").read_text()), out / "work"
+    return code, json.loads((out / "selftest.json").read_text()), out / "work", kept
+
+
+def test_kept_exports_are_checked_not_made_again(result):
+    _, report, work, kept = result
+    assert all((export / "manifest.json").stat().st_mtime_ns == mtime for export, mtime in kept.items())
+    assert (work / "qwen2" / "checkpoint" / "config.json").is_file()  # the reference still ran from its checkpoint
+    assert {c["family"] for c in report["checks"] if c["backend"] == "onnxruntime-cpu int8 vs fp32"} == set(FAMILIES)
+
+
+def test_a_kept_export_another_edgevl_made_is_made_again(kept_selftest_exports, tmp_path):
+    work = tmp_path / "work"
+    kept_selftest_exports(work, ("qwen2",))
+    manifest = work / "qwen2" / "export-int4" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"edgevl_version": "', '"edgevl_version": "0.0.0-older-'))
+    assert main(["selftest", "--backends", "onnxruntime-cpu", "--families", "qwen2", "--keep", str(work)]) == 0
+    assert json.loads(manifest.read_text())["edgevl_version"] == __version__
 
 
 def test_passes_and_exits_zero(result):
-    code, report, _ = result
+    code, report, _, _ = result
     assert code == 0 and report["passed"] is True
     assert report["checks"] and all(c["passed"] for c in report["checks"])
 
 
 def test_json_is_the_documented_schema(result):
-    _, report, _ = result
+    _, report, _, _ = result
     assert set(report) == {"format_version", "edgevl_version", "passed", "seconds", "cpu", "checks", "not_run"}
     assert report["cpu"]["integer_gemm"]["exact"] is True and report["cpu"]["integer_gemm"]["description"]
     assert report["format_version"] == 1
@@ -41,7 +59,7 @@ def test_json_is_the_documented_schema(result):
 
 
 def test_every_family_and_backend_is_checked_or_explained(result):
-    _, report, _ = result
+    _, report, _, _ = result
     for family in FAMILIES:
         assert {c["backend"] for c in report["checks"] if c["family"] == family} >= {
             "pytorch vs transformers", "onnxruntime-cpu fp32", "onnxruntime-cpu int8 vs fp32",
