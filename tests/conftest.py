@@ -85,10 +85,12 @@ def kept_selftest_exports(exported):
     """kept_selftest_exports(work, families) fills an `edgevl selftest --keep` DIR with the suite's exports of the
     same tiny checkpoints, as an earlier run leaves it (test_selftest.py runs one selftest from nothing), and returns
     {export directory: its manifest's modification time}."""
+    from edgevl.selftest import QUANTIZED
+
     def seed(work, families) -> dict:
         kept = {}
         for family in families:
-            for precision in ("fp32", "int8", "int4"):
+            for precision in ("fp32", *QUANTIZED):
                 export = shutil.copytree(exported(family, precision), work / family / f"export-{precision}")
                 kept[export] = (export / "manifest.json").stat().st_mtime_ns
         return kept
