@@ -229,8 +229,7 @@ def selftest(backends="auto", keep=None, families=FAMILIES, log=print) -> Report
     start = time.perf_counter()
     work = Path(keep)
     run, not_run, has_torch = _available(backends, kept_exports=all(
-        (work / family / f"export-{p}" / "manifest.json").is_file() for family in families
-        for p in ("fp32", *QUANTIZED)))
+        _kept(work / family / f"export-{p}") for family in families for p in ("fp32", *QUANTIZED)))
     report = Report(not_run=not_run, cpu=_cpu())
     if {"pytorch", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"} & set(run):
         for family in families:
