@@ -1,4 +1,4 @@
-"""python -m benchmarks run | versus | plan | profile | compare (also `--compare a.json b.json`).
+"""python -m benchmarks run | versus | plan | profile | gemv | compare (also `--compare a.json b.json`).
 See benchmarks/README.md."""
 from __future__ import annotations
 
@@ -91,6 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--steps", type=int, default=40, help="tokens decoded (default 40; the first 2 not counted)")
     profile.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores)")
     profile.add_argument("--json", action="store_true", help="print the profile as JSON")
+    gemv = sub.add_parser("gemv", help="the int8 weight matmul in each ONNX Runtime formulation: exact here? how fast?",
+                          description=_gemv_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    gemv.add_argument("--shape", choices=sorted(KNOWN_SPECS), default="internvl2-1b",
+                      help="the model shape whose MLP matrices are timed (default internvl2-1b)")
+    gemv.add_argument("--layers", type=int, default=None, help="that many layers' matrices (default: all)")
+    gemv.add_argument("--rows", type=int, default=1, help="activation rows (default 1: a decode step)")
+    gemv.add_argument("--repeat", type=int, default=20, help="timed passes (default 20)")
+    gemv.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores)")
+    gemv.add_argument("--formulations", type=_formulations, default=None, help="comma-separated (default: all)")
+    gemv.add_argument("--json", action="store_true", help="print the result as JSON")
     compare = sub.add_parser("compare", help="the change between two result JSONs")
     compare.add_argument("a", type=Path)
     compare.add_argument("b", type=Path)
@@ -103,7 +113,7 @@ def main(argv=None) -> int:
         argv[0] = "compare"
     args = _parser().parse_args(argv)
     return {"run": _run, "versus": _versus, "plan": _plan, "profile": _profile,
-            "compare": _compare}[args.command](args, argv)
+            "gemv": _gemv, "compare": _compare}[args.command](args, argv)
 
 
 def _run(args, argv) -> int:
@@ -216,6 +226,30 @@ def _profile(args, argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1) if args.json else format_profile(result))
+    return 0
+
+
+def _gemv_doc() -> str:
+    from . import gemv
+
+    return gemv.__doc__
+
+
+def _formulations(text: str) -> tuple[str, ...]:
+    from .gemv import FORMULATIONS
+
+    values = tuple(t for t in text.split(",") if t)
+    if not values or any(v not in FORMULATIONS for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {','.join(FORMULATIONS)}")
+    return values
+
+
+def _gemv(args, argv) -> int:
+    from .gemv import FORMULATIONS, format_gemv, measure
+
+    result = measure(args.shape, args.rows, args.repeat, args.threads, args.layers,
+                     args.formulations or FORMULATIONS, log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(result, indent=1) if args.json else format_gemv(result))
     return 0
 
 
