@@ -185,14 +185,27 @@ def _versus(args, argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = summarize(rounds, args.precisions, args.lead)
-    summary["command"] = "python -m benchmarks " + shlex.join(argv)
+    command = "python -m benchmarks " + shlex.join(argv)
+    summary["command"] = _rounds_command(out) if args.from_rounds else command
+    lines = [f"- command: `{summary['command']}`"]
+    if summary["command"] != command:  # summarized again: the command that ran the rounds stays the record
+        summary["summarized_by"] = command
+        lines.append(f"- summarized again by: `{command}`")
     table = format_summary(summary)
     (out / "versus.json").write_text(json.dumps(summary, indent=1))
-    (out / "versus.md").write_text(f"- command: `{summary['command']}`\n- the first round's edgevl run:\n\n"
+    (out / "versus.md").write_text("\n".join(lines) + "\n- the first round's edgevl run:\n\n"
                                    f"{run_header(rounds[0]['edgevl'])}\n\n{table}\n")
     print(table)
     print(f"[versus] {out / 'versus.json'}, {out / 'versus.md'}")
     return 0
+
+
+def _rounds_command(out: Path) -> str:
+    """The command that ran the rounds under `out`, from the versus.json it wrote ("unknown" without one)."""
+    try:
+        return json.loads((out / "versus.json").read_text())["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown: no versus.json from the run of these rounds"
 
 
 def _plan(args, argv) -> int:

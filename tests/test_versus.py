@@ -116,8 +116,16 @@ def test_cli_summarizes_rounds_on_disk_and_names_a_directory_without_them(tmp_pa
     assert main(["versus", "--from-rounds", "--out", str(tmp_path), "--precisions", "int8"]) == 0
     table = (tmp_path / "versus.md").read_text()
     assert "| int8 | median of rounds |" in table and "1.20x (meets)" in table and "machine: AMD EPYC, 2 CPUs" in table
-    assert json.loads((tmp_path / "versus.json").read_text())["precisions"]["int8"]["median"][
-        "decode vs llama.cpp"] == pytest.approx(1.2)
+    summary = json.loads((tmp_path / "versus.json").read_text())
+    assert summary["precisions"]["int8"]["median"]["decode vs llama.cpp"] == pytest.approx(1.2)
+    assert summary["command"].startswith("unknown")  # these rounds came without the versus.json of their run
+    # summarized again, the record keeps the command that ran the rounds and names the one that summarized them
+    (tmp_path / "versus.json").write_text(json.dumps(summary | {"command": "python -m benchmarks versus --rounds 1"}))
+    assert main(["versus", "--from-rounds", "--out", str(tmp_path), "--precisions", "int8", "--lead", "1.3"]) == 0
+    summary = json.loads((tmp_path / "versus.json").read_text())
+    assert summary["command"] == "python -m benchmarks versus --rounds 1"
+    assert summary["summarized_by"].endswith("--precisions int8 --lead 1.3")
+    assert "- summarized again by: `python -m benchmarks versus --from-rounds" in (tmp_path / "versus.md").read_text()
 
 
 def test_threads_default_to_physical_cores_not_hardware_threads(monkeypatch):
