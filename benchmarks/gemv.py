@@ -119,7 +119,7 @@ def time_formulation(formulation: str, shapes: list[tuple[int, int]], rows: int,
 
 def measure(shape: str, rows: int = 1, repeat: int = 20, threads: int | None = None, layers: int | None = None,
             formulations=FORMULATIONS, log=print) -> dict:
-    from edgevl.cpu import describe
+    from .machine import describe
 
     shapes = weight_shapes(shape, layers)
     weight_bytes = sum(k * n for k, n in shapes)
@@ -130,13 +130,15 @@ def measure(shape: str, rows: int = 1, repeat: int = 20, threads: int | None = N
         results[formulation] = {**timing, "gb_per_s": weight_bytes / timing["s"] / 1e9,
                                 "probe_error": probe_error(formulation)}
     return {"shape": shape, "rows": rows, "matrices": len(shapes), "weight_bytes": weight_bytes,
-            "repeat": repeat, "threads": threads, "cpu": describe(), "formulations": results}
+            "repeat": repeat, "threads": threads, "machine": describe(), "formulations": results}
 
 
 def format_gemv(result: dict) -> str:
+    from .report import machine_line
+
     lines = [f"int8 weight matmuls, {result['rows']} row(s) x {result['matrices']} matrices of the {result['shape']} "
-             f"MLP ({result['weight_bytes'] / 1e6:.0f} MB of int8 weights), median of {result['repeat']}; "
-             f"cpu: {', '.join(result['cpu']['isa']) or 'unknown'}", "",
+             f"MLP ({result['weight_bytes'] / 1e6:.0f} MB of int8 weights), median of {result['repeat']}",
+             f"machine: {machine_line(result['machine'])}", "",
              "| formulation | ms per pass [min-max] | weight GB/s | probe product |", "|---|---:|---:|---|"]
     for name, r in result["formulations"].items():
         error = r["probe_error"]

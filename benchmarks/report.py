@@ -263,26 +263,31 @@ _FIGURES = [("preprocess ms", _median("preprocess_ms")), ("vision ms, 1 tile", _
             ("peak RSS MiB", lambda r: r.get("peak_rss_bytes") and r["peak_rss_bytes"] / MIB)]
 
 
-def run_header(result: dict) -> str:
-    """Command, machine, versions, threads, bandwidth and what else was running: what a reader needs to judge
-    the table."""
-    m, c, bw = result["machine"], result["config"], result["bandwidth"]
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
-    threads = _thread_summary(result)
+def machine_line(m: dict) -> str:
+    """A benchmarks.machine.describe() in one line: CPU, cores, RAM, ISA classes, how ONNX Runtime computes int8
+    there, and the ISA mask it ran under, if any."""
     # ISA classes and how ONNX Runtime computes int8 on them (older results list lscpu flags instead).
     flags = ", ".join(m.get("isa") or m.get("flags_of_note") or [])
     if m.get("integer_gemm"):
         flags += f"; int8 GEMM: {m['integer_gemm']['description']}"
     if m.get("isa_mask"):
         flags += f"; **ISA mask: {m['isa_mask']}**"
+    return (f"{m['cpu_model']}, {m['cpus']} CPUs ({m.get('cores_per_socket')} cores x {m.get('threads_per_core')} "
+            f"threads), {m['ram_bytes'] / GIB:.1f} GiB RAM, {m.get('hypervisor') or 'bare metal'} VM; {flags}")
+
+
+def run_header(result: dict) -> str:
+    """Command, machine, versions, threads, bandwidth and what else was running: what a reader needs to judge
+    the table."""
+    m, c, bw = result["machine"], result["config"], result["bandwidth"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    threads = _thread_summary(result)
     lines = [
         f"- command: `{result['command']}`",
         f"- started {result['started']}, took {result.get('duration_s', 0) / 60:.1f} min "
         "(exports excluded when cached)",
         f"- model: {c['model']} (`{c['model_dir']}`), random weights",
-        f"- machine: {m['cpu_model']}, {m['cpus']} CPUs ({m.get('cores_per_socket')} cores x "
-        f"{m.get('threads_per_core')} threads), {m['ram_bytes'] / GIB:.1f} GiB RAM, "
-        f"{m.get('hypervisor') or 'bare metal'} VM; {flags}",
+        f"- machine: {machine_line(m)}",
         f"- {m['os']}, Python {m['python']}; {versions}",
         f"- threads: {threads}; thread env: {m['thread_env'] or 'none set'} "
         f"(OPENBLAS_CORETYPE {m['thread_env'].get('OPENBLAS_CORETYPE', 'not set')})",
