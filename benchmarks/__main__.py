@@ -28,6 +28,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def _parser() -> argparse.ArgumentParser:
     from edgevl.specs import KNOWN_SPECS
 
+    from . import gemv as gemv_module, versus as versus_module
     from .plan import DEVICES, PRECISIONS
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
@@ -54,14 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-plots", action="store_true")
     versus = sub.add_parser(
         "versus", help="edgevl against llama.cpp and onnxruntime-genai in interleaved rounds: per-round ratios",
-        description=_versus_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=versus_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = versus.add_mutually_exclusive_group()
     src.add_argument("--model", type=Path, help="an InternVL2 checkpoint directory")
     src.add_argument("--shape", choices=sorted(KNOWN_SPECS), default="internvl2-1b",
                      help="random weights with this model's real shapes (default internvl2-1b)")
     versus.add_argument("--llama-cpp", type=Path, help="a llama.cpp build directory (benchmarks/README.md)")
     versus.add_argument("--ortgenai-python", type=Path, help="a python with onnxruntime-genai and its builder")
-    versus.add_argument("--precisions", type=_precisions, default=("int8", "int4"), help="default int8,int4")
+    versus.add_argument("--precisions", type=_subset(versus_module.PAIRS), default=("int8", "int4"), help="default int8,int4")
     versus.add_argument("--rounds", type=int, default=3, help="rounds, alternating which runs first (default 3)")
     versus.add_argument("--prompt-tokens", type=int, default=300,
                         help="text tokens of edgevl's prompt, after its 1-tile image (default 300)")
@@ -92,14 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores)")
     profile.add_argument("--json", action="store_true", help="print the profile as JSON")
     gemv = sub.add_parser("gemv", help="the int8 weight matmul in each ONNX Runtime formulation: exact here? how fast?",
-                          description=_gemv_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                          description=gemv_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gemv.add_argument("--shape", choices=sorted(KNOWN_SPECS), default="internvl2-1b",
                       help="the model shape whose MLP matrices are timed (default internvl2-1b)")
     gemv.add_argument("--layers", type=int, default=None, help="that many layers' matrices (default: all)")
     gemv.add_argument("--rows", type=int, default=1, help="activation rows (default 1: a decode step)")
     gemv.add_argument("--repeat", type=int, default=20, help="timed passes (default 20)")
     gemv.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores)")
-    gemv.add_argument("--formulations", type=_formulations, default=None, help="comma-separated (default: all)")
+    gemv.add_argument("--formulations", type=_subset(gemv_module.FORMULATIONS), default=None, help="comma-separated (default: all)")
     gemv.add_argument("--json", action="store_true", help="print the result as JSON")
     compare = sub.add_parser("compare", help="the change between two result JSONs")
     compare.add_argument("a", type=Path)
@@ -155,19 +156,15 @@ def _run(args, argv) -> int:
     return 0
 
 
-def _versus_doc() -> str:
-    from . import versus
+def _subset(allowed):
+    """An argparse type: a comma-separated, non-empty subset of `allowed`."""
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(t for t in text.split(",") if t)
+        if not values or any(v not in allowed for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected some of {','.join(allowed)}")
+        return values
 
-    return versus.__doc__
-
-
-def _precisions(text: str) -> tuple[str, ...]:
-    from .versus import PAIRS
-
-    values = tuple(t for t in text.split(",") if t)
-    if not values or any(v not in PAIRS for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {','.join(PAIRS)}")
-    return values
+    return parse
 
 
 def _versus(args, argv) -> int:
@@ -240,21 +237,6 @@ def _profile(args, argv) -> int:
         return 2
     print(json.dumps(result, indent=1) if args.json else format_profile(result))
     return 0
-
-
-def _gemv_doc() -> str:
-    from . import gemv
-
-    return gemv.__doc__
-
-
-def _formulations(text: str) -> tuple[str, ...]:
-    from .gemv import FORMULATIONS
-
-    values = tuple(t for t in text.split(",") if t)
-    if not values or any(v not in FORMULATIONS for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {','.join(FORMULATIONS)}")
-    return values
 
 
 def _gemv(args, argv) -> int:
