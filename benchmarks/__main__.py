@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="random weights with this model's real shapes (default internvl2-1b)")
     versus.add_argument("--llama-cpp", type=Path, help="a llama.cpp build directory (benchmarks/README.md)")
     versus.add_argument("--ortgenai-python", type=Path, help="a python with onnxruntime-genai and its builder")
-    versus.add_argument("--precisions", type=_subset(versus_module.PAIRS), default=("int8", "int4"), help="default int8,int4")
+    versus.add_argument("--precisions", type=_subset(versus_module.PAIRS), default=("int8", "int4"),
+                        help="default int8,int4")
     versus.add_argument("--rounds", type=int, default=3, help="rounds, alternating which runs first (default 3)")
     versus.add_argument("--prompt-tokens", type=int, default=300,
                         help="text tokens of edgevl's prompt, after its 1-tile image (default 300)")
@@ -100,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     gemv.add_argument("--rows", type=int, default=1, help="activation rows (default 1: a decode step)")
     gemv.add_argument("--repeat", type=int, default=20, help="timed passes (default 20)")
     gemv.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores)")
-    gemv.add_argument("--formulations", type=_subset(gemv_module.FORMULATIONS), default=None, help="comma-separated (default: all)")
+    gemv.add_argument("--formulations", type=_subset(gemv_module.FORMULATIONS), default=None,
+                      help="comma-separated (default: all)")
     gemv.add_argument("--json", action="store_true", help="print the result as JSON")
     compare = sub.add_parser("compare", help="the change between two result JSONs")
     compare.add_argument("a", type=Path)

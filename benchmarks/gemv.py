@@ -104,10 +104,9 @@ def time_formulation(formulation: str, shapes: list[tuple[int, int]], rows: int,
     """Median seconds of one pass over every matrix, after a warm-up pass."""
     session = _session(formulation, _model(formulation, shapes, None, rows), threads)
     rng = np.random.default_rng(1)
-    feed = {i.name: (rng.integers(0, 256, i.shape, dtype=np.uint8) if formulation in _INTEGER
-                     else rng.standard_normal(i.shape, dtype=np.float32)) for i in session.get_inputs()}
-    if formulation in _INTEGER:
-        feed = {name: _activations(formulation, a) for name, a in feed.items()}
+    feed = {i.name: (_activations(formulation, rng.integers(0, 256, i.shape, dtype=np.uint8))
+                     if formulation in _INTEGER else rng.standard_normal(i.shape, dtype=np.float32))
+            for i in session.get_inputs()}
     session.run(None, feed)
     times = []
     for _ in range(repeat):
