@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     gemv.add_argument("--repeat", type=int, default=20, help="timed passes (default 20)")
     gemv.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores)")
     gemv.add_argument("--formulations", type=_subset(gemv_module.FORMULATIONS), default=None,
-                      help="comma-separated (default: all)")
+                      help="comma-separated (default: all this machine runs)")
     gemv.add_argument("--json", action="store_true", help="print the result as JSON")
     compare = sub.add_parser("compare", help="the change between two result JSONs")
     compare.add_argument("a", type=Path)
@@ -242,10 +242,10 @@ def _profile(args, argv) -> int:
 
 
 def _gemv(args, argv) -> int:
-    from .gemv import FORMULATIONS, format_gemv, measure
+    from .gemv import format_gemv, measure
 
-    result = measure(args.shape, args.rows, args.repeat, args.threads, args.layers,
-                     args.formulations or FORMULATIONS, log=lambda line: print(line, file=sys.stderr))
+    result = measure(args.shape, args.rows, args.repeat, args.threads, args.layers, args.formulations,
+                     log=lambda line: print(line, file=sys.stderr))
     print(json.dumps(result, indent=1) if args.json else format_gemv(result))
     return 0
 

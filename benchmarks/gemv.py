@@ -11,6 +11,9 @@ with operands spanning each formulation's full ranges (edgevl.cpu.probe_operands
 - u8u8: the same graph with session.x64quantprecision: what edgevl runs on x86 without VNNI.
 - u8s8-7bit: activations in 0..127 (zero point 64) x s8 weights: exact on every class, one bit of activation
   precision less than the export's. Not what edgevl runs (benchmarks/RESULTS.md, "int8 decode on the AVX2 class").
+- edgevl: edgevl's own Int8MatMul op (kernels/ort_int8.c: the sign trick, exact with full-range operands on AVX2):
+  what edgevl's int8 decoders run on x86 without VNNI where it is installed. Timed here with its per-tensor
+  activations (the lm_head's scheme; the export's other matmuls quantize per token, on the same integer kernel).
 - nbits8: MatMulNBits, 8-bit weights in blocks of 128, accuracy_level 4 (int8 compute; onnxruntime-genai's int8
   uses blocks of 32): it quantizes the activations itself, per block, so it has no exact integer product to check.
 """
@@ -20,15 +23,23 @@ import time
 
 import numpy as np
 
-FORMULATIONS = ("u8s8", "u8u8", "u8s8-7bit", "nbits8")
+FORMULATIONS = ("u8s8", "u8u8", "u8s8-7bit", "edgevl", "nbits8")
+
+
+def available_formulations() -> tuple[str, ...]:
+    """FORMULATIONS less edgevl's own op where this install or CPU lacks it (edgevl.cpu.int8_library)."""
+    from edgevl.cpu import int8_library
+
+    return tuple(f for f in FORMULATIONS if f != "edgevl" or int8_library() is not None)
 _NBITS_BLOCK = 128
 # formulation -> (activation zero point, activation values are halved into 0..127, session.x64quantprecision)
 _INTEGER = {"u8s8": (128, False, False), "u8u8": (128, False, True), "u8s8-7bit": (64, True, False)}
 
 
 def _model(formulation: str, shapes: list[tuple[int, int]], weights: list[np.ndarray] | None, rows: int):
-    """One session input per distinct K ("x<K>": uint8 for the integer formulations, float for nbits8), one node and
-    one output per weight matrix. weights: int8 [K, N] each (None: random ones)."""
+    """One session input per distinct K ("x<K>": uint8 for the integer formulations, float for edgevl and nbits8),
+    one node and one output per weight matrix. weights: int8 [K, N] each (None: random ones). edgevl's op quantizes
+    per tensor here (DynamicQuantizeMatMul's scheme), so float(a - 128) feeds it a's codes exactly."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -43,6 +54,10 @@ def _model(formulation: str, shapes: list[tuple[int, int]], weights: list[np.nda
             inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.ones(n, np.float32), f"s{i}")]
             nodes.append(helper.make_node("MatMulIntegerToFloat", [f"x{k}", f"w{i}", "one", f"s{i}", "a_zero_point"],
                                           [f"y{i}"], domain="com.microsoft"))
+        elif formulation == "edgevl":
+            inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.ones(n, np.float32), f"s{i}")]
+            nodes.append(helper.make_node("Int8MatMul", [f"x{k}", f"w{i}", f"s{i}"], [f"y{i}"], domain="edgevl",
+                                          per_token=0))
         else:  # MatMulNBits: [N, K / block, block] unsigned codes (zero point 128 by default), a scale per block
             blocks = k // _NBITS_BLOCK
             codes = (w.T.astype(np.int16) + 128).astype(np.uint8).reshape(n, blocks, _NBITS_BLOCK)
@@ -55,17 +70,23 @@ def _model(formulation: str, shapes: list[tuple[int, int]], weights: list[np.nda
     inputs = [helper.make_tensor_value_info(f"x{k}", dtype, [rows, k]) for k in sorted({k for k, _ in shapes})]
     outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(shapes))]
     graph = helper.make_graph(nodes, formulation, inputs, outputs, initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                   helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                   helper.make_opsetid("edgevl", 1)])
 
 
 def _session(formulation: str, model, threads: int | None):
     import onnxruntime as ort
 
-    from edgevl.cpu import PRECISION_MODE
+    from edgevl.cpu import PRECISION_MODE, int8_library
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0
+    if formulation == "edgevl":
+        library = int8_library()
+        if library is None:
+            raise RuntimeError("the edgevl formulation needs edgevl's Int8MatMul, which this install or CPU lacks "
+                               "(x86-64 with AVX2, and a C compiler when edgevl was installed)")
+        options.register_custom_ops_library(str(library))
     precision_mode = formulation in _INTEGER and _INTEGER[formulation][2]
     options.add_session_config_entry(PRECISION_MODE, "1" if precision_mode else "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -80,13 +101,17 @@ def probe_error(formulation: str) -> int | None:
     for nbits8, which has no integer product."""
     from edgevl.cpu import probe_operands
 
-    if formulation not in _INTEGER:
+    if formulation not in (*_INTEGER, "edgevl"):
         return None
     a, w, _ = probe_operands()
-    a = _activations(formulation, a)
-    exact = (a.astype(np.int64) - _INTEGER[formulation][0]) @ w.astype(np.int64)
+    if formulation == "edgevl":
+        exact = (a.astype(np.int64) - 128) @ w.astype(np.int64)
+        x = a.astype(np.float32) - 128  # spans -128..127: DynamicQuantizeLinear's scale 1, zero point 128
+    else:
+        a = x = _activations(formulation, a)
+        exact = (a.astype(np.int64) - _INTEGER[formulation][0]) @ w.astype(np.int64)
     session = _session(formulation, _model(formulation, [w.shape], [w], len(a)), threads=1)
-    got = session.run(None, {f"x{w.shape[0]}": a})[0]
+    got = session.run(None, {f"x{w.shape[0]}": x})[0]
     return int(np.abs(got.astype(np.int64) - exact).max())
 
 
@@ -117,13 +142,13 @@ def time_formulation(formulation: str, shapes: list[tuple[int, int]], rows: int,
 
 
 def measure(shape: str, rows: int = 1, repeat: int = 20, threads: int | None = None, layers: int | None = None,
-            formulations=FORMULATIONS, log=print) -> dict:
+            formulations=None, log=print) -> dict:
     from .machine import describe
 
     shapes = weight_shapes(shape, layers)
     weight_bytes = sum(k * n for k, n in shapes)
     results = {}
-    for formulation in formulations:
+    for formulation in formulations or available_formulations():
         log(f"[gemv] {formulation} ...")
         timing = time_formulation(formulation, shapes, rows, repeat, threads)
         results[formulation] = {**timing, "gb_per_s": weight_bytes / timing["s"] / 1e9,

@@ -10,6 +10,12 @@ session is built, so MLAS's u8 x u8 kernels run: the same integer products, exac
 u8 x s8 product is measured to be wrong (`integer_gemm` runs it): with VNNI (vpdpbusd), AMX, and on ARM the u8 x s8
 kernels are exact, and the u8 x u8 ones were slower on AMX. So every machine computes the same integers, and the
 export's bytes are the same everywhere: an export made on one machine runs correctly on any other.
+
+The u8 x u8 kernels are slower than the u8 x s8 ones they replace, so int8 exports also carry decoder_avx2.onnx: the
+decoder with edgevl's own Int8MatMul op (kernels/ort_int8.c, a custom-op library built with the package on x86-64),
+whose AVX2 kernel computes the same u8 x s8 integers without saturating (the sign trick). Where u8 x s8 saturates,
+the library is installed and its product passes the same probe, the ONNX Runtime backend runs that graph: the same
+results, bit for bit, and a faster decode (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -70,20 +76,30 @@ class IntegerGemm:
     u8s8_exact: bool  # a full-range u8 x s8 product comes out exact with ONNX Runtime's defaults
     precision_mode: bool  # edgevl sets session.x64quantprecision (u8 x u8 kernels) on its sessions
     exact: bool  # with edgevl's session options, the product is exact: int8 graphs are computed as exported
+    # int8 decoders run edgevl's Int8MatMul (an export's decoder_avx2.onnx) here; None: not needed (u8 x s8 is exact)
+    # or not installed, False: installed but its probe product was wrong (then unused)
+    int8_matmul: bool | None = None
 
     def describe(self) -> str:
         if self.u8s8_exact:
             return f"u8 x s8 on {self.kernel}: exact"
-        if self.exact:
-            return (f"u8 x s8 saturates int16 pair sums here (x86 without VNNI), so int8 weights run on ONNX Runtime's "
-                    f"u8 x u8 kernels ({PRECISION_MODE}): exact")
-        return f"u8 x s8 saturates here, and {PRECISION_MODE} did not make it exact: int8 exports are refused"
+        if not self.exact:
+            return f"u8 x s8 saturates here, and {PRECISION_MODE} did not make it exact: int8 exports are refused"
+        text = (f"u8 x s8 saturates int16 pair sums here (x86 without VNNI), so int8 weights run on ONNX Runtime's "
+                f"u8 x u8 kernels ({PRECISION_MODE}): exact")
+        if self.int8_matmul:
+            return text + "; int8 decoders on edgevl's Int8MatMul (AVX2, the same integers, faster)"
+        if self.int8_matmul is None:
+            return text + "; edgevl's faster Int8MatMul is not installed (x86-64 and a C compiler at install)"
+        return text + "; edgevl's Int8MatMul is installed but its probe product was wrong, so it is not used"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "description": self.describe()}
 
 
 PROBE_MODEL = Path(__file__).with_name("data") / "u8s8_probe.onnx"  # MatMulInteger(a, W, 128), W = probe_operands()[1]
+# edgevl.Int8MatMul(x, W, ones, per_token=0): float(a - 128) spans -128..127, so it quantizes to a's codes exactly
+INT8_MATMUL_PROBE_MODEL = PROBE_MODEL.with_name("int8_matmul_probe.onnx")
 
 
 def probe_operands():
@@ -111,12 +127,40 @@ def _product_is_exact(precision_mode: bool) -> bool:
 
 
 @functools.cache
+def int8_library() -> Path | None:
+    """edgevl's Int8MatMul op for ONNX Runtime (kernels/ort_int8.c, built with the package on x86-64), or None where
+    this install has none (another architecture, or no C compiler when it was installed) or this CPU has no AVX2."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("edgevl.kernels._ort_int8")
+    return Path(spec.origin) if spec is not None and spec.origin and "AVX2" in isa_classes() else None
+
+
+def _int8_matmul_is_exact(library: Path) -> bool:
+    """False also where the library does not load or run (reported by IntegerGemm.describe, then not used)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    a, _, exact = probe_operands()
+    options = ort.SessionOptions()
+    try:
+        options.register_custom_ops_library(str(library))
+        session = ort.InferenceSession(str(INT8_MATMUL_PROBE_MODEL), options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": a.astype(np.float32) - 128})[0]
+    except Exception:  # OSError, or one of ONNX Runtime's error classes (which derive from Exception only)
+        return False
+    return bool(np.array_equal(got, exact))
+
+
+@functools.cache
 def integer_gemm() -> IntegerGemm:
-    """How ONNX Runtime computes u8 x s8 here, measured once per process (two tiny sessions, a few ms)."""
+    """How ONNX Runtime computes u8 x s8 here, measured once per process (two or three tiny sessions, a few ms)."""
     kernel = _mlas_kernel(isa_classes())
     if _product_is_exact(precision_mode=False):
         return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True)
-    return IntegerGemm(kernel, u8s8_exact=False, precision_mode=True, exact=_product_is_exact(precision_mode=True))
+    library = int8_library()
+    return IntegerGemm(kernel, u8s8_exact=False, precision_mode=True, exact=_product_is_exact(precision_mode=True),
+                       int8_matmul=None if library is None else _int8_matmul_is_exact(library))
 
 
 def configure_session(options) -> None:

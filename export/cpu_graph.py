@@ -7,8 +7,11 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
   against 2.4 s for MatMulNBits int8 (block 32, accuracy_level 4), and one decode token 22.9 ms against 24.5 ms.
   Per token, not per tensor (DynamicQuantizeMatMul everywhere decodes ~1 ms a step faster, benchmarks/RESULTS.md,
   but costs prefill accuracy): a prompt's outlier tokens (the "attention sink" rows, 10-1000x the others in
-  down_proj's input on Qwen2) would otherwise set the scale of every row and flatten them to a few levels. The logits' MatMul only
-  ever sees one row, so it is the DynamicQuantizeMatMul.
+  down_proj's input on Qwen2) would otherwise set the scale of every row and flatten them to a few levels. The
+  logits' MatMul only ever sees one row, so it is the DynamicQuantizeMatMul.
+- `use_edgevl_int8_matmul`: the same int8 decoder with each of those matmuls as edgevl's own Int8MatMul op
+  (kernels/ort_int8.c), for x86 without VNNI, where ONNX Runtime's exact path is its slower u8 x u8 kernels. The
+  same integers and the same float arithmetic around them: its outputs are the graph's, bit for bit.
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
   SimplifiedLayerNormalization node; ONNX Runtime's own fusion matches only the Div form.
 - `fuse_attention`: each layer's attention as one GroupQueryAttention node (RoPE inside), whose past and present
@@ -100,6 +103,59 @@ def quantize_matmuls_per_token(model: onnx.ModelProto, data: Initializers | None
         _drop_unused_initializers(graph)
         _use_ms_domain(model)
     return replaced
+
+
+EDGEVL_DOMAIN = "edgevl"  # kernels/ort_int8.c's custom-op domain
+
+
+def use_edgevl_int8_matmul(model: onnx.ModelProto) -> int:
+    """Replace each per-token chain of quantize_matmuls_per_token (Abs, ReduceMax, Div, QuantizeLinear,
+    MatMulIntegerToFloat, Mul) with Int8MatMul(x, Wq, w_scale, per_token=1), and each DynamicQuantizeMatMul with
+    Int8MatMul(x, Wq, w_scale, per_token=0): one node computing the same quantization, integers and scaling
+    (kernels/ort_int8.c). In place; returns how many. The weights stay the graph's initializers, so a copy of the
+    graph can share its data file with the original."""
+    graph = model.graph
+    inits = _initializers(graph)
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers = _consumers(graph)
+
+    def made_by(name, op_type):
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    replace, remove = {}, set()
+    for node in graph.node:
+        if node.op_type == "DynamicQuantizeMatMul" and len(node.input) == 3 and node.input[1] in inits:
+            replace[id(node)] = _int8_matmul(node.input, node.output[0], node.name, per_token=0)
+            continue
+        if node.op_type != "MatMulIntegerToFloat" or node.input[2:] != ["pt.inv127", node.input[3], "pt.zero_point"]:
+            continue
+        q = made_by(node.input[0], "QuantizeLinear")
+        unit = q and made_by(q.input[0], "Div")
+        peak = unit and made_by(unit.input[1], "ReduceMax")
+        absolute = peak and made_by(peak.input[0], "Abs")
+        users = consumers.get(node.output[0], [])
+        out = users[0] if len(users) == 1 and users[0].op_type == "Mul" else None
+        if (absolute is None or out is None or absolute.input[0] != unit.input[0]
+                or sorted(out.input) != sorted([node.output[0], peak.output[0]])
+                or any(len(consumers.get(n.output[0], [])) != 1 for n in (absolute, unit, q))
+                or len(consumers.get(peak.output[0], [])) != 2):
+            continue
+        remove.update(id(n) for n in (absolute, peak, unit, q, node))
+        replace[id(out)] = _int8_matmul([unit.input[0], node.input[1], node.input[3]], out.output[0],
+                                        node.name.removesuffix(".mm"), per_token=1)
+    if not replace:
+        return 0
+    _replace_nodes(graph, [replace.get(id(n), n) for n in graph.node if id(n) not in remove])
+    _drop_unused_initializers(graph)
+    if not any(o.domain == EDGEVL_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(EDGEVL_DOMAIN, 1))
+    return len(replace)
+
+
+def _int8_matmul(inputs, output: str, name: str, per_token: int):
+    return helper.make_node("Int8MatMul", list(inputs[:3]), [output], name=f"{name}.int8", domain=EDGEVL_DOMAIN,
+                            per_token=per_token)
 
 
 def fuse_rms_norm(model: onnx.ModelProto, data: Initializers | None = None) -> int:

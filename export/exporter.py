@@ -253,7 +253,7 @@ def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_ima
     from edgevl.cpu import describe as describe_cpu
     from edgevl.drift import compare_drift, drift_outputs
 
-    from .quantize import calibration_tiles, quantize_decoder_weights, quantize_vision_int8
+    from .quantize import calibration_tiles, quantize_decoder_weights, quantize_vision_int8, write_avx2_decoder
 
     recipe = EXPORT_PRECISIONS[precision]
     manifest = read_manifest(reference_dir, verify_checksums=False)
@@ -262,6 +262,7 @@ def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_ima
                     dirs_exist_ok=True)
     # TensorRT's fixed-cache decoder is built from fp32 exports only; the copy does not carry it.
     kv_cache = replace(manifest.kv_cache, decoder_fixed=None)
+    graphs = replace(manifest.graphs, decoder_fixed=None)
     if precision == "fp16":
         from .trt.precision import write_precision_graph
 
@@ -284,9 +285,13 @@ def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_ima
                               "GroupQueryAttention, which the shared KV layout of this precision needs; re-export it "
                               "from the checkpoint with this edgevl")
         log(f"[export] decoder: {scheme}, attention fused (GroupQueryAttention)")
+        if recipe.decoder_weights.bits == 8:
+            replaced = write_avx2_decoder(out_dir / "decoder.onnx", out_dir / "decoder_avx2.onnx")
+            log(f"[export] decoder_avx2.onnx: {replaced} matmuls on edgevl's Int8MatMul, for x86 without VNNI")
+            graphs = replace(graphs, decoder_avx2="decoder_avx2.onnx")
         kv_cache = SHARED_KV
         quantization = {"vision": "static int8 Q/DQ, symmetric; attention and normalisations fp32", "decoder": scheme}
-    manifest = replace(manifest, graphs=replace(manifest.graphs, decoder_fixed=None), kv_cache=kv_cache,
+    manifest = replace(manifest, graphs=graphs, kv_cache=kv_cache,
                        precision=Precision(recipe.vision, recipe.decoder), quantization=quantization)
     write_manifest(out_dir, manifest)
     with _stage(log, "drift against fp32"):

@@ -140,7 +140,8 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, weights: WeightSch
 
     model = onnx.load(str(fp32_path), load_external_data=False)
     bits = weights.bits
-    external = _needs_external_data(fp32_path, bits / 8)
+    # int8: always a data file, which write_avx2_decoder's graph then shares.
+    external = bits == 8 or _needs_external_data(fp32_path, bits / 8)
     with Initializers(fp32_path.parent, out_path.with_name(out_path.name + ".data") if external else None) as data:
         fuse_rms_norm(model, data)
         fused = fuse_attention(model, decoder_spec, max_seq, data) > 0
@@ -154,6 +155,19 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, weights: WeightSch
         data.finish(model.graph)
     onnx.save(model, str(out_path))
     return scheme, fused
+
+
+def write_avx2_decoder(decoder_path: Path, out_path: Path) -> int:
+    """The int8 decoder graph with edgevl's Int8MatMul (cpu_graph.use_edgevl_int8_matmul) beside it, reading the
+    same data file; returns how many matmuls it replaced."""
+    import onnx
+
+    from .cpu_graph import use_edgevl_int8_matmul
+
+    model = onnx.load(str(decoder_path), load_external_data=False)
+    replaced = use_edgevl_int8_matmul(model)
+    onnx.save(model, str(out_path))
+    return replaced
 
 
 def _quantize_matmuls_nbits(model, data: Initializers, bits: int, block_size: int, log) -> None:

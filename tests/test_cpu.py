@@ -151,9 +151,10 @@ def test_vnni_cpus_keep_the_fast_u8s8_kernels():
 
 @pytest.mark.skipif(not _X86 or _VNNI or "AVX2" not in cpu.isa_classes(),
                     reason="checks the AVX2-without-VNNI class: this CPU is not one")
-def test_avx2_cpus_without_vnni_switch_to_exact_u8u8():
+def test_avx2_cpus_without_vnni_switch_to_exact_kernels():
     gemm = cpu.integer_gemm()
     assert not gemm.u8s8_exact and gemm.precision_mode and gemm.exact
+    assert gemm.int8_matmul is (True if cpu.int8_library() else None)
 
 
 def test_isa_classes_come_from_the_kernels_flags():
@@ -171,3 +172,58 @@ def test_int8_backend_records_its_integer_path_and_refuses_an_inexact_one(export
     monkeypatch.setattr("edgevl.backends.onnxruntime_backend.integer_gemm", lambda: broken)
     with pytest.raises(RuntimeError, match="cannot compute its integer products exactly"):
         EdgeVL.from_pretrained(out)
+
+
+needs_int8_matmul = pytest.mark.skipif(cpu.int8_library() is None, reason="edgevl's Int8MatMul is not installed or "
+                                       "cannot run here (x86-64 with AVX2, a C compiler when edgevl was installed)")
+
+
+def _int8_matmul_session(model, threads=1):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(str(cpu.int8_library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def test_int8_matmul_probe_model_holds_the_probe_operands():
+    model = onnx.load(cpu.INT8_MATMUL_PROBE_MODEL)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    [node] = model.graph.node
+    assert (node.domain, node.op_type, helper.get_node_attr_value(node, "per_token")) == ("edgevl", "Int8MatMul", 0)
+    np.testing.assert_array_equal(inits["w"], W)
+    np.testing.assert_array_equal(inits["w_scale"], np.ones(N, np.float32))
+
+
+@needs_int8_matmul
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_matmul_is_exact(threads):
+    """edgevl's own op (kernels/ort_int8.c), whatever ONNX Runtime's kernels do here: activations -128..127 quantize
+    to their own codes (scale 1, zero point 128), so the outputs are the exact integers."""
+    session = _int8_matmul_session(onnx.load(cpu.INT8_MATMUL_PROBE_MODEL), threads)
+    np.testing.assert_array_equal(session.run(None, {"x": A.astype(np.float32) - 128})[0], EXACT)
+    assert cpu.integer_gemm().int8_matmul in (None, True)  # None: u8 x s8 is exact here, the op is not needed
+
+
+def _int8_matmul_model(weight, weight_as_input=False):
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, weight.shape[0]])]
+    inits = [_const(np.ones(weight.shape[1], np.float32), "w_scale")]
+    if weight_as_input:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.INT8, list(weight.shape)))
+    else:
+        inits.append(_const(weight, "w"))
+    graph = helper.make_graph(
+        [helper.make_node("Int8MatMul", ["x", "w", "w_scale"], ["y"], name="layer.mlp", domain="edgevl", per_token=1)],
+        "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("edgevl", 1)])
+
+
+@needs_int8_matmul
+def test_int8_matmul_refuses_weights_it_cannot_compute_exactly():
+    """-128 has no positive counterpart for the sign trick, and the weight is packed once: both are errors that
+    name the node, never a wrong product."""
+    weight = W.copy()
+    weight[3, 5] = -128
+    with pytest.raises(Exception, match=r"layer\.mlp.*-127\.\.127"):
+        _int8_matmul_session(_int8_matmul_model(weight))
+    with pytest.raises(Exception, match=r"layer\.mlp.*constant initializers"):
+        _int8_matmul_session(_int8_matmul_model(W, weight_as_input=True))

@@ -8,24 +8,28 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgevl.cpu import configure_session
-from edgevl.export.cpu_graph import fuse_attention, fuse_rms_norm, quantize_matmuls_per_token
+from edgevl.cpu import configure_session, int8_library
+from edgevl.export.cpu_graph import fuse_attention, fuse_rms_norm, quantize_matmuls_per_token, use_edgevl_int8_matmul
 from edgevl.precisions import INT4, INT8
 
 K, N = 128, 96
 
 
-def _run(model, x):
+def _run(model, x, threads=0):
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     configure_session(options)  # exact integer products on x86 without VNNI too
+    if any(o.domain == "edgevl" for o in model.opset_import):
+        options.register_custom_ops_library(str(int8_library()))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
 
 def _matmul_model(weight, rows="s"):
+    k, n = weight.shape
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, N])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, n])],
                               [numpy_helper.from_array(weight, "w")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
@@ -75,6 +79,31 @@ def test_a_one_row_output_is_one_dynamic_quantize_matmul():
     w_scale = np.abs(weight).max(0) / 127
     expected = ((x_q - zero_point) @ np.rint(weight / w_scale)) * x_scale * w_scale
     np.testing.assert_allclose(_run(model, x), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(int8_library() is None, reason="edgevl's Int8MatMul is not installed or cannot run here (x86-64 "
+                    "with AVX2, a C compiler when edgevl was installed)")
+@pytest.mark.parametrize("k, n", [(K, N), (70, 70)])  # 70: K past a 32-value block, N past a 4-column group
+@pytest.mark.parametrize("threads", [1, 2])
+def test_edgevl_int8_matmul_gives_the_quantized_graphs_outputs_bit_for_bit(k, n, threads):
+    """decoder_avx2.onnx's rewrite: each per-token chain and the one-row DynamicQuantizeMatMul become one Int8MatMul
+    computing the same quantization, integers and float scaling, so its outputs equal ONNX Runtime's exactly
+    (prefill-sized and decode-sized inputs, an outlier row, an all-zero row)."""
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((1, 37, k)).astype(np.float32)
+    x[0, 2] *= 1000
+    x[0, 5] = 0
+    for rows, inputs in (("s", x), ("s", x[:, :1]), (1, x[:, 4:5])):
+        model = _matmul_model(weight, rows)
+        quantize_matmuls_per_token(model)
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(model)
+        assert use_edgevl_int8_matmul(rewritten) == 1
+        [node] = rewritten.graph.node
+        assert (node.op_type, helper.get_node_attr_value(node, "per_token")) == ("Int8MatMul", int(rows != 1))
+        assert {t.name for t in rewritten.graph.initializer} == {"w.int8", "w.scale"}
+        np.testing.assert_array_equal(_run(rewritten, inputs, threads), _run(model, inputs, threads))
 
 
 def test_rms_norm_chain_becomes_one_node_with_the_same_output():

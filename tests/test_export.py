@@ -7,12 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import pytest
 
-from edgevl import EdgeVL
+from edgevl import EdgeVL, cpu
 from edgevl.cli import main
 from edgevl.export.trt_ops import trt_incompatibilities
 from edgevl.manifest import ExportError
@@ -182,8 +183,10 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
     assert manifest["precision"] == {"vision": "int8", "decoder": precision}
     for metric, floor in EXPORT_PRECISIONS[precision].drift_bounds.items():
         assert drift[metric] >= floor, metric
-    # Only the quantized graphs: no fp32 weights left behind from the export it was made from.
-    assert not list(out.glob("*.onnx.data"))
+    # Only the quantized graphs: no fp32 weights left behind from the export it was made from. The int8 decoder
+    # keeps its weights in a data file that decoder_avx2.onnx shares.
+    assert [p.name for p in out.glob("*.onnx.data")] == (["decoder.onnx.data"] if precision == "int8" else [])
+    assert manifest["graphs"].get("decoder_avx2") == ("decoder_avx2.onnx" if precision == "int8" else None)
     assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
     assert "decoder_fixed" not in manifest["graphs"] and "decoder_fixed" not in manifest["kv_cache"]
     assert manifest["kv_cache"]["layout"] == "shared"  # qwen2: GroupQueryAttention over one buffer per tensor
@@ -209,6 +212,30 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
     model.generate("Something else, and longer than the first question.", max_new_tokens=12)
     again = model.generate("Describe.", synthetic_image(640, 480), max_new_tokens=8)
     assert again.token_ids == first.token_ids
+
+
+@pytest.mark.skipif(cpu.int8_library() is None, reason="edgevl's Int8MatMul is not installed or cannot run here "
+                    "(x86-64 with AVX2, a C compiler when edgevl was installed)")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_decoder_avx2_gives_the_decoders_logits_bit_for_bit(exported, family, monkeypatch):
+    """The graph x86 CPUs without VNNI run: every weight matmul on edgevl's Int8MatMul, the same logits as
+    decoder.onnx through prefill (chunked) and decode, wherever either runs. Chosen here whatever this CPU is."""
+    out = exported(family, "int8")
+    graph = onnx.load(out / "decoder_avx2.onnx", load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("Int8MatMul") == 4 * 2 + 1 and not {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"} & set(ops)
+    assert {e.value for t in graph.initializer for e in t.external_data if e.key == "location"} == {"decoder.onnx.data"}
+    def backend(int8_matmul: bool):
+        gemm = replace(cpu.integer_gemm(), int8_matmul=int8_matmul)
+        monkeypatch.setattr("edgevl.backends.onnxruntime_backend.integer_gemm", lambda: gemm)
+        return EdgeVL.from_pretrained(out).backend
+
+    standard, avx2 = backend(False), backend(True)
+    assert (standard.decoder_graph, avx2.decoder_graph) == ("decoder.onnx", "decoder_avx2.onnx")
+    prompt = standard.embed_tokens(np.arange(3, 3 + 300) % 97)  # two prefill chunks
+    logits = [(b.prefill(prompt), b.decode(5), b.decode(11)) for b in (standard, avx2)]
+    for got, want in zip(*logits):
+        np.testing.assert_array_equal(got, want)
 
 
 def _copy(src, dst):

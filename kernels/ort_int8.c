@@ -1,0 +1,490 @@
+/* edgevl's int8 matmul for ONNX Runtime on x86 CPUs without VNNI: a custom-op library (domain "edgevl", op
+ * Int8MatMul), loaded with SessionOptions.register_custom_ops_library.
+ *
+ * Why: on AVX2 without VNNI, ONNX Runtime's u8 x s8 integer GEMM pairs products with vpmaddubsw, whose int16 sums
+ * saturate for full-range operands, so edgevl runs its int8 graphs on the u8 x u8 kernels there (exact, slower).
+ * This op computes the same integers with the sign trick llama.cpp's Q8_0 dot product uses: both operands are
+ * symmetric (activations -128..127 after removing the zero point 128, weights -127..127), so
+ *     a * w = |a| * (w with a's sign)    and    |a| <= 128, |w| <= 127  ->  a vpmaddubsw pair sum <= 32512,
+ * which never saturates. One exact int32 sum per output, scaled exactly as the graph it replaces:
+ *   per_token = 1: the export's per-token chain (export/cpu_graph.py, quantize_matmuls_per_token):
+ *       m = max|x| over the row;  q = clamp(rne((x / m) / (1/127)) + 128, 0, 255);
+ *       y = (float(sum (q - 128) w) * ((1/127) * w_scale[n])) * m
+ *   per_token = 0: com.microsoft.DynamicQuantizeMatMul (u8 activations, one scale and zero point per tensor):
+ *       scale = (max(x, 0) - min(x, 0)) / 255, zp = rne(clamp(-min / scale, 0, 255));
+ *       q = clamp(rne(x / scale) + zp, 0, 255);  y = float(sum (q - zp) w) * (scale * w_scale[n])
+ * Inputs: x float [..., K]; w int8 [K, N] and w_scale float [N], both constant initializers (packed once, when
+ * the kernel is created). Output: y float [..., N]. The work is split over ONNX Runtime's intra-op threads.
+ *
+ * The ONNX Runtime wheel ships no C headers, so the few API entries used here are declared below by their index
+ * in the OrtApi function table, which is append-only across releases (onnxruntime_c_api.h: "the OrtApi struct
+ * ... new functions are added at the end"); the indices are those of that header (tests/test_cpu.py runs every
+ * entry used against the installed runtime). API version 17: ONNX Runtime 1.17, the first with ParallelFor. */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define EDGEVL_X86 1
+#endif
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtTensorTypeAndShapeInfo OrtShape;
+typedef void* const* OrtApiTable;  /* const OrtApi*, read as its table of function pointers */
+
+typedef struct OrtApiBase {
+    OrtApiTable (*GetApi)(uint32_t version);
+    const char* (*GetVersionString)(void);
+} OrtApiBase;
+
+enum { ORT_API_VERSION_USED = 17, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
+enum { TYPE_FLOAT = 1, TYPE_INT8 = 3 };  /* ONNXTensorElementDataType */
+
+/* OrtApi entries: index, then the type of the function there. */
+#define CREATE_STATUS 0
+typedef OrtStatus* (*CreateStatusFn)(int code, const char* msg);
+#define CREATE_CUSTOM_OP_DOMAIN 26
+typedef OrtStatus* (*CreateCustomOpDomainFn)(const char* domain, OrtCustomOpDomain** out);
+#define CUSTOM_OP_DOMAIN_ADD 27
+typedef OrtStatus* (*CustomOpDomainAddFn)(OrtCustomOpDomain* domain, const void* op);
+#define ADD_CUSTOM_OP_DOMAIN 28
+typedef OrtStatus* (*AddCustomOpDomainFn)(OrtSessionOptions* options, OrtCustomOpDomain* domain);
+#define GET_TENSOR_MUTABLE_DATA 51
+typedef OrtStatus* (*GetTensorMutableDataFn)(const OrtValue* value, void** out);
+#define GET_TENSOR_ELEMENT_TYPE 60
+typedef OrtStatus* (*GetTensorElementTypeFn)(const OrtShape* info, int* out);
+#define GET_DIMENSIONS_COUNT 61
+typedef OrtStatus* (*GetDimensionsCountFn)(const OrtShape* info, size_t* out);
+#define GET_DIMENSIONS 62
+typedef OrtStatus* (*GetDimensionsFn)(const OrtShape* info, int64_t* dims, size_t count);
+#define GET_TENSOR_TYPE_AND_SHAPE 65
+typedef OrtStatus* (*GetTensorTypeAndShapeFn)(const OrtValue* value, OrtShape** out);
+#define KERNEL_INFO_GET_ATTRIBUTE_INT64 86
+typedef OrtStatus* (*KernelInfoGetAttributeInt64Fn)(const OrtKernelInfo* info, const char* name, int64_t* out);
+#define KERNEL_CONTEXT_GET_INPUT 90
+typedef OrtStatus* (*KernelContextGetInputFn)(const OrtKernelContext* ctx, size_t index, const OrtValue** out);
+#define KERNEL_CONTEXT_GET_OUTPUT 91
+typedef OrtStatus* (*KernelContextGetOutputFn)(OrtKernelContext* ctx, size_t index, const int64_t* dims,
+                                               size_t count, OrtValue** out);
+#define RELEASE_STATUS 93
+typedef void (*ReleaseStatusFn)(OrtStatus* status);
+#define RELEASE_TENSOR_TYPE_AND_SHAPE_INFO 99
+typedef void (*ReleaseShapeFn)(OrtShape* info);
+#define KERNEL_INFO_GET_NODE_NAME 244
+typedef OrtStatus* (*KernelInfoGetNodeNameFn)(const OrtKernelInfo* info, char* out, size_t* size);
+#define KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR 249
+typedef OrtStatus* (*KernelInfoGetConstantInputFn)(const OrtKernelInfo* info, size_t index, int* is_constant,
+                                                   const OrtValue** out);
+#define KERNEL_CONTEXT_PARALLEL_FOR 274
+typedef OrtStatus* (*KernelContextParallelForFn)(const OrtKernelContext* ctx, void (*fn)(void*, size_t),
+                                                 size_t total, size_t num_batch, void* user_data);
+
+#define API(table, name, type) ((type)(table)[name])
+
+/* OrtCustomOp as of API version 17 (the fields ONNX Runtime reads for that version). */
+typedef struct OrtCustomOp {
+    uint32_t version;
+    void* (*CreateKernel)(const struct OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info);
+    const char* (*GetName)(const struct OrtCustomOp* op);
+    const char* (*GetExecutionProviderType)(const struct OrtCustomOp* op);
+    int (*GetInputType)(const struct OrtCustomOp* op, size_t index);
+    size_t (*GetInputTypeCount)(const struct OrtCustomOp* op);
+    int (*GetOutputType)(const struct OrtCustomOp* op, size_t index);
+    size_t (*GetOutputTypeCount)(const struct OrtCustomOp* op);
+    void (*KernelCompute)(void* kernel, OrtKernelContext* ctx);
+    void (*KernelDestroy)(void* kernel);
+    int (*GetInputCharacteristic)(const struct OrtCustomOp* op, size_t index);
+    int (*GetOutputCharacteristic)(const struct OrtCustomOp* op, size_t index);
+    int (*GetInputMemoryType)(const struct OrtCustomOp* op, size_t index);
+    int (*GetVariadicInputMinArity)(const struct OrtCustomOp* op);
+    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp* op);
+    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp* op);
+    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp* op);
+    OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info,
+                                 void** kernel);
+    OrtStatus* (*KernelComputeV2)(void* kernel, OrtKernelContext* ctx);
+    void* InferOutputShapeFn;  /* none: ONNX Runtime infers nothing for the output, as for any op without it */
+    int (*GetStartVersion)(const struct OrtCustomOp* op);
+    int (*GetEndVersion)(const struct OrtCustomOp* op);
+} OrtCustomOp;
+
+/* Weights packed in groups of COLS output columns, 32 K values each, one group after the other:
+ * packed[((g * kp / 32) + kb) * COLS * 32 + c * 32 + i] = w[kb * 32 + i][g * COLS + c] (zero past K and N), so a
+ * tile of COLS outputs streams one contiguous run of memory. */
+enum { COLS = 4, KBLOCK = 32, COLUMNS_PER_TASK = 64 };
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
+
+typedef struct {
+    OrtApiTable api;
+    char node[128];  /* the node's name, for errors */
+    int per_token;
+    int64_t k, n, kp, np;  /* kp, np: K and N padded to KBLOCK and COLS */
+    int8_t* packed;
+    int32_t* column_sums;  /* sum over K of each column of w (DynamicQuantizeMatMul's zero-point correction) */
+    float* w_scale;
+} Kernel;
+
+static OrtStatus* error(OrtApiTable api, int code, const char* node, const char* what) {
+    char msg[512];
+    snprintf(msg, sizeof msg, "edgevl Int8MatMul node %s: %s", node, what);
+    return API(api, CREATE_STATUS, CreateStatusFn)(code, msg);
+}
+
+#define RETURN_IF_ERROR(expr)               \
+    do {                                    \
+        OrtStatus* status_ = (expr);        \
+        if (status_ != NULL) return status_; \
+    } while (0)
+
+static size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
+
+/* Shape [dims] and data of a tensor, which must be of `type`. */
+static OrtStatus* tensor(OrtApiTable api, const OrtValue* value, int type, int64_t* dims, size_t* rank,
+                         void** data, const char* node, const char* name) {
+    OrtShape* shape;
+    int element_type;
+    RETURN_IF_ERROR(API(api, GET_TENSOR_TYPE_AND_SHAPE, GetTensorTypeAndShapeFn)(value, &shape));
+    OrtStatus* status = API(api, GET_TENSOR_ELEMENT_TYPE, GetTensorElementTypeFn)(shape, &element_type);
+    if (status == NULL) status = API(api, GET_DIMENSIONS_COUNT, GetDimensionsCountFn)(shape, rank);
+    if (status == NULL && *rank > 8) status = error(api, ORT_INVALID_ARGUMENT, node, "more than 8 dimensions");
+    if (status == NULL) status = API(api, GET_DIMENSIONS, GetDimensionsFn)(shape, dims, *rank);
+    API(api, RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, ReleaseShapeFn)(shape);
+    RETURN_IF_ERROR(status);
+    if (element_type != type) {
+        char what[128];
+        snprintf(what, sizeof what, "%s has element type %d, expected %d", name, element_type, type);
+        return error(api, ORT_INVALID_ARGUMENT, node, what);
+    }
+    return API(api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(value, data);
+}
+
+static void destroy(void* p) {
+    Kernel* kernel = p;
+    if (kernel == NULL) return;
+    free(kernel->packed);
+    free(kernel->column_sums);
+    free(kernel->w_scale);
+    free(kernel);
+}
+
+static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info, void** out) {
+    (void)op;
+    char node[128] = "";
+    size_t size = sizeof node;
+    OrtStatus* unnamed = API(api, KERNEL_INFO_GET_NODE_NAME, KernelInfoGetNodeNameFn)(info, node, &size);
+    if (unnamed != NULL) {  /* a name longer than the buffer: errors say "?" */
+        API(api, RELEASE_STATUS, ReleaseStatusFn)(unnamed);
+        strcpy(node, "?");
+    }
+#ifndef EDGEVL_X86
+    return error(api, ORT_FAIL, node, "built for x86 only");
+#else
+    if (!__builtin_cpu_supports("avx2")) return error(api, ORT_FAIL, node, "this CPU has no AVX2");
+    int64_t per_token;
+    RETURN_IF_ERROR(API(api, KERNEL_INFO_GET_ATTRIBUTE_INT64, KernelInfoGetAttributeInt64Fn)(info, "per_token",
+                                                                                            &per_token));
+    const OrtValue *w_value, *scale_value;
+    int constant_w = 0, constant_scale = 0;
+    RETURN_IF_ERROR(API(api, KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR, KernelInfoGetConstantInputFn)(
+        info, 1, &constant_w, &w_value));
+    RETURN_IF_ERROR(API(api, KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR, KernelInfoGetConstantInputFn)(
+        info, 2, &constant_scale, &scale_value));
+    if (!constant_w || !constant_scale)
+        return error(api, ORT_INVALID_ARGUMENT, node, "the weight and its scale must be constant initializers");
+    int64_t w_dims[8], s_dims[8];
+    size_t w_rank, s_rank;
+    void *w_data, *s_data;
+    RETURN_IF_ERROR(tensor(api, w_value, TYPE_INT8, w_dims, &w_rank, &w_data, node, "the weight"));
+    RETURN_IF_ERROR(tensor(api, scale_value, TYPE_FLOAT, s_dims, &s_rank, &s_data, node, "the weight scale"));
+    if (w_rank != 2 || s_rank != 1 || s_dims[0] != w_dims[1] || w_dims[0] <= 0 || w_dims[1] <= 0)
+        return error(api, ORT_INVALID_ARGUMENT, node, "expected a weight [K, N] and a scale [N]");
+
+    Kernel* kernel = calloc(1, sizeof *kernel);
+    if (kernel == NULL) return error(api, ORT_FAIL, node, "out of memory");
+    kernel->api = api;
+    memcpy(kernel->node, node, sizeof node);
+    kernel->per_token = per_token != 0;
+    kernel->k = w_dims[0];
+    kernel->n = w_dims[1];
+    kernel->kp = round_up(kernel->k, KBLOCK);
+    kernel->np = round_up(kernel->n, COLS);
+    kernel->packed = aligned_alloc(64, round_up(kernel->kp * kernel->np, 64));
+    kernel->column_sums = calloc(kernel->np, sizeof(int32_t));
+    kernel->w_scale = calloc(kernel->np, sizeof(float));
+    if (kernel->packed == NULL || kernel->column_sums == NULL || kernel->w_scale == NULL) {
+        destroy(kernel);
+        return error(api, ORT_FAIL, node, "out of memory for the packed weight");
+    }
+    memset(kernel->packed, 0, kernel->kp * kernel->np);
+    memcpy(kernel->w_scale, s_data, kernel->n * sizeof(float));
+    const int8_t* w = w_data;
+    const int64_t k = kernel->k, n = kernel->n, kp = kernel->kp;
+    int saw_minus_128 = 0;
+    /* Tiles of 32 rows x 64 columns: reads and writes both stay within a few cache lines. */
+    for (int64_t n0 = 0; n0 < n; n0 += 64) {
+        for (int64_t k0 = 0; k0 < k; k0 += KBLOCK) {
+            for (int64_t kk = k0; kk < k0 + KBLOCK && kk < k; kk++) {
+                const int8_t* row = w + kk * n;
+                for (int64_t c = n0; c < n0 + 64 && c < n; c++) {
+                    int8_t v = row[c];
+                    saw_minus_128 |= v == -128;
+                    kernel->column_sums[c] += v;
+                    kernel->packed[((c / COLS) * (kp / KBLOCK) + kk / KBLOCK) * COLS * KBLOCK + (c % COLS) * KBLOCK
+                                   + kk % KBLOCK] = v;
+                }
+            }
+        }
+    }
+    if (saw_minus_128) {
+        destroy(kernel);
+        return error(api, ORT_INVALID_ARGUMENT, node,
+                     "the weight holds -128; symmetric int8 weights (-127..127) are required");
+    }
+    *out = kernel;
+    return NULL;
+#endif
+}
+
+#ifdef EDGEVL_X86
+/* One call's work, shared by the tasks ONNX Runtime's threads run. */
+typedef struct {
+    const Kernel* kernel;
+    const float* x;
+    float* y;
+    int8_t* q;         /* [rows, kp] quantized activations minus 128 (or minus the zero point's 128 share) */
+    float* row_scale;  /* per_token: m of each row */
+    int64_t rows;
+    float a_scale;     /* per_token: 1/127; else the tensor's scale */
+    int32_t correction;  /* per tensor: 128 - zero point, times each column's sum */
+} Work;
+
+/* q = rne(clamp(x / divisor, low, high)) + offset, as ONNX Runtime's QuantizeLinear computes its codes (divide,
+ * clamp in float, round to nearest even: the default MXCSR mode, add the zero point); the caller's low, high and
+ * offset keep q within -128..127. */
+__attribute__((target("avx2"))) static void quantize_row(const float* x, int8_t* q, int64_t k, float divisor,
+                                                          float low, float high, int32_t offset) {
+    const __m256 d = _mm256_set1_ps(divisor), lo = _mm256_set1_ps(low), hi = _mm256_set1_ps(high);
+    const __m256i shift = _mm256_set1_epi32(offset);
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i), d);
+        v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);  /* NaN (0 / 0 for an all-zero row) becomes `low` */
+        __m256i codes = _mm256_add_epi32(_mm256_cvtps_epi32(v), shift);
+        __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+        _mm_storel_epi64((__m128i*)(q + i), _mm_packs_epi16(w, w));
+    }
+    for (; i < k; i++) {
+        float v = x[i] / divisor;
+        v = v > low ? v : low;  /* NaN fails the comparison: `low`, as above */
+        v = v < high ? v : high;
+        q[i] = (int8_t)(lrintf(v) + offset);
+    }
+}
+
+/* Per-token rows: q = rne((x / m) / (1/127)), clamped to -128..127 (the graph's u8 code minus 128). */
+__attribute__((target("avx2"))) static void quantize_rows_per_token(void* p, size_t r) {
+    Work* work = p;
+    const int64_t k = work->kernel->k, kp = work->kernel->kp;
+    const float* x = work->x + r * k;
+    float m = 0.0f;
+    __m256 vmax = _mm256_setzero_ps();
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+    for (; i < k; i++) m = fabsf(x[i]) > m ? fabsf(x[i]) : m;
+    work->row_scale[r] = m;
+    /* x / m, then / (1/127): the graph's Div and QuantizeLinear, each rounded to float as they are. */
+    float unit[KBLOCK];
+    int8_t* q = work->q + r * kp;
+    for (int64_t k0 = 0; k0 < k; k0 += KBLOCK) {
+        int64_t len = k - k0 < KBLOCK ? k - k0 : KBLOCK;
+        for (int64_t j = 0; j < len; j++) unit[j] = x[k0 + j] / m;
+        quantize_row(unit, q + k0, len, work->a_scale, -128.0f, 127.0f, 0);
+    }
+    memset(q + k, 0, kp - k);
+}
+
+/* Sum of |a| * (w with a's sign) for ROWS rows of a and the COLS columns of one packed group. */
+__attribute__((target("avx2"), always_inline)) static inline void tile(const int8_t* a, int64_t kp, int rows,
+                                                                         const int8_t* w, int32_t out[2][COLS]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[2][COLS];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < COLS; c++) acc[r][c] = _mm256_setzero_si256();
+    for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
+        _mm_prefetch((const char*)w + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char*)w + PREFETCH + 64, _MM_HINT_T0);
+        __m256i wc[COLS];
+        for (int c = 0; c < COLS; c++) wc[c] = _mm256_load_si256((const __m256i*)(w + c * KBLOCK));
+        for (int r = 0; r < rows; r++) {
+            const __m256i av = _mm256_loadu_si256((const __m256i*)(a + r * kp + k0));
+            const __m256i magnitude = _mm256_abs_epi8(av);  /* -128 -> 0x80: 128 read as unsigned */
+            for (int c = 0; c < COLS; c++) {
+                __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(wc[c], av));
+                acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[r][0], acc[r][1]), _mm256_hadd_epi32(acc[r][2], acc[r][3]));
+        _mm_storeu_si128((__m128i*)out[r], _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
+    }
+}
+
+__attribute__((target("avx2"))) static void tile1(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[2][COLS]) {
+    tile(a, kp, 1, w, out);
+}
+
+__attribute__((target("avx2"))) static void tile2(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[2][COLS]) {
+    tile(a, kp, 2, w, out);
+}
+
+/* Columns [task * COLUMNS_PER_TASK, ...) of every row: the task's packed weights (<= 64 x K bytes) stay in cache
+ * while the rows pass over them two at a time. */
+static void multiply_columns(void* p, size_t task) {
+    const Work* work = p;
+    const Kernel* kernel = work->kernel;
+    const int64_t kp = kernel->kp, n = kernel->n;
+    const int64_t c0 = (int64_t)task * COLUMNS_PER_TASK;
+    const int64_t c1 = c0 + COLUMNS_PER_TASK < kernel->np ? c0 + COLUMNS_PER_TASK : kernel->np;
+    int32_t acc[2][COLS];
+    for (int64_t r = 0; r < work->rows; r += 2) {
+        const int rows = work->rows - r >= 2 ? 2 : 1;
+        for (int64_t c = c0; c < c1; c += COLS) {
+            const int8_t* w = kernel->packed + c * kp;
+            if (rows == 2) tile2(work->q + r * kp, kp, w, acc);
+            else tile1(work->q + r * kp, kp, w, acc);
+            for (int i = 0; i < rows; i++) {
+                float* y = work->y + (r + i) * n;
+                for (int j = 0; j < COLS && c + j < n; j++) {
+                    if (kernel->per_token) {
+                        const float scale = work->a_scale * kernel->w_scale[c + j];
+                        y[c + j] = ((float)acc[i][j] * scale) * work->row_scale[r + i];
+                    } else {
+                        int32_t exact = acc[i][j] + work->correction * kernel->column_sums[c + j];
+                        y[c + j] = (float)exact * (work->a_scale * kernel->w_scale[c + j]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* DynamicQuantizeLinear's scale and zero point over the whole tensor (ONNX Runtime's GetQuantizationParameter). */
+static void tensor_quantization(const float* x, int64_t count, float* scale, int32_t* zero_point) {
+    float lo = 0.0f, hi = 0.0f;
+    for (int64_t i = 0; i < count; i++) {
+        lo = x[i] < lo ? x[i] : lo;
+        hi = x[i] > hi ? x[i] : hi;
+    }
+    *scale = hi == lo ? 1.0f : (hi - lo) / 255.0f;
+    float zp = 0.0f - lo / *scale;
+    zp = zp < 0.0f ? 0.0f : zp > 255.0f ? 255.0f : zp;
+    *zero_point = (int32_t)nearbyintf(zp);
+}
+#endif
+
+static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
+    Kernel* kernel = p;
+    OrtApiTable api = kernel->api;
+#ifndef EDGEVL_X86
+    (void)ctx;
+    return error(api, ORT_FAIL, kernel->node, "built for x86 only");
+#else
+    const OrtValue* x_value;
+    RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_INPUT, KernelContextGetInputFn)(ctx, 0, &x_value));
+    int64_t dims[8];
+    size_t rank;
+    void* x_data;
+    RETURN_IF_ERROR(tensor(api, x_value, TYPE_FLOAT, dims, &rank, &x_data, kernel->node, "the input"));
+    if (rank < 1 || dims[rank - 1] != kernel->k) {
+        char what[128];
+        snprintf(what, sizeof what, "the input's last dimension is %lld, the weight's K %lld",
+                 rank ? (long long)dims[rank - 1] : -1LL, (long long)kernel->k);
+        return error(api, ORT_INVALID_ARGUMENT, kernel->node, what);
+    }
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < rank; i++) rows *= dims[i];
+    dims[rank - 1] = kernel->n;
+    OrtValue* y_value;
+    void* y_data;
+    RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_OUTPUT, KernelContextGetOutputFn)(ctx, 0, dims, rank, &y_value));
+    RETURN_IF_ERROR(API(api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(y_value, &y_data));
+    if (rows == 0) return NULL;
+
+    Work work = {kernel, x_data, y_data, NULL, NULL, rows, 1.0f / 127.0f, 0};
+    work.q = aligned_alloc(64, round_up(rows * kernel->kp, 64));
+    work.row_scale = malloc(rows * sizeof(float));
+    if (work.q == NULL || work.row_scale == NULL) {
+        free(work.q);
+        free(work.row_scale);
+        return error(api, ORT_FAIL, kernel->node, "out of memory for the quantized input");
+    }
+    KernelContextParallelForFn parallel_for = API(api, KERNEL_CONTEXT_PARALLEL_FOR, KernelContextParallelForFn);
+    OrtStatus* status = NULL;
+    if (kernel->per_token) {
+        status = rows > 1 ? parallel_for(ctx, quantize_rows_per_token, rows, 0, &work) : NULL;
+        if (rows == 1) quantize_rows_per_token(&work, 0);
+    } else {
+        int32_t zero_point;
+        tensor_quantization(work.x, rows * kernel->k, &work.a_scale, &zero_point);
+        work.correction = 128 - zero_point;
+        /* Stored as q - 128 (-128..127); the correction (128 - zp) x column sum makes the product q - zp's. */
+        for (int64_t r = 0; r < rows; r++) {
+            int8_t* q = work.q + r * kernel->kp;
+            quantize_row(work.x + r * kernel->k, q, kernel->k, work.a_scale, (float)(0 - zero_point),
+                         (float)(255 - zero_point), zero_point - 128);
+            memset(q + kernel->k, 0, kernel->kp - kernel->k);
+        }
+    }
+    if (status == NULL) {
+        size_t tasks = (kernel->np + COLUMNS_PER_TASK - 1) / COLUMNS_PER_TASK;
+        status = parallel_for(ctx, multiply_columns, tasks, 0, &work);
+    }
+    free(work.q);
+    free(work.row_scale);
+    return status;
+#endif
+}
+
+static const char* op_name(const OrtCustomOp* op) { (void)op; return "Int8MatMul"; }
+static const char* op_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i == 1 ? TYPE_INT8 : TYPE_FLOAT; }
+static size_t input_count(const OrtCustomOp* op) { (void)op; return 3; }
+static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
+static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }  /* INPUT_OUTPUT_REQUIRED */
+static int default_memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }  /* OrtMemTypeDefault */
+static int one(const OrtCustomOp* op) { (void)op; return 1; }
+static int zero(const OrtCustomOp* op) { (void)op; return 0; }
+static int last_version(const OrtCustomOp* op) { (void)op; return 1 << 30; }
+
+static const OrtCustomOp INT8_MATMUL = {
+    ORT_API_VERSION_USED, NULL, op_name, op_provider, input_type, input_count, output_type, output_count, NULL,
+    destroy, required, required, default_memory, one, zero, one, zero, create, compute, NULL, one, last_version,
+};
+
+/* Called by ONNX Runtime's register_custom_ops_library. */
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                    const OrtApiBase* base) {
+    OrtApiTable api = base->GetApi(ORT_API_VERSION_USED);
+    if (api == NULL) return NULL;  /* a runtime older than the API version: it reports the missing op itself */
+    OrtCustomOpDomain* domain;
+    RETURN_IF_ERROR(API(api, CREATE_CUSTOM_OP_DOMAIN, CreateCustomOpDomainFn)("edgevl", &domain));
+    RETURN_IF_ERROR(API(api, CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &INT8_MATMUL));
+    return API(api, ADD_CUSTOM_OP_DOMAIN, AddCustomOpDomainFn)(options, domain);
+}
