@@ -269,23 +269,24 @@ typedef struct {
     int32_t correction;  /* per tensor: 128 - zero point, times each column's sum */
 } Work;
 
-/* q = rne(clamp(x / divisor, low, high)) + offset, as ONNX Runtime's QuantizeLinear computes its codes (divide,
- * clamp in float, round to nearest even: the default MXCSR mode, add the zero point); the caller's low, high and
- * offset keep q within -128..127. */
-__attribute__((target("avx2"))) static void quantize_row(const float* x, int8_t* q, int64_t k, float divisor,
-                                                          float low, float high, int32_t offset) {
-    const __m256 d = _mm256_set1_ps(divisor), lo = _mm256_set1_ps(low), hi = _mm256_set1_ps(high);
+/* q = rne(clamp((x / first) / second, low, high)) + offset: the per-token chain's Div (first = m), then ONNX
+ * Runtime's QuantizeLinear (divide by the scale, clamp in float, round to nearest even: the default MXCSR mode, add
+ * the zero point); first = 1 leaves x as it is. The caller's low, high and offset keep q within -128..127. */
+__attribute__((target("avx2"))) static void quantize_row(const float* x, int8_t* q, int64_t k, float first,
+                                                          float second, float low, float high, int32_t offset) {
+    const __m256 d1 = _mm256_set1_ps(first), d2 = _mm256_set1_ps(second);
+    const __m256 lo = _mm256_set1_ps(low), hi = _mm256_set1_ps(high);
     const __m256i shift = _mm256_set1_epi32(offset);
     int64_t i = 0;
     for (; i + 8 <= k; i += 8) {
-        __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i), d);
+        __m256 v = _mm256_div_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), d1), d2);
         v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);  /* NaN (0 / 0 for an all-zero row) becomes `low` */
         __m256i codes = _mm256_add_epi32(_mm256_cvtps_epi32(v), shift);
         __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
         _mm_storel_epi64((__m128i*)(q + i), _mm_packs_epi16(w, w));
     }
     for (; i < k; i++) {
-        float v = x[i] / divisor;
+        float v = (x[i] / first) / second;
         v = v > low ? v : low;  /* NaN fails the comparison: `low`, as above */
         v = v < high ? v : high;
         q[i] = (int8_t)(lrintf(v) + offset);
@@ -307,14 +308,8 @@ __attribute__((target("avx2"))) static void quantize_rows_per_token(void* p, siz
     for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
     for (; i < k; i++) m = fabsf(x[i]) > m ? fabsf(x[i]) : m;
     work->row_scale[r] = m;
-    /* x / m, then / (1/127): the graph's Div and QuantizeLinear, each rounded to float as they are. */
-    float unit[KBLOCK];
     int8_t* q = work->q + r * kp;
-    for (int64_t k0 = 0; k0 < k; k0 += KBLOCK) {
-        int64_t len = k - k0 < KBLOCK ? k - k0 : KBLOCK;
-        for (int64_t j = 0; j < len; j++) unit[j] = x[k0 + j] / m;
-        quantize_row(unit, q + k0, len, work->a_scale, -128.0f, 127.0f, 0);
-    }
+    quantize_row(x, q, k, m, work->a_scale, -128.0f, 127.0f, 0);
     memset(q + k, 0, kp - k);
 }
 
@@ -446,7 +441,7 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
         /* Stored as q - 128 (-128..127); the correction (128 - zp) x column sum makes the product q - zp's. */
         for (int64_t r = 0; r < rows; r++) {
             int8_t* q = work.q + r * kernel->kp;
-            quantize_row(work.x + r * kernel->k, q, kernel->k, work.a_scale, (float)(0 - zero_point),
+            quantize_row(work.x + r * kernel->k, q, kernel->k, 1.0f, work.a_scale, (float)(0 - zero_point),
                          (float)(255 - zero_point), zero_point - 128);
             memset(q + kernel->k, 0, kernel->kp - kernel->k);
         }
