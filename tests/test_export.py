@@ -217,7 +217,7 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
 @pytest.mark.skipif(cpu.int8_library() is None, reason="edgevl's Int8MatMul is not installed or cannot run here "
                     "(x86-64 with AVX2, a C compiler when edgevl was installed)")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_int8_decoder_avx2_gives_the_decoders_logits_bit_for_bit(exported, family, monkeypatch):
+def test_int8_decoder_avx2_gives_the_decoders_logits_bit_for_bit(exported, family, monkeypatch, tmp_path):
     """The graph x86 CPUs without VNNI run: every weight matmul on edgevl's Int8MatMul, the same logits as
     decoder.onnx through prefill (chunked) and decode, wherever either runs. Chosen here whatever this CPU is."""
     out = exported(family, "int8")
@@ -236,6 +236,14 @@ def test_int8_decoder_avx2_gives_the_decoders_logits_bit_for_bit(exported, famil
     logits = [(b.prefill(prompt), b.decode(5), b.decode(11)) for b in (standard, avx2)]
     for got, want in zip(*logits):
         np.testing.assert_array_equal(got, want)
+    if family == "qwen2":  # an int8 export made before decoder_avx2.onnx existed: decoder.onnx, on exact kernels
+        older = _copy(out, tmp_path / "older")
+        manifest = json.loads((older / "manifest.json").read_text())
+        del manifest["graphs"]["decoder_avx2"]
+        (older / "manifest.json").write_text(json.dumps(manifest))
+        monkeypatch.setattr("edgevl.backends.onnxruntime_backend.integer_gemm",
+                            lambda: replace(cpu.integer_gemm(), int8_matmul=True))
+        assert EdgeVL.from_pretrained(older).backend.decoder_graph == "decoder.onnx"
 
 
 def _copy(src, dst):
