@@ -90,7 +90,8 @@ class IntegerGemm:
         if self.int8_matmul:
             return text + "; int8 decoders on edgevl's Int8MatMul (AVX2, the same integers, faster)"
         if self.int8_matmul is None:
-            return text + "; edgevl's faster Int8MatMul is not installed (x86-64 and a C compiler at install)"
+            return text + ("; edgevl's faster Int8MatMul is not installed (x86-64, a C compiler at install) or this "
+                           "CPU has no AVX2")
         return text + "; edgevl's Int8MatMul is installed but its probe product was wrong, so it is not used"
 
     def to_dict(self) -> dict:

@@ -17,9 +17,9 @@
  * the kernel is created). Output: y float [..., N]. The work is split over ONNX Runtime's intra-op threads.
  *
  * The ONNX Runtime wheel ships no C headers, so the few API entries used here are declared below by their index
- * in the OrtApi function table, which is append-only across releases (onnxruntime_c_api.h: "the OrtApi struct
- * ... new functions are added at the end"); the indices are those of that header (tests/test_cpu.py runs every
- * entry used against the installed runtime). API version 17: ONNX Runtime 1.17, the first with ParallelFor. */
+ * in the OrtApi function table, as onnxruntime_c_api.h orders it; ONNX Runtime only ever appends to that table
+ * (its ABI promise), and tests/test_cpu.py and tests/test_export.py exercise the entries against the installed
+ * runtime. API version 17: ONNX Runtime 1.17, the first with KernelContext_ParallelFor. */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
