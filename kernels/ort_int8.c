@@ -121,9 +121,8 @@ typedef struct OrtCustomOp {
  * packed[((g * kp / 32) + kb) * COLS * 32 + c * 32 + i] = w[kb * 32 + i][g * COLS + c] (zero past K and N), so a
  * tile of COLS outputs streams one contiguous run of memory. */
 enum { COLS = 4, KBLOCK = 32, COLUMNS_PER_TASK = 64 };
-#ifndef PREFETCH
-#define PREFETCH 1024
-#endif
+/* The weight stream is prefetched this far ahead of a tile's loads (8 k-blocks of one group). */
+enum { PREFETCH_BYTES = 1024 };
 
 typedef struct {
     OrtApiTable api;
@@ -262,7 +261,7 @@ typedef struct {
     const Kernel* kernel;
     const float* x;
     float* y;
-    int8_t* q;         /* [rows, kp] quantized activations minus 128 (or minus the zero point's 128 share) */
+    int8_t* q;         /* [rows, kp] the u8 codes minus 128 (-128..127), zero past K */
     float* row_scale;  /* per_token: m of each row */
     int64_t rows;
     float a_scale;     /* per_token: 1/127; else the tensor's scale */
@@ -318,6 +317,11 @@ __attribute__((target("avx2"))) static void quantize_rows_per_token(void* p, siz
 #define SIGNED_DOT(acc, magnitude, row, w) \
     acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w, row)), ones))
 
+static inline void prefetch_ahead(const int8_t* w) {  /* one k-block of a group: two cache lines */
+    _mm_prefetch((const char*)w + PREFETCH_BYTES, _MM_HINT_T0);
+    _mm_prefetch((const char*)w + PREFETCH_BYTES + 64, _MM_HINT_T0);
+}
+
 __attribute__((target("avx2"))) static inline __m128i reduce4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
     const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
     return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
@@ -327,8 +331,7 @@ __attribute__((target("avx2"))) static void tile1(const int8_t* a, int64_t kp, c
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
-        _mm_prefetch((const char*)w + PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char*)w + PREFETCH + 64, _MM_HINT_T0);
+        prefetch_ahead(w);
         const __m256i row = _mm256_loadu_si256((const __m256i*)(a + k0));
         const __m256i magnitude = _mm256_abs_epi8(row);  /* -128 -> 0x80: 128 read as unsigned */
         SIGNED_DOT(s0, magnitude, row, _mm256_load_si256((const __m256i*)w));
@@ -345,8 +348,7 @@ __attribute__((target("avx2"))) static void tile2(const int8_t* a, int64_t kp, c
     __m256i s10 = s00, s11 = s00, s12 = s00, s13 = s00;
     const int8_t* b = a + kp;  /* the second row */
     for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
-        _mm_prefetch((const char*)w + PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char*)w + PREFETCH + 64, _MM_HINT_T0);
+        prefetch_ahead(w);
         const __m256i row0 = _mm256_loadu_si256((const __m256i*)(a + k0));
         const __m256i row1 = _mm256_loadu_si256((const __m256i*)(b + k0));
         const __m256i m0 = _mm256_abs_epi8(row0), m1 = _mm256_abs_epi8(row1);
@@ -450,8 +452,8 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     KernelContextParallelForFn parallel_for = API(api, KERNEL_CONTEXT_PARALLEL_FOR, KernelContextParallelForFn);
     OrtStatus* status = NULL;
     if (kernel->per_token) {
-        status = rows > 1 ? parallel_for(ctx, quantize_rows_per_token, rows, 0, &work) : NULL;
-        if (rows == 1) quantize_rows_per_token(&work, 0);
+        if (rows > 1) status = parallel_for(ctx, quantize_rows_per_token, rows, 0, &work);
+        else quantize_rows_per_token(&work, 0);
     } else {
         int32_t zero_point;
         tensor_quantization(work.x, rows * kernel->k, &work.a_scale, &zero_point);
