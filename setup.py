@@ -2,11 +2,11 @@ import platform
 
 from setuptools import Extension, setup
 
-# edgevl's int8 matmul for ONNX Runtime on x86 without VNNI (kernels/ort_int8.c; edgevl.cpu loads it): a custom-op
+# edgevl's int8 matmul for ONNX Runtime on x86 without VNNI (kernels/ort_matmul.c; edgevl.cpu loads it): a custom-op
 # library, not a Python module. Optional: without a C compiler the install still succeeds, and those CPUs run the
 # int8 graphs on ONNX Runtime's slower exact u8 x u8 kernels instead (`edgevl doctor` says which).
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
-ORT_INT8 = Extension("edgevl.kernels._ort_int8", sources=["kernels/ort_int8.c"], extra_compile_args=["-O3"],
+ORT_MATMUL = Extension("edgevl.kernels._ort_matmul", sources=["kernels/ort_matmul.c"], extra_compile_args=["-O3"],
                      optional=True)
 
 # export/ and kernels/ sit at the top level (the design card's layout) but install as
@@ -35,6 +35,6 @@ setup(
                 "onnx>=1.16", "onnxscript>=0.2", "cuda-python>=12", "nvidia-cuda-nvrtc", "matplotlib", "psutil",
                 "threadpoolctl", "hypothesis>=6"],
     },
-    ext_modules=[ORT_INT8] if X86_64 else [],
+    ext_modules=[ORT_MATMUL] if X86_64 else [],
     entry_points={"console_scripts": ["edgevl=edgevl.cli:main"]},
 )

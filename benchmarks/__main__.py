@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--steps", type=int, default=40, help="tokens decoded (default 40; the first 2 not counted)")
     profile.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores)")
     profile.add_argument("--json", action="store_true", help="print the profile as JSON")
-    gemv = sub.add_parser("gemv", help="the int8 weight matmul in each ONNX Runtime formulation: exact here? how fast?",
+    gemv = sub.add_parser("gemv", help="the int8 (and int4) weight matmul in each formulation: exact here? how fast?",
                           description=gemv_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gemv.add_argument("--shape", choices=sorted(KNOWN_SPECS), default="internvl2-1b",
                       help="the model shape whose MLP matrices are timed (default internvl2-1b)")

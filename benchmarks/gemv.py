@@ -1,5 +1,5 @@
-"""The int8 weight matmul of a decode step, in each formulation ONNX Runtime offers, on this CPU (`python -m
-benchmarks gemv`): which are exact here, and how fast each streams a decoder's weights.
+"""The int8 weight matmul of a decode step, in each formulation ONNX Runtime offers, and the int4 export's beside
+them, on this CPU (`python -m benchmarks gemv`): which are exact here, and how fast each streams a decoder's weights.
 
 A decode step multiplies one row of activations by every weight matrix once, so its speed is how fast the kernel
 streams int8 weights. Timed over the MLP matrices of a model shape (24 x [896, 9728] and [4864, 896] at InternVL2-1B:
@@ -11,11 +11,13 @@ with operands spanning each formulation's full ranges (edgevl.cpu.probe_operands
 - u8u8: the same graph with session.x64quantprecision: what edgevl runs on x86 without VNNI.
 - u8s8-7bit: activations in 0..127 (zero point 64) x s8 weights: exact on every class, one bit of activation
   precision less than the export's. Not what edgevl runs (benchmarks/RESULTS.md, "int8 decode on the AVX2 class").
-- edgevl: edgevl's own Int8MatMul op (kernels/ort_int8.c: the sign trick, exact with full-range operands on AVX2):
+- edgevl: edgevl's own Int8MatMul op (kernels/ort_matmul.c: the sign trick, exact with full-range operands on AVX2):
   what edgevl's int8 decoders run on x86 without VNNI where it is installed. Timed here with its per-tensor
   activations (the lm_head's scheme; the export's other matmuls quantize per token, on the same integer kernel).
 - nbits8: MatMulNBits, 8-bit weights in blocks of 128, accuracy_level 4 (int8 compute; onnxruntime-genai's int8
   uses blocks of 32): it quantizes the activations itself, per block, so it has no exact integer product to check.
+- nbits4, edgevl-int4: the int4 export's matmul, 4-bit weights in blocks of 128 (half the bytes): MatMulNBits
+  (decoder.onnx) and edgevl's Int4MatMul (decoder_avx2.onnx, what x86 without VNNI runs); no integer product either.
 """
 from __future__ import annotations
 
@@ -23,23 +25,26 @@ import time
 
 import numpy as np
 
-FORMULATIONS = ("u8s8", "u8u8", "u8s8-7bit", "edgevl", "nbits8")
+FORMULATIONS = ("u8s8", "u8u8", "u8s8-7bit", "edgevl", "nbits8", "nbits4", "edgevl-int4")
+_EDGEVL_OPS = ("edgevl", "edgevl-int4")
+_INT4 = ("nbits4", "edgevl-int4")
 
 
 def available_formulations() -> tuple[str, ...]:
-    """FORMULATIONS less edgevl's own op where this install or CPU lacks it (edgevl.cpu.int8_library)."""
-    from edgevl.cpu import int8_library
+    """FORMULATIONS less edgevl's own ops where this install or CPU lacks them (edgevl.cpu.matmul_library)."""
+    from edgevl.cpu import matmul_library
 
-    return tuple(f for f in FORMULATIONS if f != "edgevl" or int8_library() is not None)
+    return tuple(f for f in FORMULATIONS if f not in _EDGEVL_OPS or matmul_library() is not None)
 _NBITS_BLOCK = 128
 # formulation -> (activation zero point, activation values are halved into 0..127, session.x64quantprecision)
 _INTEGER = {"u8s8": (128, False, False), "u8u8": (128, False, True), "u8s8-7bit": (64, True, False)}
 
 
 def _model(formulation: str, shapes: list[tuple[int, int]], weights: list[np.ndarray] | None, rows: int):
-    """One session input per distinct K ("x<K>": uint8 for the integer formulations, float for edgevl and nbits8),
-    one node and one output per weight matrix. weights: int8 [K, N] each (None: random ones). edgevl's op quantizes
-    per tensor here (DynamicQuantizeMatMul's scheme), so float(a - 128) feeds it a's codes exactly."""
+    """One session input per distinct K ("x<K>": uint8 for the integer formulations, float for the others), one
+    node and one output per weight matrix. weights: int8 [K, N] each (None: random ones; the int4 formulations'
+    are always random codes). edgevl's Int8MatMul quantizes per tensor here (DynamicQuantizeMatMul's scheme), so
+    float(a - 128) feeds it a's codes exactly."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -58,6 +63,15 @@ def _model(formulation: str, shapes: list[tuple[int, int]], weights: list[np.nda
             inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.ones(n, np.float32), f"s{i}")]
             nodes.append(helper.make_node("Int8MatMul", [f"x{k}", f"w{i}", f"s{i}"], [f"y{i}"], domain="edgevl",
                                           per_token=0))
+        elif formulation in _INT4:  # [N, K / block, block / 2]: two 4-bit codes a byte, zero point 8
+            blocks = k // _NBITS_BLOCK
+            inits += [numpy_helper.from_array(rng.integers(0, 256, (n, blocks, _NBITS_BLOCK // 2), dtype=np.uint8),
+                                              f"w{i}"),
+                      numpy_helper.from_array(np.full((n, blocks), 1e-3, np.float32), f"s{i}")]
+            op, domain, attrs = (("MatMulNBits", "com.microsoft", {"bits": 4, "accuracy_level": 4})
+                                 if formulation == "nbits4" else ("Int4MatMul", "edgevl", {}))
+            nodes.append(helper.make_node(op, [f"x{k}", f"w{i}", f"s{i}"], [f"y{i}"], domain=domain, K=k, N=n,
+                                          block_size=_NBITS_BLOCK, **attrs))
         else:  # MatMulNBits: [N, K / block, block] unsigned codes (zero point 128 by default), a scale per block
             blocks = k // _NBITS_BLOCK
             codes = (w.T.astype(np.int16) + 128).astype(np.uint8).reshape(n, blocks, _NBITS_BLOCK)
@@ -77,15 +91,15 @@ def _model(formulation: str, shapes: list[tuple[int, int]], weights: list[np.nda
 def _session(formulation: str, model, threads: int | None):
     import onnxruntime as ort
 
-    from edgevl.cpu import PRECISION_MODE, int8_library
+    from edgevl.cpu import PRECISION_MODE, matmul_library
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0
-    if formulation == "edgevl":
-        library = int8_library()
+    if formulation in _EDGEVL_OPS:
+        library = matmul_library()
         if library is None:
-            raise RuntimeError("the edgevl formulation needs edgevl's Int8MatMul, which this install or CPU lacks "
-                               "(x86-64 with AVX2, and a C compiler when edgevl was installed)")
+            raise RuntimeError(f"the {formulation} formulation needs edgevl's own ops, which this install or CPU "
+                               "lacks (x86-64 with AVX2, and a C compiler when edgevl was installed)")
         options.register_custom_ops_library(str(library))
     precision_mode = formulation in _INTEGER and _INTEGER[formulation][2]
     options.add_session_config_entry(PRECISION_MODE, "1" if precision_mode else "0")
@@ -98,10 +112,10 @@ def _activations(formulation: str, a: np.ndarray) -> np.ndarray:
 
 def probe_error(formulation: str) -> int | None:
     """Largest error of the formulation's product of full-range operands against exact integers (0: exact); None
-    for nbits8, which has no integer product."""
+    for the MatMulNBits-style ones, which have no integer product."""
     from edgevl.cpu import probe_operands
 
-    if formulation not in (*_INTEGER, "edgevl"):
+    if formulation not in (*_INTEGER, "edgevl"):  # the int4 ops' probe: edgevl.cpu, tests/test_cpu.py
         return None
     a, w, _ = probe_operands()
     if formulation == "edgevl":
@@ -151,7 +165,8 @@ def measure(shape: str, rows: int = 1, repeat: int = 20, threads: int | None = N
     for formulation in formulations or available_formulations():
         log(f"[gemv] {formulation} ...")
         timing = time_formulation(formulation, shapes, rows, repeat, threads)
-        results[formulation] = {**timing, "gb_per_s": weight_bytes / timing["s"] / 1e9,
+        streamed = weight_bytes / 2 if formulation in _INT4 else weight_bytes
+        results[formulation] = {**timing, "gb_per_s": streamed / timing["s"] / 1e9,
                                 "probe_error": probe_error(formulation)}
     return {"shape": shape, "rows": rows, "matrices": len(shapes), "weight_bytes": weight_bytes,
             "repeat": repeat, "threads": threads, "machine": describe(), "formulations": results}
@@ -160,8 +175,9 @@ def measure(shape: str, rows: int = 1, repeat: int = 20, threads: int | None = N
 def format_gemv(result: dict) -> str:
     from .report import machine_line
 
-    lines = [f"int8 weight matmuls, {result['rows']} row(s) x {result['matrices']} matrices of the {result['shape']} "
-             f"MLP ({result['weight_bytes'] / 1e6:.0f} MB of int8 weights), median of {result['repeat']}",
+    lines = [f"Weight matmuls, {result['rows']} row(s) x {result['matrices']} matrices of the {result['shape']} "
+             f"MLP ({result['weight_bytes'] / 1e6:.0f} MB of int8 weights, half that at int4), median of "
+             f"{result['repeat']}",
              f"machine: {machine_line(result['machine'])}", "",
              "| formulation | ms per pass [min-max] | weight GB/s | probe product |", "|---|---:|---:|---|"]
     for name, r in result["formulations"].items():

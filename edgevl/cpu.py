@@ -12,10 +12,11 @@ kernels are exact, and the u8 x u8 ones were slower on AMX. So every machine com
 export's bytes are the same everywhere: an export made on one machine runs correctly on any other.
 
 The u8 x u8 kernels are slower than the u8 x s8 ones they replace, so int8 exports also carry decoder_avx2.onnx: the
-decoder with edgevl's own Int8MatMul op (kernels/ort_int8.c, a custom-op library built with the package on x86-64),
-whose AVX2 kernel computes the same u8 x s8 integers without saturating (the sign trick). Where u8 x s8 saturates,
-the library is installed and its product passes the same probe, the ONNX Runtime backend runs that graph: the same
-results, bit for bit, and a faster decode (benchmarks/RESULTS.md).
+decoder with edgevl's own Int8MatMul op (kernels/ort_matmul.c, a custom-op library built with the package on x86-64),
+whose AVX2 kernel computes the same u8 x s8 integers without saturating (the sign trick). int4 exports carry one too,
+with Int4MatMul: MatMulNBits' arithmetic on a faster AVX2 kernel than MLAS's for this class. Where u8 x s8 saturates
+(the class without VNNI), the library is installed and its products pass a probe, the ONNX Runtime backend runs
+that graph: the same results (int8 bit for bit, int4 to float rounding) and a faster decode (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -76,9 +77,9 @@ class IntegerGemm:
     u8s8_exact: bool  # a full-range u8 x s8 product comes out exact with ONNX Runtime's defaults
     precision_mode: bool  # edgevl sets session.x64quantprecision (u8 x u8 kernels) on its sessions
     exact: bool  # with edgevl's session options, the product is exact: int8 graphs are computed as exported
-    # int8 decoders run edgevl's Int8MatMul (an export's decoder_avx2.onnx) here; None: not needed (u8 x s8 is exact)
-    # or not installed, False: installed but its probe product was wrong (then unused)
-    int8_matmul: bool | None = None
+    # int8 and int4 decoders run edgevl's Int8MatMul / Int4MatMul (an export's decoder_avx2.onnx) here; None: not
+    # this class (u8 x s8 is exact: VNNI, AMX, ARM) or not installed, False: installed but a probe product was wrong
+    edgevl_matmul: bool | None = None
 
     def describe(self) -> str:
         if self.u8s8_exact:
@@ -87,20 +88,22 @@ class IntegerGemm:
             return f"u8 x s8 saturates here, and {PRECISION_MODE} did not make it exact: int8 exports are refused"
         text = (f"u8 x s8 saturates int16 pair sums here (x86 without VNNI), so int8 weights run on ONNX Runtime's "
                 f"u8 x u8 kernels ({PRECISION_MODE}): exact")
-        if self.int8_matmul:
-            return text + "; int8 decoders on edgevl's Int8MatMul (AVX2, the same integers, faster)"
-        if self.int8_matmul is None:
-            return text + ("; edgevl's faster Int8MatMul is not installed (x86-64, a C compiler at install) or this "
-                           "CPU has no AVX2")
-        return text + "; edgevl's Int8MatMul is installed but its probe product was wrong, so it is not used"
+        if self.edgevl_matmul:
+            return text + ("; int8 and int4 decoders on edgevl's Int8MatMul / Int4MatMul (AVX2: the same results, "
+                           "faster)")
+        if self.edgevl_matmul is None:
+            return text + ("; edgevl's faster Int8MatMul / Int4MatMul are not installed (x86-64, a C compiler at "
+                           "install) or this CPU has no AVX2")
+        return text + "; edgevl's Int8MatMul / Int4MatMul are installed but a probe product was wrong, so not used"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "description": self.describe()}
 
 
 PROBE_MODEL = Path(__file__).with_name("data") / "u8s8_probe.onnx"  # MatMulInteger(a, W, 128), W = probe_operands()[1]
-# edgevl.Int8MatMul(x, W, ones, per_token=0): float(a - 128) spans -128..127, so it quantizes to a's codes exactly
-INT8_MATMUL_PROBE_MODEL = PROBE_MODEL.with_name("int8_matmul_probe.onnx")
+# y8 = edgevl.Int8MatMul(x8, W, ones, per_token=0): x8 = float(a - 128) spans -128..127, so it quantizes to a's codes
+# exactly; y4 = edgevl.Int4MatMul(x4, codes, ones, K=128, N=96, block_size=128) with int4_probe_operands()
+MATMUL_PROBE_MODEL = PROBE_MODEL.with_name("matmul_probe.onnx")
 
 
 def probe_operands():
@@ -116,6 +119,21 @@ def probe_operands():
     return a, w, (a.astype(np.int64) - 128) @ w.astype(np.int64)
 
 
+def int4_probe_operands():
+    """Int4MatMul's probe: activations -127..127 with 127 in every row (so each row quantizes to itself: scale 1),
+    4-bit codes spanning 0..15 (value code - 8) in MatMulNBits' layout [96, 1, 64], and their exact product."""
+    import numpy as np
+
+    a, _, _ = probe_operands()
+    x = np.clip(a.astype(np.int64) - 128, -127, 127)
+    x[:, 0] = 127
+    n, k = np.arange(96)[:, None], np.arange(128)[None, :]
+    codes = ((k * 53 + n * 29 + 11) % 16).astype(np.uint8)
+    codes[0], codes[1] = 15, 0
+    packed = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(96, 1, 64)
+    return x, packed, x @ (codes.astype(np.int64) - 8).T
+
+
 def _product_is_exact(precision_mode: bool) -> bool:
     import numpy as np
     import onnxruntime as ort
@@ -128,29 +146,32 @@ def _product_is_exact(precision_mode: bool) -> bool:
 
 
 @functools.cache
-def int8_library() -> Path | None:
-    """edgevl's Int8MatMul op for ONNX Runtime (kernels/ort_int8.c, built with the package on x86-64), or None where
-    this install has none (another architecture, or no C compiler when it was installed) or this CPU has no AVX2."""
+def matmul_library() -> Path | None:
+    """edgevl's Int8MatMul and Int4MatMul ops for ONNX Runtime (kernels/ort_matmul.c, built with the package on
+    x86-64), or None where this install has none (another architecture, or no C compiler when it was installed) or
+    this CPU has no AVX2."""
     import importlib.util
 
-    spec = importlib.util.find_spec("edgevl.kernels._ort_int8")
+    spec = importlib.util.find_spec("edgevl.kernels._ort_matmul")
     return Path(spec.origin) if spec is not None and spec.origin and "AVX2" in isa_classes() else None
 
 
-def _int8_matmul_is_exact(library: Path) -> bool:
-    """False also where the library does not load or run (reported by IntegerGemm.describe, then not used)."""
+def _edgevl_matmul_is_exact(library: Path) -> bool:
+    """Both ops' probe products (MATMUL_PROBE_MODEL); False also where the library does not load or run (reported
+    by IntegerGemm.describe, then not used)."""
     import numpy as np
     import onnxruntime as ort
 
-    a, _, exact = probe_operands()
+    a, _, exact8 = probe_operands()
+    x4, _, exact4 = int4_probe_operands()
     options = ort.SessionOptions()
     try:
         options.register_custom_ops_library(str(library))
-        session = ort.InferenceSession(str(INT8_MATMUL_PROBE_MODEL), options, providers=["CPUExecutionProvider"])
-        got = session.run(None, {"x": a.astype(np.float32) - 128})[0]
+        session = ort.InferenceSession(str(MATMUL_PROBE_MODEL), options, providers=["CPUExecutionProvider"])
+        y8, y4 = session.run(["y8", "y4"], {"x8": a.astype(np.float32) - 128, "x4": x4.astype(np.float32)})
     except Exception:  # OSError, or one of ONNX Runtime's error classes (which derive from Exception only)
         return False
-    return bool(np.array_equal(got, exact))
+    return bool(np.array_equal(y8, exact8) and np.array_equal(y4, exact4))
 
 
 @functools.cache
@@ -159,9 +180,9 @@ def integer_gemm() -> IntegerGemm:
     kernel = _mlas_kernel(isa_classes())
     if _product_is_exact(precision_mode=False):
         return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True)
-    library = int8_library()
+    library = matmul_library()
     return IntegerGemm(kernel, u8s8_exact=False, precision_mode=True, exact=_product_is_exact(precision_mode=True),
-                       int8_matmul=None if library is None else _int8_matmul_is_exact(library))
+                       edgevl_matmul=None if library is None else _edgevl_matmul_is_exact(library))
 
 
 def configure_session(options) -> None:

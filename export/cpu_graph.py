@@ -10,8 +10,10 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
   down_proj's input on Qwen2) would otherwise set the scale of every row and flatten them to a few levels. The
   logits' MatMul only ever sees one row, so it is the DynamicQuantizeMatMul.
 - `use_edgevl_int8_matmul`: the same int8 decoder with each of those matmuls as edgevl's own Int8MatMul op
-  (kernels/ort_int8.c), for x86 without VNNI, where ONNX Runtime's exact path is its slower u8 x u8 kernels. The
+  (kernels/ort_matmul.c), for x86 without VNNI, where ONNX Runtime's exact path is its slower u8 x u8 kernels. The
   same integers and the same float arithmetic around them: its outputs are the graph's, bit for bit.
+- `use_edgevl_int4_matmul`: the int4 decoder with each MatMulNBits as edgevl's Int4MatMul, for the same CPUs: the
+  same arithmetic on a faster kernel than ONNX Runtime's AVX2 one; outputs agree to float rounding.
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
   SimplifiedLayerNormalization node; ONNX Runtime's own fusion matches only the Div form.
 - `fuse_attention`: each layer's attention as one GroupQueryAttention node (RoPE inside), whose past and present
@@ -105,14 +107,14 @@ def quantize_matmuls_per_token(model: onnx.ModelProto, data: Initializers | None
     return replaced
 
 
-EDGEVL_DOMAIN = "edgevl"  # kernels/ort_int8.c's custom-op domain
+EDGEVL_DOMAIN = "edgevl"  # kernels/ort_matmul.c's custom-op domain
 
 
 def use_edgevl_int8_matmul(model: onnx.ModelProto) -> int:
     """Replace each per-token chain of quantize_matmuls_per_token (Abs, ReduceMax, Div, QuantizeLinear,
     MatMulIntegerToFloat, Mul) with Int8MatMul(x, Wq, w_scale, per_token=1), and each DynamicQuantizeMatMul with
     Int8MatMul(x, Wq, w_scale, per_token=0): one node computing the same quantization, integers and scaling
-    (kernels/ort_int8.c). In place; returns how many. The weights stay the graph's initializers, so a copy of the
+    (kernels/ort_matmul.c). In place; returns how many. The weights stay the graph's initializers, so a copy of the
     graph can share its data file with the original."""
     graph = model.graph
     inits = _initializers(graph)
@@ -151,6 +153,26 @@ def use_edgevl_int8_matmul(model: onnx.ModelProto) -> int:
     if not any(o.domain == EDGEVL_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(EDGEVL_DOMAIN, 1))
     return len(replace)
+
+
+def use_edgevl_int4_matmul(model: onnx.ModelProto) -> int:
+    """Replace each MatMulNBits the int4 export makes (4 bits, symmetric: no zero points, no bias; blocks of 32, 64
+    or 128) with Int4MatMul(x, w, scales): MatMulNBits' int8-compute arithmetic on edgevl's faster AVX2 kernel
+    (kernels/ort_matmul.c), whose outputs agree with MatMulNBits' to float rounding. In place; returns how many. The
+    weights stay the graph's initializers, as in use_edgevl_int8_matmul."""
+    replaced = 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "MatMulNBits" or len(node.input) != 3 or attrs.get("bits") != 4
+                or attrs.get("block_size") not in (32, 64, 128)):
+            continue
+        node.op_type, node.domain = "Int4MatMul", EDGEVL_DOMAIN
+        del node.attribute[:]
+        node.attribute.extend(helper.make_attribute(key, attrs[key]) for key in ("K", "N", "block_size"))
+        replaced += 1
+    if replaced and not any(o.domain == EDGEVL_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(EDGEVL_DOMAIN, 1))
+    return replaced
 
 
 def _int8_matmul(inputs, output: str, name: str, per_token: int):

@@ -140,9 +140,8 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, weights: WeightSch
 
     model = onnx.load(str(fp32_path), load_external_data=False)
     bits = weights.bits
-    # int8: always a data file, which write_avx2_decoder's graph then shares.
-    external = bits == 8 or _needs_external_data(fp32_path, bits / 8)
-    with Initializers(fp32_path.parent, out_path.with_name(out_path.name + ".data") if external else None) as data:
+    # Always a data file, which write_avx2_decoder's graph then shares.
+    with Initializers(fp32_path.parent, out_path.with_name(out_path.name + ".data")) as data:
         fuse_rms_norm(model, data)
         fused = fuse_attention(model, decoder_spec, max_seq, data) > 0
         if bits == 8:
@@ -157,17 +156,20 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, weights: WeightSch
     return scheme, fused
 
 
-def write_avx2_decoder(decoder_path: Path, out_path: Path) -> int:
-    """The int8 decoder graph with edgevl's Int8MatMul (cpu_graph.use_edgevl_int8_matmul) beside it, reading the
-    same data file; returns how many matmuls it replaced."""
+def write_avx2_decoder(decoder_path: Path, out_path: Path) -> tuple[int, str]:
+    """The int8 or int4 decoder graph with edgevl's Int8MatMul / Int4MatMul (cpu_graph.use_edgevl_int8_matmul,
+    use_edgevl_int4_matmul) beside it, reading the same data file; returns how many matmuls it replaced, and the
+    op's name."""
     import onnx
 
-    from .cpu_graph import use_edgevl_int8_matmul
+    from .cpu_graph import use_edgevl_int4_matmul, use_edgevl_int8_matmul
 
     model = onnx.load(str(decoder_path), load_external_data=False)
-    replaced = use_edgevl_int8_matmul(model)
+    replaced, op = use_edgevl_int8_matmul(model), "Int8MatMul"
+    if not replaced:
+        replaced, op = use_edgevl_int4_matmul(model), "Int4MatMul"
     onnx.save(model, str(out_path))
-    return replaced
+    return replaced, op
 
 
 def _quantize_matmuls_nbits(model, data: Initializers, bits: int, block_size: int, log) -> None:

@@ -248,14 +248,15 @@ def test_decode_profile_splits_a_token_by_op_type(exported, capsys):
 
 def test_gemv_checks_each_integer_formulation_against_exact_integers(capsys):
     from benchmarks.gemv import available_formulations, probe_error
-    from edgevl.cpu import int8_library, integer_gemm
+    from edgevl.cpu import matmul_library, integer_gemm
 
     # u8 x u8 and 7-bit activations never saturate an int16 pair sum (255 * 255 widened; 127 * 127 * 2 < 32767)
     assert probe_error("u8u8") == 0 and probe_error("u8s8-7bit") == 0
     # full-range u8 x s8 is exact exactly where edgevl.cpu measured it so (VNNI, AMX, ARM), wrong elsewhere
     assert (probe_error("u8s8") == 0) == integer_gemm().u8s8_exact
-    assert probe_error("nbits8") is None  # it quantizes the activations itself: no integer product
-    if int8_library() is not None:
+    # they quantize the activations themselves: no integer product
+    assert probe_error("nbits8") is None and probe_error("nbits4") is None and probe_error("edgevl-int4") is None
+    if matmul_library() is not None:
         assert probe_error("edgevl") == 0  # the sign trick: exact on every x86 class with AVX2
     assert main(["gemv", "--layers", "1", "--repeat", "2", "--threads", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -154,7 +154,7 @@ def test_vnni_cpus_keep_the_fast_u8s8_kernels():
 def test_avx2_cpus_without_vnni_switch_to_exact_kernels():
     gemm = cpu.integer_gemm()
     assert not gemm.u8s8_exact and gemm.precision_mode and gemm.exact
-    assert gemm.int8_matmul is (True if cpu.int8_library() else None)
+    assert gemm.edgevl_matmul is (True if cpu.matmul_library() else None)
 
 
 def test_isa_classes_come_from_the_kernels_flags():
@@ -174,34 +174,49 @@ def test_int8_backend_records_its_integer_path_and_refuses_an_inexact_one(export
         EdgeVL.from_pretrained(out)
 
 
-needs_int8_matmul = pytest.mark.skipif(cpu.int8_library() is None, reason="edgevl's Int8MatMul is not installed or "
-                                       "cannot run here (x86-64 with AVX2, a C compiler when edgevl was installed)")
+needs_edgevl_matmul = pytest.mark.skipif(
+    cpu.matmul_library() is None, reason="edgevl's Int8MatMul / Int4MatMul are not installed or cannot run here "
+    "(x86-64 with AVX2, a C compiler when edgevl was installed)")
 
 
-def _int8_matmul_session(model, threads=1):
+def _edgevl_matmul_session(model, threads=1):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.register_custom_ops_library(str(cpu.int8_library()))
+    options.register_custom_ops_library(str(cpu.matmul_library()))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def test_int8_matmul_probe_model_holds_the_probe_operands():
-    model = onnx.load(cpu.INT8_MATMUL_PROBE_MODEL)
+def test_matmul_probe_model_holds_the_probe_operands():
+    model = onnx.load(cpu.MATMUL_PROBE_MODEL)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    [node] = model.graph.node
-    assert (node.domain, node.op_type, helper.get_node_attr_value(node, "per_token")) == ("edgevl", "Int8MatMul", 0)
+    int8, int4 = model.graph.node
+    assert (int8.domain, int8.op_type, helper.get_node_attr_value(int8, "per_token")) == ("edgevl", "Int8MatMul", 0)
     np.testing.assert_array_equal(inits["w"], W)
     np.testing.assert_array_equal(inits["w_scale"], np.ones(N, np.float32))
+    assert (int4.domain, int4.op_type, list(int4.input)) == ("edgevl", "Int4MatMul", ["x4", "codes", "scales"])
+    assert {a.name: helper.get_attribute_value(a) for a in int4.attribute} == {"K": 128, "N": N, "block_size": 128}
+    x4, codes, exact4 = cpu.int4_probe_operands()
+    np.testing.assert_array_equal(inits["codes"], codes)
+    np.testing.assert_array_equal(inits["scales"], np.ones((N, 1), np.float32))
+    # The probe's activations quantize to themselves (127 in every row: scale 1), and its codes span 0..15.
+    assert np.all(np.abs(x4).max(1) == 127) and np.abs(x4).max() <= 127
+    values = np.stack([codes & 15, codes >> 4], -1).reshape(N, 128)
+    assert values.min() == 0 and values.max() == 15
+    np.testing.assert_array_equal(exact4, x4 @ (values.astype(np.int64) - 8).T)
 
 
-@needs_int8_matmul
+@needs_edgevl_matmul
 @pytest.mark.parametrize("threads", [1, 2])
-def test_int8_matmul_is_exact(threads):
-    """edgevl's own op (kernels/ort_int8.c), whatever ONNX Runtime's kernels do here: activations -128..127 quantize
-    to their own codes (scale 1, zero point 128), so the outputs are the exact integers."""
-    session = _int8_matmul_session(onnx.load(cpu.INT8_MATMUL_PROBE_MODEL), threads)
-    np.testing.assert_array_equal(session.run(None, {"x": A.astype(np.float32) - 128})[0], EXACT)
-    assert cpu.integer_gemm().int8_matmul in (None, True)  # None: u8 x s8 is exact here, the op is not needed
+def test_edgevl_matmuls_are_exact(threads):
+    """edgevl's own ops (kernels/ort_matmul.c), whatever ONNX Runtime's kernels do here: Int8MatMul's activations
+    -128..127 quantize to their own codes (scale 1, zero point 128), Int4MatMul's -127..127 with 127 in each row
+    to themselves (scale 1), so the outputs are the exact integers."""
+    session = _edgevl_matmul_session(onnx.load(cpu.MATMUL_PROBE_MODEL), threads)
+    x4, _, exact4 = cpu.int4_probe_operands()
+    y8, y4 = session.run(["y8", "y4"], {"x8": A.astype(np.float32) - 128, "x4": x4.astype(np.float32)})
+    np.testing.assert_array_equal(y8, EXACT)
+    np.testing.assert_array_equal(y4, exact4)
+    assert cpu.integer_gemm().edgevl_matmul in (None, True)  # None: u8 x s8 is exact here, the ops are not needed
 
 
 def _int8_matmul_model(weight, weight_as_input=False):
@@ -217,13 +232,13 @@ def _int8_matmul_model(weight, weight_as_input=False):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("edgevl", 1)])
 
 
-@needs_int8_matmul
+@needs_edgevl_matmul
 def test_int8_matmul_refuses_weights_it_cannot_compute_exactly():
     """-128 has no positive counterpart for the sign trick, and the weight is packed once: both are errors that
     name the node, never a wrong product."""
     weight = W.copy()
     weight[3, 5] = -128
     with pytest.raises(Exception, match=r"layer\.mlp.*-127\.\.127"):
-        _int8_matmul_session(_int8_matmul_model(weight))
+        _edgevl_matmul_session(_int8_matmul_model(weight))
     with pytest.raises(Exception, match=r"layer\.mlp.*constant initializers"):
-        _int8_matmul_session(_int8_matmul_model(W, weight_as_input=True))
+        _edgevl_matmul_session(_int8_matmul_model(W, weight_as_input=True))

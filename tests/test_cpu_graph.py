@@ -8,8 +8,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgevl.cpu import configure_session, int8_library
-from edgevl.export.cpu_graph import fuse_attention, fuse_rms_norm, quantize_matmuls_per_token, use_edgevl_int8_matmul
+from edgevl.cpu import configure_session, matmul_library
+from edgevl.export.cpu_graph import (fuse_attention, fuse_rms_norm, quantize_matmuls_per_token, use_edgevl_int4_matmul,
+                                     use_edgevl_int8_matmul)
 from edgevl.precisions import INT4, INT8
 
 K, N = 128, 96
@@ -20,7 +21,7 @@ def _run(model, x, threads=0):
     options.intra_op_num_threads = threads
     configure_session(options)  # exact integer products on x86 without VNNI too
     if any(o.domain == "edgevl" for o in model.opset_import):
-        options.register_custom_ops_library(str(int8_library()))
+        options.register_custom_ops_library(str(matmul_library()))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
@@ -81,8 +82,12 @@ def test_a_one_row_output_is_one_dynamic_quantize_matmul():
     np.testing.assert_allclose(_run(model, x), expected, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.skipif(int8_library() is None, reason="edgevl's Int8MatMul is not installed or cannot run here (x86-64 "
-                    "with AVX2, a C compiler when edgevl was installed)")
+needs_edgevl_matmul = pytest.mark.skipif(
+    matmul_library() is None, reason="edgevl's Int8MatMul / Int4MatMul are not installed or cannot run here (x86-64 "
+    "with AVX2, a C compiler when edgevl was installed)")
+
+
+@needs_edgevl_matmul
 @pytest.mark.parametrize("k, n", [(K, N), (70, 70)])  # 70: K past a 32-value block, N past a 4-column group
 @pytest.mark.parametrize("threads", [1, 2])
 def test_edgevl_int8_matmul_gives_the_quantized_graphs_outputs_bit_for_bit(k, n, threads):
@@ -104,6 +109,84 @@ def test_edgevl_int8_matmul_gives_the_quantized_graphs_outputs_bit_for_bit(k, n,
         assert (node.op_type, helper.get_node_attr_value(node, "per_token")) == ("Int8MatMul", int(rows != 1))
         assert {t.name for t in rewritten.graph.initializer} == {"w.int8", "w.scale"}
         np.testing.assert_array_equal(_run(rewritten, inputs, threads), _run(model, inputs, threads))
+
+
+def _nbits_model(codes, scales, k, block, rows="s", **extra):
+    """MatMulNBits as the int4 export writes it: 4-bit codes [N, blocks, block / 2] and scales [N, blocks]."""
+    n = codes.shape[0]
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], name="layer.mlp", domain="com.microsoft", K=k, N=n,
+                            bits=4, block_size=block, accuracy_level=4, **extra)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, n])],
+                              [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(scales, "s")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def _int4_reference(x, codes, scales, k, block):
+    """MatMulNBits' arithmetic with int8 compute (accuracy_level 4), in float64 around exact integer sums: each block
+    of a row quantized to rne(x * (127 / amax)) (float32, as MLAS), times the codes less 8, scaled by
+    (amax / 127) * scale."""
+    n, blocks = scales.shape
+    values = np.stack([codes & 15, codes >> 4], -1).reshape(n, blocks, block).astype(np.int64) - 8
+    padded = np.zeros((*x.shape[:-1], blocks * block), np.float32)
+    padded[..., :k] = x
+    xb = padded.reshape(*x.shape[:-1], blocks, block)
+    amax = np.abs(xb).max(-1)
+    inverse = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax != 0)
+    q = np.rint(xb * inverse[..., None]).astype(np.int64)
+    sums = np.einsum("...bk,nbk->...nb", q, values)
+    return (sums * (amax / np.float32(127)).astype(np.float64)[..., None, :] * scales.astype(np.float64)).sum(-1)
+
+
+@needs_edgevl_matmul
+@pytest.mark.parametrize("k, n, block", [(K, N, 32), (200, 20, 64), (896, 40, 128)])  # 200, 20: past a block, a group
+@pytest.mark.parametrize("threads", [1, 2])
+def test_edgevl_int4_matmul_computes_matmulnbits_arithmetic(k, n, block, threads):
+    """decoder_avx2.onnx's int4 rewrite: each MatMulNBits becomes Int4MatMul, the same block quantization of the
+    activations and the same integers, summed exactly: within float rounding of the float64 reference, and of ONNX
+    Runtime's own MatMulNBits (prefill- and decode-sized inputs, an outlier row, an all-zero row)."""
+    rng = np.random.default_rng(11)
+    blocks = -(-k // block)
+    codes = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
+    scales = rng.uniform(1e-3, 2e-2, (n, blocks)).astype(np.float32)
+    x = rng.standard_normal((1, 37, k)).astype(np.float32)
+    x[0, 2] *= 1000
+    x[0, 5] = 0
+    for rows, inputs in (("s", x), (1, x[:, 4:5])):
+        model = _nbits_model(codes, scales, k, block, rows)
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(model)
+        assert use_edgevl_int4_matmul(rewritten) == 1
+        [node] = rewritten.graph.node
+        assert (node.domain, node.op_type) == ("edgevl", "Int4MatMul")
+        assert {a.name: helper.get_attribute_value(a) for a in node.attribute} == {"K": k, "N": n, "block_size": block}
+        got, nbits = _run(rewritten, inputs, threads), _run(model, inputs, threads)
+        reference = _int4_reference(inputs, codes, scales, k, block)
+        peak = np.maximum(np.abs(reference).max(-1, keepdims=True), 1e-30)  # per row: the outlier's is 1000x
+        assert np.all(np.abs(got - reference) / peak < 1e-6)
+        assert np.all(np.abs(got - nbits) / peak < 1e-5)
+        if rows == "s":
+            assert not got[0, 5].any()  # the all-zero row
+
+
+def test_int4_rewrite_leaves_what_int4matmul_does_not_compute():
+    """Zero points, other widths and block sizes stay MatMulNBits."""
+    codes, scales = np.zeros((8, 4, 8), np.uint8), np.ones((8, 4), np.float32)
+    assert use_edgevl_int4_matmul(_nbits_model(codes, scales, 64, 16)) == 0
+    zero_points = _nbits_model(np.zeros((8, 2, 16), np.uint8), np.ones((8, 2), np.float32), 64, 32)
+    zero_points.graph.node[0].input.append("zp")
+    assert use_edgevl_int4_matmul(zero_points) == 0
+
+
+@needs_edgevl_matmul
+def test_int4_matmul_refuses_a_block_size_it_has_no_kernel_for():
+    model = _nbits_model(np.zeros((8, 4, 8), np.uint8), np.ones((8, 4), np.float32), 64, 16)
+    node = model.graph.node[0]
+    node.op_type, node.domain = "Int4MatMul", "edgevl"
+    model.opset_import.append(helper.make_opsetid("edgevl", 1))
+    with pytest.raises(Exception, match=r"Int4MatMul node layer\.mlp: block_size must be 32, 64 or 128"):
+        _run(model, np.zeros((1, 2, 64), np.float32))
 
 
 def test_rms_norm_chain_becomes_one_node_with_the_same_output():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cpu import configure_session, int8_library, integer_gemm
+from ..cpu import configure_session, matmul_library, integer_gemm
 from ..manifest import ExportError, Manifest, check_graph_shapes
 from .exported import ExportedBackend
 
@@ -71,11 +71,11 @@ class OnnxRuntimeBackend(ExportedBackend):
         self.vision = _session(ort, export_dir / manifest.graphs.vision, options, provider)
         if profile_prefix is not None:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-        # The decoder graph this session runs: on x86 without VNNI, with edgevl's Int8MatMul where it is installed
-        # and exact (edgevl.cpu) and the export carries the graph; the same results, faster.
+        # The decoder graph this session runs: on x86 without VNNI, with edgevl's Int8MatMul / Int4MatMul where they
+        # are installed and exact (edgevl.cpu) and the export carries the graph; the same results, faster.
         self.decoder_graph = manifest.graphs.decoder
-        if self.integer_gemm is not None and self.integer_gemm.int8_matmul and manifest.graphs.decoder_avx2:
-            options.register_custom_ops_library(str(int8_library()))
+        if self.integer_gemm is not None and self.integer_gemm.edgevl_matmul and manifest.graphs.decoder_avx2:
+            options.register_custom_ops_library(str(matmul_library()))
             self.decoder_graph = manifest.graphs.decoder_avx2
         with _plain_gqa_kernel(device == "cpu"):
             self.decoder = _session(ort, export_dir / self.decoder_graph, options, provider)

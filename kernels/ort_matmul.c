@@ -1,0 +1,826 @@
+/* edgevl's matmuls for ONNX Runtime on x86 CPUs without VNNI: a custom-op library (domain "edgevl", ops Int8MatMul
+ * and Int4MatMul), loaded with SessionOptions.register_custom_ops_library. Both run the decoder's weight matmuls of
+ * an export's decoder_avx2.onnx (export/cpu_graph.py), where ONNX Runtime's own kernels for them are its slower ones.
+ *
+ * Int8MatMul. On AVX2 without VNNI, ONNX Runtime's u8 x s8 integer GEMM pairs products with vpmaddubsw, whose int16
+ * sums saturate for full-range operands, so edgevl runs its int8 graphs on the u8 x u8 kernels there (exact,
+ * slower). This op computes the same integers with the sign trick llama.cpp's Q8_0 dot product uses: both operands
+ * are symmetric (activations -128..127 after removing the zero point 128, weights -127..127), so
+ *     a * w = |a| * (w with a's sign)    and    |a| <= 128, |w| <= 127  ->  a vpmaddubsw pair sum <= 32512,
+ * which never saturates. One exact int32 sum per output, scaled exactly as the graph it replaces:
+ *   per_token = 1: the export's per-token chain (export/cpu_graph.py, quantize_matmuls_per_token):
+ *       m = max|x| over the row;  q = clamp(rne((x / m) / (1/127)) + 128, 0, 255);
+ *       y = (float(sum (q - 128) w) * ((1/127) * w_scale[n])) * m
+ *   per_token = 0: com.microsoft.DynamicQuantizeMatMul (u8 activations, one scale and zero point per tensor):
+ *       scale = (max(x, 0) - min(x, 0)) / 255, zp = rne(clamp(-min / scale, 0, 255));
+ *       q = clamp(rne(x / scale) + zp, 0, 255);  y = float(sum (q - zp) w) * (scale * w_scale[n])
+ * Inputs: x float [..., K]; w int8 [K, N] and w_scale float [N], both constant initializers (packed once, when
+ * the kernel is created). Output: y float [..., N].
+ *
+ * Int4MatMul: com.microsoft.MatMulNBits as the int4 export uses it (below), on a kernel that streams 4-bit weights
+ * faster than MLAS's AVX2 one. The work of both is split over ONNX Runtime's intra-op threads.
+ *
+ * The ONNX Runtime wheel ships no C headers, so the few API entries used here are declared below by their index
+ * in the OrtApi function table, as onnxruntime_c_api.h orders it; ONNX Runtime only ever appends to that table
+ * (its ABI promise), and tests/test_cpu.py and tests/test_export.py exercise the entries against the installed
+ * runtime. API version 17: ONNX Runtime 1.17, the first with KernelContext_ParallelFor. */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if !defined(__x86_64__)
+#error "edgevl's matmul ops are x86-64 code (setup.py builds them there only)"
+#endif
+#include <immintrin.h>
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtTensorTypeAndShapeInfo OrtShape;
+typedef void* const* OrtApiTable;  /* const OrtApi*, read as its table of function pointers */
+
+typedef struct OrtApiBase {
+    OrtApiTable (*GetApi)(uint32_t version);
+    const char* (*GetVersionString)(void);
+} OrtApiBase;
+
+enum { ORT_API_VERSION_USED = 17, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_INT8 = 3 };  /* ONNXTensorElementDataType */
+
+/* OrtApi entries: index, then the type of the function there. */
+#define CREATE_STATUS 0
+typedef OrtStatus* (*CreateStatusFn)(int code, const char* msg);
+#define CREATE_CUSTOM_OP_DOMAIN 26
+typedef OrtStatus* (*CreateCustomOpDomainFn)(const char* domain, OrtCustomOpDomain** out);
+#define CUSTOM_OP_DOMAIN_ADD 27
+typedef OrtStatus* (*CustomOpDomainAddFn)(OrtCustomOpDomain* domain, const void* op);
+#define ADD_CUSTOM_OP_DOMAIN 28
+typedef OrtStatus* (*AddCustomOpDomainFn)(OrtSessionOptions* options, OrtCustomOpDomain* domain);
+#define GET_TENSOR_MUTABLE_DATA 51
+typedef OrtStatus* (*GetTensorMutableDataFn)(const OrtValue* value, void** out);
+#define GET_TENSOR_ELEMENT_TYPE 60
+typedef OrtStatus* (*GetTensorElementTypeFn)(const OrtShape* info, int* out);
+#define GET_DIMENSIONS_COUNT 61
+typedef OrtStatus* (*GetDimensionsCountFn)(const OrtShape* info, size_t* out);
+#define GET_DIMENSIONS 62
+typedef OrtStatus* (*GetDimensionsFn)(const OrtShape* info, int64_t* dims, size_t count);
+#define GET_TENSOR_TYPE_AND_SHAPE 65
+typedef OrtStatus* (*GetTensorTypeAndShapeFn)(const OrtValue* value, OrtShape** out);
+#define KERNEL_INFO_GET_ATTRIBUTE_INT64 86
+typedef OrtStatus* (*KernelInfoGetAttributeInt64Fn)(const OrtKernelInfo* info, const char* name, int64_t* out);
+#define KERNEL_CONTEXT_GET_INPUT 90
+typedef OrtStatus* (*KernelContextGetInputFn)(const OrtKernelContext* ctx, size_t index, const OrtValue** out);
+#define KERNEL_CONTEXT_GET_OUTPUT 91
+typedef OrtStatus* (*KernelContextGetOutputFn)(OrtKernelContext* ctx, size_t index, const int64_t* dims,
+                                               size_t count, OrtValue** out);
+#define RELEASE_STATUS 93
+typedef void (*ReleaseStatusFn)(OrtStatus* status);
+#define RELEASE_TENSOR_TYPE_AND_SHAPE_INFO 99
+typedef void (*ReleaseShapeFn)(OrtShape* info);
+#define KERNEL_INFO_GET_NODE_NAME 244
+typedef OrtStatus* (*KernelInfoGetNodeNameFn)(const OrtKernelInfo* info, char* out, size_t* size);
+#define KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR 249
+typedef OrtStatus* (*KernelInfoGetConstantInputFn)(const OrtKernelInfo* info, size_t index, int* is_constant,
+                                                   const OrtValue** out);
+#define KERNEL_CONTEXT_PARALLEL_FOR 274
+typedef OrtStatus* (*KernelContextParallelForFn)(const OrtKernelContext* ctx, void (*fn)(void*, size_t),
+                                                 size_t total, size_t num_batch, void* user_data);
+
+#define API(table, name, type) ((type)(table)[name])
+
+/* OrtCustomOp as of API version 17 (the fields ONNX Runtime reads for that version). */
+typedef struct OrtCustomOp {
+    uint32_t version;
+    void* (*CreateKernel)(const struct OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info);
+    const char* (*GetName)(const struct OrtCustomOp* op);
+    const char* (*GetExecutionProviderType)(const struct OrtCustomOp* op);
+    int (*GetInputType)(const struct OrtCustomOp* op, size_t index);
+    size_t (*GetInputTypeCount)(const struct OrtCustomOp* op);
+    int (*GetOutputType)(const struct OrtCustomOp* op, size_t index);
+    size_t (*GetOutputTypeCount)(const struct OrtCustomOp* op);
+    void (*KernelCompute)(void* kernel, OrtKernelContext* ctx);
+    void (*KernelDestroy)(void* kernel);
+    int (*GetInputCharacteristic)(const struct OrtCustomOp* op, size_t index);
+    int (*GetOutputCharacteristic)(const struct OrtCustomOp* op, size_t index);
+    int (*GetInputMemoryType)(const struct OrtCustomOp* op, size_t index);
+    int (*GetVariadicInputMinArity)(const struct OrtCustomOp* op);
+    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp* op);
+    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp* op);
+    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp* op);
+    OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info,
+                                 void** kernel);
+    OrtStatus* (*KernelComputeV2)(void* kernel, OrtKernelContext* ctx);
+    void* InferOutputShapeFn;  /* none: ONNX Runtime infers nothing for the output, as for any op without it */
+    int (*GetStartVersion)(const struct OrtCustomOp* op);
+    int (*GetEndVersion)(const struct OrtCustomOp* op);
+} OrtCustomOp;
+
+/* What both ops' kernels start with: the API table, the op's and the node's names (for errors), K and N. */
+typedef struct {
+    OrtApiTable api;
+    const char* op;
+    char name[128];
+    int64_t k, n;
+} Node;
+
+/* Weights packed in groups of COLS output columns, 32 K values each, one group after the other:
+ * packed[((g * kp / 32) + kb) * COLS * 32 + c * 32 + i] = w[kb * 32 + i][g * COLS + c] (zero past K and N), so a
+ * tile of COLS outputs streams one contiguous run of memory. */
+enum { COLS = 4, KBLOCK = 32, COLUMNS_PER_TASK = 64 };
+/* The weight stream is prefetched this far ahead of a tile's loads (8 k-blocks of one group). */
+enum { PREFETCH_BYTES = 1024 };
+
+typedef struct {
+    Node node;
+    int per_token;
+    int64_t kp, np;  /* K and N padded to KBLOCK and COLS */
+    int8_t* packed;
+    int32_t* column_sums;  /* sum over K of each column of w (DynamicQuantizeMatMul's zero-point correction) */
+    float* w_scale;
+} Kernel;
+
+static OrtStatus* error(const Node* node, int code, const char* what) {
+    char msg[512];
+    snprintf(msg, sizeof msg, "edgevl %s node %s: %s", node->op, node->name, what);
+    return API(node->api, CREATE_STATUS, CreateStatusFn)(code, msg);
+}
+
+/* The node's name and K, N, from its kernel info; an error where the CPU cannot run the ops. */
+static OrtStatus* node_info(Node* node, OrtApiTable api, const char* op, const OrtKernelInfo* info) {
+    node->api = api;
+    node->op = op;
+    size_t size = sizeof node->name;
+    OrtStatus* unnamed = API(api, KERNEL_INFO_GET_NODE_NAME, KernelInfoGetNodeNameFn)(info, node->name, &size);
+    if (unnamed != NULL) {  /* a name longer than the buffer: errors say "?" */
+        API(api, RELEASE_STATUS, ReleaseStatusFn)(unnamed);
+        strcpy(node->name, "?");
+    }
+    return __builtin_cpu_supports("avx2") ? NULL : error(node, ORT_FAIL, "this CPU has no AVX2");
+}
+
+#define RETURN_IF_ERROR(expr)               \
+    do {                                    \
+        OrtStatus* status_ = (expr);        \
+        if (status_ != NULL) return status_; \
+    } while (0)
+
+static size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
+
+/* Shape [dims] and data of a tensor, which must be of `type`. */
+static OrtStatus* tensor(const Node* node, const OrtValue* value, int type, int64_t* dims, size_t* rank,
+                         void** data, const char* name) {
+    OrtApiTable api = node->api;
+    OrtShape* shape;
+    int element_type;
+    RETURN_IF_ERROR(API(api, GET_TENSOR_TYPE_AND_SHAPE, GetTensorTypeAndShapeFn)(value, &shape));
+    OrtStatus* status = API(api, GET_TENSOR_ELEMENT_TYPE, GetTensorElementTypeFn)(shape, &element_type);
+    if (status == NULL) status = API(api, GET_DIMENSIONS_COUNT, GetDimensionsCountFn)(shape, rank);
+    if (status == NULL && *rank > 8) status = error(node, ORT_INVALID_ARGUMENT, "more than 8 dimensions");
+    if (status == NULL) status = API(api, GET_DIMENSIONS, GetDimensionsFn)(shape, dims, *rank);
+    API(api, RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, ReleaseShapeFn)(shape);
+    RETURN_IF_ERROR(status);
+    if (element_type != type) {
+        char what[128];
+        snprintf(what, sizeof what, "%s has element type %d, expected %d", name, element_type, type);
+        return error(node, ORT_INVALID_ARGUMENT, what);
+    }
+    return API(api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(value, data);
+}
+
+/* A call's input x [..., K] and output y [..., N], and the rows of x. */
+static OrtStatus* input_output(const Node* node, OrtKernelContext* ctx, const float** x, float** y, int64_t* rows) {
+    OrtApiTable api = node->api;
+    const OrtValue* x_value;
+    RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_INPUT, KernelContextGetInputFn)(ctx, 0, &x_value));
+    int64_t dims[8];
+    size_t rank;
+    void *x_data, *y_data;
+    RETURN_IF_ERROR(tensor(node, x_value, TYPE_FLOAT, dims, &rank, &x_data, "the input"));
+    if (rank < 1 || dims[rank - 1] != node->k) {
+        char what[128];
+        snprintf(what, sizeof what, "the input's last dimension is %lld, the weight's K %lld",
+                 rank ? (long long)dims[rank - 1] : -1LL, (long long)node->k);
+        return error(node, ORT_INVALID_ARGUMENT, what);
+    }
+    *rows = 1;
+    for (size_t i = 0; i + 1 < rank; i++) *rows *= dims[i];
+    dims[rank - 1] = node->n;
+    OrtValue* y_value;
+    RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_OUTPUT, KernelContextGetOutputFn)(ctx, 0, dims, rank, &y_value));
+    RETURN_IF_ERROR(API(api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(y_value, &y_data));
+    *x = x_data;
+    *y = y_data;
+    return NULL;
+}
+
+/* A weight input that must be a constant initializer (packed once, when the kernel is created). */
+static OrtStatus* constant_input(const Node* node, const OrtKernelInfo* info, size_t index, const OrtValue** value) {
+    int is_constant = 0;
+    RETURN_IF_ERROR(API(node->api, KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR, KernelInfoGetConstantInputFn)(
+        info, index, &is_constant, value));
+    return is_constant ? NULL : error(node, ORT_INVALID_ARGUMENT, "the weight and its scales must be constant "
+                                      "initializers");
+}
+
+static void destroy(void* p) {
+    Kernel* kernel = p;
+    if (kernel == NULL) return;
+    free(kernel->packed);
+    free(kernel->column_sums);
+    free(kernel->w_scale);
+    free(kernel);
+}
+
+static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info, void** out) {
+    (void)op;
+    Node node = {0};
+    RETURN_IF_ERROR(node_info(&node, api, "Int8MatMul", info));
+    int64_t per_token;
+    RETURN_IF_ERROR(API(api, KERNEL_INFO_GET_ATTRIBUTE_INT64, KernelInfoGetAttributeInt64Fn)(info, "per_token",
+                                                                                            &per_token));
+    const OrtValue *w_value, *scale_value;
+    RETURN_IF_ERROR(constant_input(&node, info, 1, &w_value));
+    RETURN_IF_ERROR(constant_input(&node, info, 2, &scale_value));
+    int64_t w_dims[8], s_dims[8];
+    size_t w_rank, s_rank;
+    void *w_data, *s_data;
+    RETURN_IF_ERROR(tensor(&node, w_value, TYPE_INT8, w_dims, &w_rank, &w_data, "the weight"));
+    RETURN_IF_ERROR(tensor(&node, scale_value, TYPE_FLOAT, s_dims, &s_rank, &s_data, "the weight scale"));
+    if (w_rank != 2 || s_rank != 1 || s_dims[0] != w_dims[1] || w_dims[0] <= 0 || w_dims[1] <= 0)
+        return error(&node, ORT_INVALID_ARGUMENT, "expected a weight [K, N] and a scale [N]");
+    node.k = w_dims[0];
+    node.n = w_dims[1];
+
+    Kernel* kernel = calloc(1, sizeof *kernel);
+    if (kernel == NULL) return error(&node, ORT_FAIL, "out of memory");
+    kernel->node = node;
+    kernel->per_token = per_token != 0;
+    kernel->kp = round_up(node.k, KBLOCK);
+    kernel->np = round_up(node.n, COLS);
+    kernel->packed = aligned_alloc(64, round_up(kernel->kp * kernel->np, 64));
+    kernel->column_sums = calloc(kernel->np, sizeof(int32_t));
+    kernel->w_scale = calloc(kernel->np, sizeof(float));
+    if (kernel->packed == NULL || kernel->column_sums == NULL || kernel->w_scale == NULL) {
+        destroy(kernel);
+        return error(&node, ORT_FAIL, "out of memory for the packed weight");
+    }
+    memset(kernel->packed, 0, kernel->kp * kernel->np);
+    memcpy(kernel->w_scale, s_data, node.n * sizeof(float));
+    const int8_t* w = w_data;
+    const int64_t k = node.k, n = node.n, kp = kernel->kp;
+    int saw_minus_128 = 0;
+    /* Tiles of 32 rows x 64 columns: reads and writes both stay within a few cache lines. */
+    for (int64_t n0 = 0; n0 < n; n0 += 64) {
+        for (int64_t k0 = 0; k0 < k; k0 += KBLOCK) {
+            for (int64_t kk = k0; kk < k0 + KBLOCK && kk < k; kk++) {
+                const int8_t* row = w + kk * n;
+                for (int64_t c = n0; c < n0 + 64 && c < n; c++) {
+                    int8_t v = row[c];
+                    saw_minus_128 |= v == -128;
+                    kernel->column_sums[c] += v;
+                    kernel->packed[((c / COLS) * (kp / KBLOCK) + kk / KBLOCK) * COLS * KBLOCK + (c % COLS) * KBLOCK
+                                   + kk % KBLOCK] = v;
+                }
+            }
+        }
+    }
+    if (saw_minus_128) {
+        destroy(kernel);
+        return error(&node, ORT_INVALID_ARGUMENT, "the weight holds -128; symmetric int8 weights (-127..127) are "
+                     "required");
+    }
+    *out = kernel;
+    return NULL;
+}
+
+/* One call's work, shared by the tasks ONNX Runtime's threads run. */
+typedef struct {
+    const Kernel* kernel;
+    const float* x;
+    float* y;
+    int8_t* q;         /* [rows, kp] the u8 codes minus 128 (-128..127), zero past K */
+    float* row_scale;  /* per_token: m of each row */
+    int64_t rows;
+    float a_scale;     /* per_token: 1/127; else the tensor's scale */
+    int32_t correction;  /* per tensor: 128 - zero point, times each column's sum */
+} Work;
+
+/* q = rne(clamp((x / first) / second, low, high)) + offset: the per-token chain's Div (first = m), then ONNX
+ * Runtime's QuantizeLinear (divide by the scale, clamp in float, round to nearest even: the default MXCSR mode, add
+ * the zero point); first = 1 leaves x as it is. The caller's low, high and offset keep q within -128..127. */
+__attribute__((target("avx2"))) static void quantize_row(const float* x, int8_t* q, int64_t k, float first,
+                                                          float second, float low, float high, int32_t offset) {
+    const __m256 d1 = _mm256_set1_ps(first), d2 = _mm256_set1_ps(second);
+    const __m256 lo = _mm256_set1_ps(low), hi = _mm256_set1_ps(high);
+    const __m256i shift = _mm256_set1_epi32(offset);
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        __m256 v = _mm256_div_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), d1), d2);
+        v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);  /* NaN (0 / 0 for an all-zero row) becomes `low` */
+        __m256i codes = _mm256_add_epi32(_mm256_cvtps_epi32(v), shift);
+        __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+        _mm_storel_epi64((__m128i*)(q + i), _mm_packs_epi16(w, w));
+    }
+    for (; i < k; i++) {
+        float v = (x[i] / first) / second;
+        v = v > low ? v : low;  /* NaN fails the comparison: `low`, as above */
+        v = v < high ? v : high;
+        q[i] = (int8_t)(lrintf(v) + offset);
+    }
+}
+
+/* Per-token rows: q = rne((x / m) / (1/127)), clamped to -128..127 (the graph's u8 code minus 128). */
+__attribute__((target("avx2"))) static void quantize_rows_per_token(void* p, size_t r) {
+    Work* work = p;
+    const int64_t k = work->kernel->node.k, kp = work->kernel->kp;
+    const float* x = work->x + r * k;
+    float m = 0.0f;
+    __m256 vmax = _mm256_setzero_ps();
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+    for (; i < k; i++) m = fabsf(x[i]) > m ? fabsf(x[i]) : m;
+    work->row_scale[r] = m;
+    int8_t* q = work->q + r * kp;
+    quantize_row(x, q, k, m, work->a_scale, -128.0f, 127.0f, 0);
+    memset(q + k, 0, kp - k);
+}
+
+/* Sums of |a| * (w with a's sign) over K for one or two rows of a and the COLS columns of one packed group, with
+ * named accumulators (arrays of them left GCC's -O2 keeping the sums in memory: 2.6x slower). */
+#define SIGNED_DOT(acc, magnitude, row, w) \
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w, row)), ones))
+
+static inline void prefetch_ahead(const int8_t* w) {  /* one k-block of a group: two cache lines */
+    _mm_prefetch((const char*)w + PREFETCH_BYTES, _MM_HINT_T0);
+    _mm_prefetch((const char*)w + PREFETCH_BYTES + 64, _MM_HINT_T0);
+}
+
+__attribute__((target("avx2"))) static inline __m128i reduce4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+__attribute__((target("avx2"))) static void tile1(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[2][COLS]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
+        prefetch_ahead(w);
+        const __m256i row = _mm256_loadu_si256((const __m256i*)(a + k0));
+        const __m256i magnitude = _mm256_abs_epi8(row);  /* -128 -> 0x80: 128 read as unsigned */
+        SIGNED_DOT(s0, magnitude, row, _mm256_load_si256((const __m256i*)w));
+        SIGNED_DOT(s1, magnitude, row, _mm256_load_si256((const __m256i*)(w + KBLOCK)));
+        SIGNED_DOT(s2, magnitude, row, _mm256_load_si256((const __m256i*)(w + 2 * KBLOCK)));
+        SIGNED_DOT(s3, magnitude, row, _mm256_load_si256((const __m256i*)(w + 3 * KBLOCK)));
+    }
+    _mm_storeu_si128((__m128i*)out[0], reduce4(s0, s1, s2, s3));
+}
+
+__attribute__((target("avx2"))) static void tile2(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[2][COLS]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s00 = _mm256_setzero_si256(), s01 = s00, s02 = s00, s03 = s00;
+    __m256i s10 = s00, s11 = s00, s12 = s00, s13 = s00;
+    const int8_t* b = a + kp;  /* the second row */
+    for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
+        prefetch_ahead(w);
+        const __m256i row0 = _mm256_loadu_si256((const __m256i*)(a + k0));
+        const __m256i row1 = _mm256_loadu_si256((const __m256i*)(b + k0));
+        const __m256i m0 = _mm256_abs_epi8(row0), m1 = _mm256_abs_epi8(row1);
+        const __m256i w0 = _mm256_load_si256((const __m256i*)w), w1 = _mm256_load_si256((const __m256i*)(w + KBLOCK));
+        SIGNED_DOT(s00, m0, row0, w0);
+        SIGNED_DOT(s10, m1, row1, w0);
+        SIGNED_DOT(s01, m0, row0, w1);
+        SIGNED_DOT(s11, m1, row1, w1);
+        const __m256i w2 = _mm256_load_si256((const __m256i*)(w + 2 * KBLOCK));
+        const __m256i w3 = _mm256_load_si256((const __m256i*)(w + 3 * KBLOCK));
+        SIGNED_DOT(s02, m0, row0, w2);
+        SIGNED_DOT(s12, m1, row1, w2);
+        SIGNED_DOT(s03, m0, row0, w3);
+        SIGNED_DOT(s13, m1, row1, w3);
+    }
+    _mm_storeu_si128((__m128i*)out[0], reduce4(s00, s01, s02, s03));
+    _mm_storeu_si128((__m128i*)out[1], reduce4(s10, s11, s12, s13));
+}
+
+/* Columns [task * COLUMNS_PER_TASK, ...) of every row: the task's packed weights (<= 64 x K bytes) stay in cache
+ * while the rows pass over them two at a time. */
+static void multiply_columns(void* p, size_t task) {
+    const Work* work = p;
+    const Kernel* kernel = work->kernel;
+    const int64_t kp = kernel->kp, n = kernel->node.n;
+    const int64_t c0 = (int64_t)task * COLUMNS_PER_TASK;
+    const int64_t c1 = c0 + COLUMNS_PER_TASK < kernel->np ? c0 + COLUMNS_PER_TASK : kernel->np;
+    int32_t acc[2][COLS];
+    for (int64_t r = 0; r < work->rows; r += 2) {
+        const int rows = work->rows - r >= 2 ? 2 : 1;
+        for (int64_t c = c0; c < c1; c += COLS) {
+            const int8_t* w = kernel->packed + c * kp;
+            if (rows == 2) tile2(work->q + r * kp, kp, w, acc);
+            else tile1(work->q + r * kp, kp, w, acc);
+            for (int i = 0; i < rows; i++) {
+                float* y = work->y + (r + i) * n;
+                for (int j = 0; j < COLS && c + j < n; j++) {
+                    if (kernel->per_token) {
+                        const float scale = work->a_scale * kernel->w_scale[c + j];
+                        y[c + j] = ((float)acc[i][j] * scale) * work->row_scale[r + i];
+                    } else {
+                        int32_t exact = acc[i][j] + work->correction * kernel->column_sums[c + j];
+                        y[c + j] = (float)exact * (work->a_scale * kernel->w_scale[c + j]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* DynamicQuantizeLinear's scale and zero point over the whole tensor (ONNX Runtime's GetQuantizationParameter). */
+static void tensor_quantization(const float* x, int64_t count, float* scale, int32_t* zero_point) {
+    float lo = 0.0f, hi = 0.0f;
+    for (int64_t i = 0; i < count; i++) {
+        lo = x[i] < lo ? x[i] : lo;
+        hi = x[i] > hi ? x[i] : hi;
+    }
+    *scale = hi == lo ? 1.0f : (hi - lo) / 255.0f;
+    float zp = 0.0f - lo / *scale;
+    zp = zp < 0.0f ? 0.0f : zp > 255.0f ? 255.0f : zp;
+    *zero_point = (int32_t)nearbyintf(zp);
+}
+
+static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
+    Kernel* kernel = p;
+    const Node* node = &kernel->node;
+    const float* x = NULL;
+    float* y = NULL;
+    int64_t rows = 0;
+    RETURN_IF_ERROR(input_output(node, ctx, &x, &y, &rows));
+    if (rows == 0) return NULL;
+
+    Work work = {kernel, x, y, NULL, NULL, rows, 1.0f / 127.0f, 0};
+    work.q = aligned_alloc(64, round_up(rows * kernel->kp, 64));
+    work.row_scale = malloc(rows * sizeof(float));
+    if (work.q == NULL || work.row_scale == NULL) {
+        free(work.q);
+        free(work.row_scale);
+        return error(node, ORT_FAIL, "out of memory for the quantized input");
+    }
+    KernelContextParallelForFn parallel_for = API(node->api, KERNEL_CONTEXT_PARALLEL_FOR,
+                                                  KernelContextParallelForFn);
+    OrtStatus* status = NULL;
+    if (kernel->per_token) {
+        if (rows > 1) status = parallel_for(ctx, quantize_rows_per_token, rows, 0, &work);
+        else quantize_rows_per_token(&work, 0);
+    } else {
+        int32_t zero_point;
+        tensor_quantization(work.x, rows * kernel->node.k, &work.a_scale, &zero_point);
+        work.correction = 128 - zero_point;
+        /* Stored as q - 128 (-128..127); the correction (128 - zp) x column sum makes the product q - zp's. */
+        for (int64_t r = 0; r < rows; r++) {
+            int8_t* q = work.q + r * kernel->kp;
+            quantize_row(work.x + r * kernel->node.k, q, kernel->node.k, 1.0f, work.a_scale,
+                         (float)(0 - zero_point), (float)(255 - zero_point), zero_point - 128);
+            memset(q + kernel->node.k, 0, kernel->kp - kernel->node.k);
+        }
+    }
+    if (status == NULL) {
+        size_t tasks = (kernel->np + COLUMNS_PER_TASK - 1) / COLUMNS_PER_TASK;
+        status = parallel_for(ctx, multiply_columns, tasks, 0, &work);
+    }
+    free(work.q);
+    free(work.row_scale);
+    return status;
+}
+
+
+/* ---- Int4MatMul: com.microsoft.MatMulNBits (bits 4, symmetric, accuracy_level 4) with a faster AVX2 kernel ----
+ * Inputs and attributes as MatMulNBits': x float [..., K]; w uint8 [N, blocks, block_size / 2] (two 4-bit codes a
+ * byte, the low nibble first; value = code - 8); scales float [N, blocks] (or flat); attributes K, N, block_size
+ * (32, 64 or 128). Both weight inputs constant initializers. The arithmetic is MatMulNBits' with int8 compute
+ * (MLAS's QuantizeARow_CompInt8): each block of block_size values of a row of x quantized symmetrically,
+ *     amax = max |x|;  a_scale = amax / 127;  q = rne(x * (127 / amax))  (0 where amax = 0),
+ *     y[n] = sum over blocks of float(sum q (code - 8)) * (a_scale * scale[n, block]),
+ * the integer sum exact (MLAS computes sum q code and subtracts 8 sum q in float: outputs agree to float rounding).
+ * Kernel: 8 columns a group; per 32 K values of a column 16 bytes (low nibbles K 0..15, high 16..31); two columns'
+ * 16 bytes in one 32-byte load, so one vpmaddubsw (codes 0..15 unsigned x q signed, pair sums <= 2 * 15 * 127)
+ * serves two columns; int16 sums stay within range for 128 K (4 * 2 * 3810 < 32768). */
+enum { GROUP = 8, UNIT = 32, GROUPS_PER_TASK = 8 };
+
+typedef struct {
+    Node node;
+    int64_t block, blocks, groups;
+    uint8_t* packed;  /* [groups][blocks][block / 32 units][4 column pairs][32 bytes] */
+    float* scales;    /* [groups][blocks][8], each column's at the lane its sum comes out in (LANE) */
+} Kernel4;
+
+/* The lane of a group's sums vector holding each column's: the lanes hold columns 0 2 4 6 1 3 5 7 (pair_sums). */
+static const int LANE[GROUP] = {0, 4, 1, 5, 2, 6, 3, 7};
+
+static void destroy4(void* p) {
+    Kernel4* kernel = p;
+    if (kernel == NULL) return;
+    free(kernel->packed);
+    free(kernel->scales);
+    free(kernel);
+}
+
+static OrtStatus* create4(const OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info, void** out) {
+    (void)op;
+    Node node = {0};
+    RETURN_IF_ERROR(node_info(&node, api, "Int4MatMul", info));
+    int64_t block;
+    KernelInfoGetAttributeInt64Fn attribute = API(api, KERNEL_INFO_GET_ATTRIBUTE_INT64, KernelInfoGetAttributeInt64Fn);
+    RETURN_IF_ERROR(attribute(info, "K", &node.k));
+    RETURN_IF_ERROR(attribute(info, "N", &node.n));
+    RETURN_IF_ERROR(attribute(info, "block_size", &block));
+    if (block != 32 && block != 64 && block != 128)
+        return error(&node, ORT_INVALID_ARGUMENT, "block_size must be 32, 64 or 128");
+    if (node.k <= 0 || node.n <= 0) return error(&node, ORT_INVALID_ARGUMENT, "K and N must be positive");
+    const OrtValue *w_value, *scale_value;
+    RETURN_IF_ERROR(constant_input(&node, info, 1, &w_value));
+    RETURN_IF_ERROR(constant_input(&node, info, 2, &scale_value));
+    int64_t w_dims[8], s_dims[8];
+    size_t w_rank, s_rank;
+    void *w_data, *s_data;
+    RETURN_IF_ERROR(tensor(&node, w_value, TYPE_UINT8, w_dims, &w_rank, &w_data, "the weight"));
+    RETURN_IF_ERROR(tensor(&node, scale_value, TYPE_FLOAT, s_dims, &s_rank, &s_data, "the scales"));
+    const int64_t k = node.k, n = node.n, blocks = (k + block - 1) / block;
+    int64_t scale_count = 1;
+    for (size_t i = 0; i < s_rank; i++) scale_count *= s_dims[i];
+    if (w_rank != 3 || w_dims[0] != n || w_dims[1] != blocks || w_dims[2] != block / 2 || scale_count != n * blocks)
+        return error(&node, ORT_INVALID_ARGUMENT, "expected a weight [N, ceil(K / block_size), block_size / 2] and "
+                     "N x ceil(K / block_size) scales");
+
+    Kernel4* kernel = calloc(1, sizeof *kernel);
+    if (kernel == NULL) return error(&node, ORT_FAIL, "out of memory");
+    kernel->node = node;
+    kernel->block = block;
+    kernel->blocks = blocks;
+    kernel->groups = (n + GROUP - 1) / GROUP;
+    const size_t bytes = kernel->groups * blocks * GROUP * block / 2;
+    kernel->packed = aligned_alloc(64, round_up(bytes, 64));
+    kernel->scales = calloc(kernel->groups * blocks * GROUP, sizeof(float));
+    if (kernel->packed == NULL || kernel->scales == NULL) {
+        destroy4(kernel);
+        return error(&node, ORT_FAIL, "out of memory for the packed weight");
+    }
+    memset(kernel->packed, 0x88, bytes);  /* code 8 = 0 past N */
+    const uint8_t* w = w_data;
+    const float* s = s_data;
+    const int64_t units = block / UNIT;
+    for (int64_t c = 0; c < n; c++) {
+        const int64_t g = c / GROUP, pair = c % GROUP / 2, half = c % 2;
+        for (int64_t b = 0; b < blocks; b++) {
+            kernel->scales[(g * blocks + b) * GROUP + LANE[c % GROUP]] = s[c * blocks + b];
+            const uint8_t* src = w + (c * blocks + b) * (block / 2);
+            for (int64_t u = 0; u < units; u++) {
+                uint8_t* dst = kernel->packed + (((g * blocks + b) * units + u) * 4 + pair) * 32 + half * 16;
+                for (int j = 0; j < 16; j++) {  /* K u*32 + j in the low nibble, u*32 + 16 + j in the high */
+                    const int64_t lo = u * UNIT + j, hi = lo + 16;
+                    const int code_lo = src[lo / 2] >> (lo % 2 * 4) & 15, code_hi = src[hi / 2] >> (hi % 2 * 4) & 15;
+                    dst[j] = (uint8_t)(code_lo | code_hi << 4);
+                }
+            }
+        }
+    }
+    *out = kernel;
+    return NULL;
+}
+
+typedef struct {
+    const Kernel4* kernel;
+    const float* x;
+    float* y;
+    int8_t* q;         /* [rows][K padded to blocks][2]: per 32 K, q 0..15 twice, then q 16..31 twice */
+    float* a_scale;    /* [rows][blocks] */
+    int32_t* offset;   /* [rows][blocks]: 8 x the sum of q, the codes' zero point times the activations */
+    int64_t rows;
+} Work4;
+
+/* 16 values of x times `inverse`, rounded to nearest even (the default MXCSR mode), as 16 int8 in order; their sum
+ * added to *sum. */
+__attribute__((target("avx2"))) static inline __m128i quantize16(const float* x, __m256 inverse, __m256i* sum) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), inverse));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), inverse));
+    *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(a, b));
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  /* a 0..7, b 0..7 */
+    return _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+}
+
+/* MLAS's QuantizeARow_CompInt8 for one row: per block amax, a_scale = amax / 127, q = rne(x * (127 / amax)), in
+ * the kernel's layout: per 32 K, q 0..15 twice (32 bytes), then q 16..31 twice. A block's values past K are 0. */
+__attribute__((target("avx2"))) static void quantize_blocks(void* p, size_t r) {
+    Work4* work = p;
+    const Kernel4* kernel = work->kernel;
+    const int64_t k = kernel->node.k, block = kernel->block, blocks = kernel->blocks;
+    const float* x = work->x + r * k;
+    int8_t* q = work->q + r * blocks * block * 2;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    float padded[128];
+    for (int64_t b = 0; b < blocks; b++, x += block) {
+        const float* v = x;
+        if (k - b * block < block) {  /* the last block, past K: zeros (only where K is not a multiple of it) */
+            memset(padded, 0, sizeof padded);
+            memcpy(padded, x, (k - b * block) * sizeof(float));
+            v = padded;
+        }
+        __m256 peak = _mm256_setzero_ps();
+        for (int64_t i = 0; i < block; i += 8)
+            peak = _mm256_max_ps(peak, _mm256_and_ps(_mm256_loadu_ps(v + i), abs_mask));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        const __m256 inverse = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+        __m256i sum = _mm256_setzero_si256();
+        for (int64_t i = 0; i < block; i += 16, q += 32)
+            _mm256_store_si256((__m256i*)q, _mm256_broadcastsi128_si256(quantize16(v + i, inverse, &sum)));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        work->a_scale[r * blocks + b] = amax / 127.0f;
+        work->offset[r * blocks + b] = 8 * _mm_cvtsi128_si32(s4);
+    }
+}
+
+/* One pair of columns, one unit: lo/hi nibbles times the row's q for K 0..15 and 16..31, int16 sums added to acc. */
+#define PAIR_DOT(acc, wp, qlo, qhi)                                                                     \
+    do {                                                                                                \
+        const __m256i v_ = _mm256_load_si256((const __m256i*)(wp));                                     \
+        acc = _mm256_add_epi16(acc, _mm256_add_epi16(                                                   \
+                  _mm256_maddubs_epi16(_mm256_and_si256(v_, nibble), qlo),                              \
+                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v_, 4), nibble), qhi)));      \
+    } while (0)
+
+/* The 8 columns' int32 sums from four pairs' int16 sums, column c in lane LANE[c]. */
+__attribute__((target("avx2"))) static inline __m256i pair_sums(__m256i t0, __m256i t1, __m256i t2, __m256i t3) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(_mm256_madd_epi16(t0, ones), _mm256_madd_epi16(t1, ones)),
+                             _mm256_hadd_epi32(_mm256_madd_epi16(t2, ones), _mm256_madd_epi16(t3, ones)));
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 scaled(__m256 acc, __m256i sums, int32_t offset,
+                                                                 float a_scale, const float* scales) {
+    const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, _mm256_set1_epi32(offset)));
+    return _mm256_fmadd_ps(exact, _mm256_mul_ps(_mm256_set1_ps(a_scale), _mm256_loadu_ps(scales)), acc);
+}
+
+/* One or two rows x one group of 8 columns over all of K; y[row][LANE[c]] for column c. */
+__attribute__((target("avx2,fma"))) static void group1(const Work4* work, int64_t r, int64_t g, float y[2][GROUP]) {
+    const Kernel4* kernel = work->kernel;
+    const int64_t blocks = kernel->blocks, units = kernel->block / UNIT;
+    const __m256i nibble = _mm256_set1_epi8(15);
+    const uint8_t* w = kernel->packed + g * blocks * units * 128;
+    const int8_t* q = work->q + r * blocks * units * 64;
+    const float* scales = kernel->scales + g * blocks * GROUP;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i t0 = _mm256_setzero_si256(), t1 = t0, t2 = t0, t3 = t0;
+        for (int64_t u = 0; u < units; u++, w += 128, q += 64) {
+            _mm_prefetch((const char*)w + 1024, _MM_HINT_T0);
+            _mm_prefetch((const char*)w + 1088, _MM_HINT_T0);
+            const __m256i qlo = _mm256_load_si256((const __m256i*)q), qhi = _mm256_load_si256((const __m256i*)(q + 32));
+            PAIR_DOT(t0, w, qlo, qhi);
+            PAIR_DOT(t1, w + 32, qlo, qhi);
+            PAIR_DOT(t2, w + 64, qlo, qhi);
+            PAIR_DOT(t3, w + 96, qlo, qhi);
+        }
+        acc = scaled(acc, pair_sums(t0, t1, t2, t3), work->offset[r * blocks + b], work->a_scale[r * blocks + b],
+                     scales + b * GROUP);
+    }
+    _mm256_storeu_ps(y[0], acc);
+}
+
+__attribute__((target("avx2,fma"))) static void group2(const Work4* work, int64_t r, int64_t g,
+                                                       float y[2][GROUP]) {
+    const Kernel4* kernel = work->kernel;
+    const int64_t blocks = kernel->blocks, units = kernel->block / UNIT;
+    const __m256i nibble = _mm256_set1_epi8(15);
+    const uint8_t* w = kernel->packed + g * blocks * units * 128;
+    const int8_t* q = work->q + r * blocks * units * 64;
+    const int8_t* p = q + blocks * units * 64;  /* the second row */
+    const float* scales = kernel->scales + g * blocks * GROUP;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i t0 = _mm256_setzero_si256(), t1 = t0, t2 = t0, t3 = t0, s0 = t0, s1 = t0, s2 = t0, s3 = t0;
+        for (int64_t u = 0; u < units; u++, w += 128, q += 64, p += 64) {
+            _mm_prefetch((const char*)w + 1024, _MM_HINT_T0);
+            _mm_prefetch((const char*)w + 1088, _MM_HINT_T0);
+            const __m256i qlo = _mm256_load_si256((const __m256i*)q), qhi = _mm256_load_si256((const __m256i*)(q + 32));
+            const __m256i plo = _mm256_load_si256((const __m256i*)p), phi = _mm256_load_si256((const __m256i*)(p + 32));
+            PAIR_DOT(t0, w, qlo, qhi);
+            PAIR_DOT(s0, w, plo, phi);
+            PAIR_DOT(t1, w + 32, qlo, qhi);
+            PAIR_DOT(s1, w + 32, plo, phi);
+            PAIR_DOT(t2, w + 64, qlo, qhi);
+            PAIR_DOT(s2, w + 64, plo, phi);
+            PAIR_DOT(t3, w + 96, qlo, qhi);
+            PAIR_DOT(s3, w + 96, plo, phi);
+        }
+        acc0 = scaled(acc0, pair_sums(t0, t1, t2, t3), work->offset[r * blocks + b], work->a_scale[r * blocks + b],
+                      scales + b * GROUP);
+        acc1 = scaled(acc1, pair_sums(s0, s1, s2, s3), work->offset[(r + 1) * blocks + b],
+                      work->a_scale[(r + 1) * blocks + b], scales + b * GROUP);
+    }
+    _mm256_storeu_ps(y[0], acc0);
+    _mm256_storeu_ps(y[1], acc1);
+}
+
+static void store_group(float* y, int64_t c0, int64_t n, const float lanes[GROUP]) {
+    for (int j = 0; j < GROUP && c0 + j < n; j++) y[c0 + j] = lanes[LANE[j]];
+}
+
+static void multiply_groups(void* p, size_t task) {
+    const Work4* work = p;
+    const Kernel4* kernel = work->kernel;
+    const int64_t n = kernel->node.n;
+    const int64_t g0 = (int64_t)task * GROUPS_PER_TASK;
+    const int64_t g1 = g0 + GROUPS_PER_TASK < kernel->groups ? g0 + GROUPS_PER_TASK : kernel->groups;
+    for (int64_t r = 0; r < work->rows; r += 2) {
+        for (int64_t g = g0; g < g1; g++) {
+            float sums[2][GROUP];
+            if (work->rows - r >= 2) {
+                group2(work, r, g, sums);
+                store_group(work->y + (r + 1) * n, g * GROUP, n, sums[1]);
+            } else {
+                group1(work, r, g, sums);
+            }
+            store_group(work->y + r * n, g * GROUP, n, sums[0]);
+        }
+    }
+}
+
+static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
+    Kernel4* kernel = p;
+    const Node* node = &kernel->node;
+    const float* x = NULL;
+    float* y = NULL;
+    int64_t rows = 0;
+    RETURN_IF_ERROR(input_output(node, ctx, &x, &y, &rows));
+    if (rows == 0) return NULL;
+
+    const int64_t blocks = kernel->blocks;
+    Work4 work = {kernel, x, y, NULL, NULL, NULL, rows};
+    work.q = aligned_alloc(64, round_up(rows * blocks * kernel->block * 2, 64));
+    work.a_scale = malloc(rows * blocks * sizeof(float));
+    work.offset = malloc(rows * blocks * sizeof(int32_t));
+    OrtStatus* status = NULL;
+    if (work.q == NULL || work.a_scale == NULL || work.offset == NULL) {
+        status = error(node, ORT_FAIL, "out of memory for the quantized input");
+    } else {
+        KernelContextParallelForFn parallel_for = API(node->api, KERNEL_CONTEXT_PARALLEL_FOR,
+                                                      KernelContextParallelForFn);
+        if (rows > 1) status = parallel_for(ctx, quantize_blocks, rows, 0, &work);
+        else quantize_blocks(&work, 0);
+        if (status == NULL)
+            status = parallel_for(ctx, multiply_groups, (kernel->groups + GROUPS_PER_TASK - 1) / GROUPS_PER_TASK, 0,
+                                  &work);
+    }
+    free(work.q);
+    free(work.a_scale);
+    free(work.offset);
+    return status;
+}
+
+static const char* op_name4(const OrtCustomOp* op) { (void)op; return "Int4MatMul"; }
+static int input_type4(const OrtCustomOp* op, size_t i) { (void)op; return i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
+
+static const char* op_name(const OrtCustomOp* op) { (void)op; return "Int8MatMul"; }
+static const char* op_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i == 1 ? TYPE_INT8 : TYPE_FLOAT; }
+static size_t input_count(const OrtCustomOp* op) { (void)op; return 3; }
+static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
+static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }  /* INPUT_OUTPUT_REQUIRED */
+static int default_memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }  /* OrtMemTypeDefault */
+static int one(const OrtCustomOp* op) { (void)op; return 1; }
+static int zero(const OrtCustomOp* op) { (void)op; return 0; }
+static int last_version(const OrtCustomOp* op) { (void)op; return 1 << 30; }
+
+static const OrtCustomOp INT8_MATMUL = {
+    ORT_API_VERSION_USED, NULL, op_name, op_provider, input_type, input_count, output_type, output_count, NULL,
+    destroy, required, required, default_memory, one, zero, one, zero, create, compute, NULL, one, last_version,
+};
+
+static const OrtCustomOp INT4_MATMUL = {
+    ORT_API_VERSION_USED, NULL, op_name4, op_provider, input_type4, input_count, output_type, output_count, NULL,
+    destroy4, required, required, default_memory, one, zero, one, zero, create4, compute4, NULL, one, last_version,
+};
+
+/* Called by ONNX Runtime's register_custom_ops_library. */
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                    const OrtApiBase* base) {
+    OrtApiTable api = base->GetApi(ORT_API_VERSION_USED);
+    if (api == NULL) return NULL;  /* a runtime older than the API version: it reports the missing op itself */
+    OrtCustomOpDomain* domain;
+    RETURN_IF_ERROR(API(api, CREATE_CUSTOM_OP_DOMAIN, CreateCustomOpDomainFn)("edgevl", &domain));
+    RETURN_IF_ERROR(API(api, CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &INT8_MATMUL));
+    RETURN_IF_ERROR(API(api, CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &INT4_MATMUL));
+    return API(api, ADD_CUSTOM_OP_DOMAIN, AddCustomOpDomainFn)(options, domain);
+}
