@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks.plan import DEVICES, decode_bytes_per_token, export_memory, kv_cache_bytes, parameter_counts, plan
+from edgevl.cpu import integer_gemm
 from edgevl.specs import KNOWN_SPECS
 
 BACKENDS = "transformers,torch,ort-fp32,ort-int8,trt-fp16,ort-cuda-fp16,torch-cuda-fp16"
@@ -88,6 +89,10 @@ def test_quick_run_measures_every_backend(quick_run):
     assert rows["ort-int8"]["precision"] == {"vision": "int8", "decoder": "int8"}
     assert rows["ort-int8"]["drift"]["image_embeds_cosine_min"] > 0.99
     assert rows["ort-fp32"]["threads"]["onnxruntime_providers"] == ["CPUExecutionProvider"]
+    # The int8 row names the decoder graph it ran: edgevl's own ops where this CPU takes them (edgevl.cpu)
+    assert rows["ort-fp32"]["decoder_graph"] == "decoder.onnx"
+    assert rows["ort-int8"]["decoder_graph"] == ("decoder_avx2.onnx" if integer_gemm().edgevl_matmul
+                                                 else "decoder.onnx")
     assert "torch_threads" in rows["torch"]["threads"]
     # The int8 decoder file reads fewer bytes per token than the fp32 one.
     assert rows["ort-int8"]["roofline"]["weights_bytes_per_token"] < rows["ort-fp32"]["roofline"][
@@ -112,6 +117,7 @@ def test_quick_run_prints_the_table_and_writes_plots(quick_run):
     assert written.startswith("- command: `python -m benchmarks run --quick")
     assert written[written.index("### Results"):].strip() in printed
     assert "- memory bandwidth" in written and "- also running:" in written
+    assert "- ONNX Runtime decoder graphs: ort-fp32 decoder.onnx · ort-int8 decoder" in written
     pytest.importorskip("matplotlib")
     for name in ("tiny-decode-ttft.png", "tiny-vision.png", "tiny-context.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -248,7 +254,7 @@ def test_decode_profile_splits_a_token_by_op_type(exported, capsys):
 
 def test_gemv_checks_each_integer_formulation_against_exact_integers(capsys):
     from benchmarks.gemv import available_formulations, probe_error
-    from edgevl.cpu import matmul_library, integer_gemm
+    from edgevl.cpu import matmul_library
 
     # u8 x u8 and 7-bit activations never saturate an int16 pair sum (255 * 255 widened; 127 * 127 * 2 < 32767)
     assert probe_error("u8u8") == 0 and probe_error("u8s8-7bit") == 0
