@@ -34,6 +34,7 @@ def decode_profile(export_dir: Path, positions: int, steps: int, threads: int | 
         for _ in range(steps):
             logits = backend.decode(int(np.argmax(logits)))
         events = json.loads(Path(backend.decoder.end_profiling()).read_text())
+        graph = backend.decoder_graph  # decoder_avx2.onnx on x86 without VNNI: edgevl's matmul ops
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     measured = runs[len(runs) - steps + WARMUP_STEPS:]  # the prefill's runs come first
     start, end = measured[0]["ts"], measured[-1]["ts"] + measured[-1]["dur"]
@@ -42,14 +43,15 @@ def decode_profile(export_dir: Path, positions: int, steps: int, threads: int | 
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and start <= event["ts"] <= end:
             per_op[event["args"]["op_name"]] += event["dur"]
     ms = lambda us: us / len(measured) / 1e3  # noqa: E731  (the profiler's times are microseconds)
-    return {"export": str(export_dir), "precision": manifest.precision.decoder, "positions": positions,
+    return {"export": str(export_dir), "precision": manifest.precision.decoder, "graph": graph, "positions": positions,
             "tokens": len(measured), "model_run_ms": ms(sum(r["dur"] for r in measured)),
             "nodes_ms": ms(sum(per_op.values())),
             "ops_ms": {op: ms(us) for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])}}
 
 
 def format_profile(profile: dict) -> str:
-    lines = [f"Decode profile: {profile['export']} ({profile['precision']} decoder), {profile['tokens']} tokens after "
+    lines = [f"Decode profile: {profile['export']} ({profile['precision']} decoder, {profile['graph']}), "
+             f"{profile['tokens']} tokens after "
              f"{profile['positions']} positions; ms per token under ONNX Runtime's profiler", "",
              "| op type | ms | share of model_run |", "|---|---:|---:|"]
     run = profile["model_run_ms"]
