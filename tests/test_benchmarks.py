@@ -233,6 +233,35 @@ def test_tensorrt_rows_build_plans_from_an_fp32_export(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "plans" / models.EXPORT_RECORD).read_text())["max_tiles"] == 13
 
 
+def test_a_cached_int8_or_int4_export_without_decoder_avx2_is_made_again(monkeypatch, tmp_path):
+    import subprocess
+
+    from benchmarks import models
+
+    source = models.ModelSource("tiny", tmp_path / "original", None, tmp_path)
+    made = []
+
+    def export(args, **kwargs):  # ensure_export's child: writes the export and its record
+        out = Path(args[4])
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps({"graphs": {"decoder_avx2": "decoder_avx2.onnx"}}))
+        (out / models.EXPORT_RECORD).write_text(json.dumps({"max_tiles": 13, "source": str(source.original),
+                                                            "export_s": 1.0, "peak_rss_bytes": 1 << 30}))
+        made.append(args[5])
+        return subprocess.CompletedProcess(args, 0, "")
+
+    monkeypatch.setattr(models.subprocess, "run", export)
+    for precision in ("int8", "int4", "fp32"):
+        out = source.export_dir(precision)
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps({"graphs": {"decoder": "decoder.onnx"}}))
+        (out / models.EXPORT_RECORD).write_text(json.dumps({"max_tiles": 13, "source": str(source.original)}))
+        assert models.ensure_export(source, precision, 13, log=lambda _: None)[0] == out
+    assert made == ["int8", "int4"]  # fp32 exports have no decoder_avx2.onnx: kept
+    models.ensure_export(source, "int8", 13, log=lambda _: None)
+    assert made == ["int8", "int4"]  # now current: reused
+
+
 def test_decode_profile_splits_a_token_by_op_type(exported, capsys):
     from benchmarks.profile import WARMUP_STEPS, decode_profile
 
