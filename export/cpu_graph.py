@@ -103,7 +103,7 @@ def quantize_matmuls_per_token(model: onnx.ModelProto, data: Initializers | None
                                   numpy_helper.from_array(np.array(_ZERO_POINT, np.uint8), "pt.zero_point")])
         _replace_nodes(graph, nodes)
         _drop_unused_initializers(graph)
-        _use_ms_domain(model)
+        _use_domain(model)
     return replaced
 
 
@@ -150,8 +150,7 @@ def use_edgevl_int8_matmul(model: onnx.ModelProto) -> int:
         return 0
     _replace_nodes(graph, [replace.get(id(n), n) for n in graph.node if id(n) not in remove])
     _drop_unused_initializers(graph)
-    if not any(o.domain == EDGEVL_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(EDGEVL_DOMAIN, 1))
+    _use_domain(model, EDGEVL_DOMAIN)
     return len(replace)
 
 
@@ -170,8 +169,8 @@ def use_edgevl_int4_matmul(model: onnx.ModelProto) -> int:
         del node.attribute[:]
         node.attribute.extend(helper.make_attribute(key, attrs[key]) for key in ("K", "N", "block_size"))
         replaced += 1
-    if replaced and not any(o.domain == EDGEVL_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(EDGEVL_DOMAIN, 1))
+    if replaced:
+        _use_domain(model, EDGEVL_DOMAIN)
     return replaced
 
 
@@ -264,7 +263,7 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int, dat
     _replace_nodes(graph, nodes)
     _drop_dead_nodes(graph)
     _drop_unused_initializers(graph)
-    _use_ms_domain(model)
+    _use_domain(model)
     return fused
 
 
@@ -392,6 +391,6 @@ def _drop_unused_initializers(graph) -> None:
     graph.initializer.extend(keep)
 
 
-def _use_ms_domain(model) -> None:
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+def _use_domain(model, domain: str = "com.microsoft") -> None:
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
