@@ -2,9 +2,9 @@ import platform
 
 from setuptools import Extension, setup
 
-# edgevl's int8 matmul for ONNX Runtime on x86 without VNNI (kernels/ort_matmul.c; edgevl.cpu loads it): a custom-op
-# library, not a Python module. Optional: without a C compiler the install still succeeds, and those CPUs run the
-# int8 graphs on ONNX Runtime's slower exact u8 x u8 kernels instead (`edgevl doctor` says which).
+# edgevl's int8 and int4 matmuls for ONNX Runtime on x86 without VNNI (kernels/ort_matmul.c; edgevl.cpu loads it): a
+# custom-op library, not a Python module. Optional: without a C compiler the install still succeeds, and those CPUs
+# run the int8 and int4 graphs on ONNX Runtime's own slower kernels instead (`edgevl doctor` says which).
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 ORT_MATMUL = Extension("edgevl.kernels._ort_matmul", sources=["kernels/ort_matmul.c"], extra_compile_args=["-O3"],
                      optional=True)
@@ -20,7 +20,8 @@ setup(
               "edgevl.kernels"],
     package_dir={"edgevl": "edgevl", "edgevl.export": "export", "edgevl.kernels": "kernels"},
     # CUDA sources are compiled by NVRTC at first use; the .cpp is the host-emulation build for `edgevl selftest`.
-    # data/u8s8_probe.onnx: edgevl.cpu's check of ONNX Runtime's integer GEMM, which must not need the onnx package.
+    # data/*.onnx: edgevl.cpu's checks of ONNX Runtime's integer GEMM (u8s8_probe) and of edgevl's own ops
+    # (matmul_probe), which must not need the onnx package.
     package_data={"edgevl.kernels": ["*.cu", "*.cuh", "*.cpp"], "edgevl": ["data/*.onnx"]},
     install_requires=["numpy>=1.24", "ml_dtypes>=0.3", "pillow>=10", "tokenizers>=0.19", "sentencepiece>=0.2",
                       "onnxruntime>=1.20"],

@@ -172,17 +172,23 @@ static OrtStatus* node_info(Node* node, OrtApiTable api, const char* op, const O
 
 static size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
-/* Shape [dims] and data of a tensor, which must be of `type`. */
-static OrtStatus* tensor(const Node* node, const OrtValue* value, int type, int64_t* dims, size_t* rank,
-                         void** data, const char* name) {
+/* A tensor's shape and data. */
+typedef struct {
+    int64_t dims[8];
+    size_t rank;
+    void* data;
+} Tensor;
+
+/* Shape and data of a tensor, which must be of `type`. */
+static OrtStatus* tensor(const Node* node, const OrtValue* value, int type, Tensor* t, const char* name) {
     OrtApiTable api = node->api;
     OrtShape* shape;
     int element_type;
     RETURN_IF_ERROR(API(api, GET_TENSOR_TYPE_AND_SHAPE, GetTensorTypeAndShapeFn)(value, &shape));
     OrtStatus* status = API(api, GET_TENSOR_ELEMENT_TYPE, GetTensorElementTypeFn)(shape, &element_type);
-    if (status == NULL) status = API(api, GET_DIMENSIONS_COUNT, GetDimensionsCountFn)(shape, rank);
-    if (status == NULL && *rank > 8) status = error(node, ORT_INVALID_ARGUMENT, "more than 8 dimensions");
-    if (status == NULL) status = API(api, GET_DIMENSIONS, GetDimensionsFn)(shape, dims, *rank);
+    if (status == NULL) status = API(api, GET_DIMENSIONS_COUNT, GetDimensionsCountFn)(shape, &t->rank);
+    if (status == NULL && t->rank > 8) status = error(node, ORT_INVALID_ARGUMENT, "more than 8 dimensions");
+    if (status == NULL) status = API(api, GET_DIMENSIONS, GetDimensionsFn)(shape, t->dims, t->rank);
     API(api, RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, ReleaseShapeFn)(shape);
     RETURN_IF_ERROR(status);
     if (element_type != type) {
@@ -190,7 +196,7 @@ static OrtStatus* tensor(const Node* node, const OrtValue* value, int type, int6
         snprintf(what, sizeof what, "%s has element type %d, expected %d", name, element_type, type);
         return error(node, ORT_INVALID_ARGUMENT, what);
     }
-    return API(api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(value, data);
+    return API(api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(value, &t->data);
 }
 
 /* A call's input x [..., K] and output y [..., N], and the rows of x. */
@@ -198,34 +204,37 @@ static OrtStatus* input_output(const Node* node, OrtKernelContext* ctx, const fl
     OrtApiTable api = node->api;
     const OrtValue* x_value;
     RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_INPUT, KernelContextGetInputFn)(ctx, 0, &x_value));
-    int64_t dims[8];
-    size_t rank;
-    void *x_data, *y_data;
-    RETURN_IF_ERROR(tensor(node, x_value, TYPE_FLOAT, dims, &rank, &x_data, "the input"));
-    if (rank < 1 || dims[rank - 1] != node->k) {
+    Tensor t;
+    RETURN_IF_ERROR(tensor(node, x_value, TYPE_FLOAT, &t, "the input"));
+    const size_t rank = t.rank;
+    if (rank < 1 || t.dims[rank - 1] != node->k) {
         char what[128];
         snprintf(what, sizeof what, "the input's last dimension is %lld, the weight's K %lld",
-                 rank ? (long long)dims[rank - 1] : -1LL, (long long)node->k);
+                 rank ? (long long)t.dims[rank - 1] : -1LL, (long long)node->k);
         return error(node, ORT_INVALID_ARGUMENT, what);
     }
     *rows = 1;
-    for (size_t i = 0; i + 1 < rank; i++) *rows *= dims[i];
-    dims[rank - 1] = node->n;
+    for (size_t i = 0; i + 1 < rank; i++) *rows *= t.dims[i];
+    *x = t.data;
+    t.dims[rank - 1] = node->n;
     OrtValue* y_value;
-    RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_OUTPUT, KernelContextGetOutputFn)(ctx, 0, dims, rank, &y_value));
+    RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_OUTPUT, KernelContextGetOutputFn)(ctx, 0, t.dims, rank, &y_value));
+    void* y_data;
     RETURN_IF_ERROR(API(api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(y_value, &y_data));
-    *x = x_data;
     *y = y_data;
     return NULL;
 }
 
-/* A weight input that must be a constant initializer (packed once, when the kernel is created). */
-static OrtStatus* constant_input(const Node* node, const OrtKernelInfo* info, size_t index, const OrtValue** value) {
+/* A weight input that must be a constant initializer of `type` (packed once, when the kernel is created). */
+static OrtStatus* constant_input(const Node* node, const OrtKernelInfo* info, size_t index, int type, Tensor* t,
+                                 const char* name) {
     int is_constant = 0;
+    const OrtValue* value;
     RETURN_IF_ERROR(API(node->api, KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR, KernelInfoGetConstantInputFn)(
-        info, index, &is_constant, value));
-    return is_constant ? NULL : error(node, ORT_INVALID_ARGUMENT, "the weight and its scales must be constant "
-                                      "initializers");
+        info, index, &is_constant, &value));
+    if (!is_constant)
+        return error(node, ORT_INVALID_ARGUMENT, "the weight and its scales must be constant initializers");
+    return tensor(node, value, type, t, name);
 }
 
 static void destroy(void* p) {
@@ -244,18 +253,13 @@ static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernel
     int64_t per_token;
     RETURN_IF_ERROR(API(api, KERNEL_INFO_GET_ATTRIBUTE_INT64, KernelInfoGetAttributeInt64Fn)(info, "per_token",
                                                                                             &per_token));
-    const OrtValue *w_value, *scale_value;
-    RETURN_IF_ERROR(constant_input(&node, info, 1, &w_value));
-    RETURN_IF_ERROR(constant_input(&node, info, 2, &scale_value));
-    int64_t w_dims[8], s_dims[8];
-    size_t w_rank, s_rank;
-    void *w_data, *s_data;
-    RETURN_IF_ERROR(tensor(&node, w_value, TYPE_INT8, w_dims, &w_rank, &w_data, "the weight"));
-    RETURN_IF_ERROR(tensor(&node, scale_value, TYPE_FLOAT, s_dims, &s_rank, &s_data, "the weight scale"));
-    if (w_rank != 2 || s_rank != 1 || s_dims[0] != w_dims[1] || w_dims[0] <= 0 || w_dims[1] <= 0)
+    Tensor wt, st;
+    RETURN_IF_ERROR(constant_input(&node, info, 1, TYPE_INT8, &wt, "the weight"));
+    RETURN_IF_ERROR(constant_input(&node, info, 2, TYPE_FLOAT, &st, "the weight scale"));
+    if (wt.rank != 2 || st.rank != 1 || st.dims[0] != wt.dims[1] || wt.dims[0] <= 0 || wt.dims[1] <= 0)
         return error(&node, ORT_INVALID_ARGUMENT, "expected a weight [K, N] and a scale [N]");
-    node.k = w_dims[0];
-    node.n = w_dims[1];
+    node.k = wt.dims[0];
+    node.n = wt.dims[1];
 
     Kernel* kernel = calloc(1, sizeof *kernel);
     if (kernel == NULL) return error(&node, ORT_FAIL, "out of memory");
@@ -271,8 +275,8 @@ static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernel
         return error(&node, ORT_FAIL, "out of memory for the packed weight");
     }
     memset(kernel->packed, 0, kernel->kp * kernel->np);
-    memcpy(kernel->w_scale, s_data, node.n * sizeof(float));
-    const int8_t* w = w_data;
+    memcpy(kernel->w_scale, st.data, node.n * sizeof(float));
+    const int8_t* w = wt.data;
     const int64_t k = node.k, n = node.n, kp = kernel->kp;
     int saw_minus_128 = 0;
     /* Tiles of 32 rows x 64 columns: reads and writes both stay within a few cache lines. */
@@ -543,18 +547,13 @@ static OrtStatus* create4(const OrtCustomOp* op, OrtApiTable api, const OrtKerne
     if (block != 32 && block != 64 && block != 128)
         return error(&node, ORT_INVALID_ARGUMENT, "block_size must be 32, 64 or 128");
     if (node.k <= 0 || node.n <= 0) return error(&node, ORT_INVALID_ARGUMENT, "K and N must be positive");
-    const OrtValue *w_value, *scale_value;
-    RETURN_IF_ERROR(constant_input(&node, info, 1, &w_value));
-    RETURN_IF_ERROR(constant_input(&node, info, 2, &scale_value));
-    int64_t w_dims[8], s_dims[8];
-    size_t w_rank, s_rank;
-    void *w_data, *s_data;
-    RETURN_IF_ERROR(tensor(&node, w_value, TYPE_UINT8, w_dims, &w_rank, &w_data, "the weight"));
-    RETURN_IF_ERROR(tensor(&node, scale_value, TYPE_FLOAT, s_dims, &s_rank, &s_data, "the scales"));
+    Tensor wt, st;
+    RETURN_IF_ERROR(constant_input(&node, info, 1, TYPE_UINT8, &wt, "the weight"));
+    RETURN_IF_ERROR(constant_input(&node, info, 2, TYPE_FLOAT, &st, "the scales"));
     const int64_t k = node.k, n = node.n, blocks = (k + block - 1) / block;
     int64_t scale_count = 1;
-    for (size_t i = 0; i < s_rank; i++) scale_count *= s_dims[i];
-    if (w_rank != 3 || w_dims[0] != n || w_dims[1] != blocks || w_dims[2] != block / 2 || scale_count != n * blocks)
+    for (size_t i = 0; i < st.rank; i++) scale_count *= st.dims[i];
+    if (wt.rank != 3 || wt.dims[0] != n || wt.dims[1] != blocks || wt.dims[2] != block / 2 || scale_count != n * blocks)
         return error(&node, ORT_INVALID_ARGUMENT, "expected a weight [N, ceil(K / block_size), block_size / 2] and "
                      "N x ceil(K / block_size) scales");
 
@@ -572,8 +571,8 @@ static OrtStatus* create4(const OrtCustomOp* op, OrtApiTable api, const OrtKerne
         return error(&node, ORT_FAIL, "out of memory for the packed weight");
     }
     memset(kernel->packed, 0x88, bytes);  /* code 8 = 0 past N */
-    const uint8_t* w = w_data;
-    const float* s = s_data;
+    const uint8_t* w = wt.data;
+    const float* s = st.data;
     const int64_t units = block / UNIT;
     for (int64_t c = 0; c < n; c++) {
         const int64_t g = c / GROUP, pair = c % GROUP / 2, half = c % 2;

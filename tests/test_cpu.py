@@ -234,11 +234,16 @@ def _int8_matmul_model(weight, weight_as_input=False):
 
 @needs_edgevl_matmul
 def test_int8_matmul_refuses_weights_it_cannot_compute_exactly():
-    """-128 has no positive counterpart for the sign trick, and the weight is packed once: both are errors that
-    name the node, never a wrong product."""
+    """-128 has no positive counterpart for the sign trick, the weight is packed once, and an input must match the
+    weight's K: each is an error that names the node, never a wrong product."""
     weight = W.copy()
     weight[3, 5] = -128
     with pytest.raises(Exception, match=r"layer\.mlp.*-127\.\.127"):
         _edgevl_matmul_session(_int8_matmul_model(weight))
     with pytest.raises(Exception, match=r"layer\.mlp.*constant initializers"):
         _edgevl_matmul_session(_int8_matmul_model(W, weight_as_input=True))
+    unchecked = _int8_matmul_model(W)
+    unchecked.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "k"  # so the op itself sees a wrong K
+    session = _edgevl_matmul_session(unchecked)
+    with pytest.raises(Exception, match=rf"layer\.mlp.*last dimension is 7, the weight's K {W.shape[0]}"):
+        session.run(None, {"x": np.ones((2, 7), np.float32)})
