@@ -7,7 +7,7 @@ from setuptools import Extension, setup
 # run the int8 and int4 graphs on ONNX Runtime's own slower kernels instead (`edgevl doctor` says which).
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 ORT_MATMUL = Extension("edgevl.kernels._ort_matmul", sources=["kernels/ort_matmul.c"], extra_compile_args=["-O3"],
-                     optional=True)
+                       optional=True)
 
 # export/ and kernels/ sit at the top level (the design card's layout) but install as
 # edgevl.export and edgevl.kernels, so site-packages gets no generic top-level names.

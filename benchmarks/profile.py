@@ -51,8 +51,8 @@ def decode_profile(export_dir: Path, positions: int, steps: int, threads: int | 
 
 def format_profile(profile: dict) -> str:
     lines = [f"Decode profile: {profile['export']} ({profile['precision']} decoder, {profile['graph']}), "
-             f"{profile['tokens']} tokens after "
-             f"{profile['positions']} positions; ms per token under ONNX Runtime's profiler", "",
+             f"{profile['tokens']} tokens after {profile['positions']} positions; ms per token under ONNX Runtime's "
+             "profiler", "",
              "| op type | ms | share of model_run |", "|---|---:|---:|"]
     run = profile["model_run_ms"]
     for op, ms in profile["ops_ms"].items():

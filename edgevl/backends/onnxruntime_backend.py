@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cpu import configure_session, matmul_library, integer_gemm
+from ..cpu import configure_session, integer_gemm, matmul_library
 from ..manifest import ExportError, Manifest, check_graph_shapes
 from .exported import ExportedBackend
 
