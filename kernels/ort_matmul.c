@@ -369,27 +369,56 @@ static inline void prefetch_ahead(const int8_t* w) {  /* one k-block of a group:
     _mm_prefetch((const char*)w + PREFETCH_BYTES + 64, _MM_HINT_T0);
 }
 
+/* One k-block of one row (`row`, its `magnitude`) against the group at w, into that group's four sums. */
+#define GROUP_DOTS(s0, s1, s2, s3, w)                                                          \
+    do {                                                                                       \
+        prefetch_ahead(w);                                                                     \
+        SIGNED_DOT(s0, magnitude, row, _mm256_load_si256((const __m256i*)(w)));                \
+        SIGNED_DOT(s1, magnitude, row, _mm256_load_si256((const __m256i*)((w) + KBLOCK)));     \
+        SIGNED_DOT(s2, magnitude, row, _mm256_load_si256((const __m256i*)((w) + 2 * KBLOCK))); \
+        SIGNED_DOT(s3, magnitude, row, _mm256_load_si256((const __m256i*)((w) + 3 * KBLOCK))); \
+    } while (0)
+
 __attribute__((target("avx2"))) static inline __m128i reduce4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
     const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
     return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 
-__attribute__((target("avx2"))) static void tile1(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[2][COLS]) {
+__attribute__((target("avx2"))) static void tile1(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[][COLS]) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
-        prefetch_ahead(w);
         const __m256i row = _mm256_loadu_si256((const __m256i*)(a + k0));
         const __m256i magnitude = _mm256_abs_epi8(row);  /* -128 -> 0x80: 128 read as unsigned */
-        SIGNED_DOT(s0, magnitude, row, _mm256_load_si256((const __m256i*)w));
-        SIGNED_DOT(s1, magnitude, row, _mm256_load_si256((const __m256i*)(w + KBLOCK)));
-        SIGNED_DOT(s2, magnitude, row, _mm256_load_si256((const __m256i*)(w + 2 * KBLOCK)));
-        SIGNED_DOT(s3, magnitude, row, _mm256_load_si256((const __m256i*)(w + 3 * KBLOCK)));
+        GROUP_DOTS(s0, s1, s2, s3, w);
     }
     _mm_storeu_si128((__m128i*)out[0], reduce4(s0, s1, s2, s3));
 }
 
-__attribute__((target("avx2"))) static void tile2(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[2][COLS]) {
+/* One row against STREAMS groups `stride` bytes apart at once. A core keeps more reads from memory in flight over
+ * several streams than over one (one row by the 48 MLP matrices of the InternVL2-1B shape, 2 threads, the 2-core
+ * Xeon: 24 GB/s with one stream, 33 with four), and a decode step is one row: its speed is this loop's. */
+enum { STREAMS = 4 };
+__attribute__((target("avx2"))) static void tile1_streams(const int8_t* a, int64_t kp, const int8_t* w, int64_t stride,
+                                                           int32_t out[STREAMS][COLS]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s00 = _mm256_setzero_si256(), s01 = s00, s02 = s00, s03 = s00, s10 = s00, s11 = s00, s12 = s00, s13 = s00;
+    __m256i s20 = s00, s21 = s00, s22 = s00, s23 = s00, s30 = s00, s31 = s00, s32 = s00, s33 = s00;
+    for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
+        const __m256i row = _mm256_loadu_si256((const __m256i*)(a + k0));
+        const __m256i magnitude = _mm256_abs_epi8(row);
+        GROUP_DOTS(s00, s01, s02, s03, w);
+        GROUP_DOTS(s10, s11, s12, s13, w + stride);
+        GROUP_DOTS(s20, s21, s22, s23, w + 2 * stride);
+        GROUP_DOTS(s30, s31, s32, s33, w + 3 * stride);
+    }
+    _mm_storeu_si128((__m128i*)out[0], reduce4(s00, s01, s02, s03));
+    _mm_storeu_si128((__m128i*)out[1], reduce4(s10, s11, s12, s13));
+    _mm_storeu_si128((__m128i*)out[2], reduce4(s20, s21, s22, s23));
+    _mm_storeu_si128((__m128i*)out[3], reduce4(s30, s31, s32, s33));
+}
+
+__attribute__((target("avx2"))) static void tile2(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[][COLS]) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i s00 = _mm256_setzero_si256(), s01 = s00, s02 = s00, s03 = s00;
     __m256i s10 = s00, s11 = s00, s12 = s00, s13 = s00;
@@ -415,34 +444,51 @@ __attribute__((target("avx2"))) static void tile2(const int8_t* a, int64_t kp, c
     _mm_storeu_si128((__m128i*)out[1], reduce4(s10, s11, s12, s13));
 }
 
+/* Rows r .. r + rows - 1 of columns c .. c + COLS - 1 from their integer sums, scaled as the replaced graph does. */
+static void store_tile(const Work* work, int64_t r, int rows, int64_t c, int32_t acc[][COLS]) {
+    const Kernel* kernel = work->kernel;
+    const int64_t n = kernel->node.n;
+    for (int i = 0; i < rows; i++) {
+        float* y = work->y + (r + i) * n;
+        for (int j = 0; j < COLS && c + j < n; j++) {
+            if (kernel->per_token) {
+                const float scale = work->a_scale * kernel->w_scale[c + j];
+                y[c + j] = ((float)acc[i][j] * scale) * work->row_scale[r + i];
+            } else {
+                int32_t exact = acc[i][j] + work->correction * kernel->column_sums[c + j];
+                y[c + j] = (float)exact * (work->a_scale * kernel->w_scale[c + j]);
+            }
+        }
+    }
+}
+
 /* Columns [task * COLUMNS_PER_TASK, ...) of every row: the task's packed weights (<= 64 x K bytes) stay in cache
- * while the rows pass over them two at a time. */
+ * while the rows pass over them two at a time; a last single row (all of a decode step) reads them STREAMS groups at
+ * a time, from places a quarter of the task apart. */
 static void multiply_columns(void* p, size_t task) {
     const Work* work = p;
     const Kernel* kernel = work->kernel;
-    const int64_t kp = kernel->kp, n = kernel->node.n;
+    const int64_t kp = kernel->kp;
     const int64_t c0 = (int64_t)task * COLUMNS_PER_TASK;
     const int64_t c1 = c0 + COLUMNS_PER_TASK < kernel->np ? c0 + COLUMNS_PER_TASK : kernel->np;
-    int32_t acc[2][COLS];
-    for (int64_t r = 0; r < work->rows; r += 2) {
-        const int rows = work->rows - r >= 2 ? 2 : 1;
+    int32_t acc[STREAMS][COLS];
+    int64_t r = 0;
+    for (; r + 2 <= work->rows; r += 2) {
         for (int64_t c = c0; c < c1; c += COLS) {
-            const int8_t* w = kernel->packed + c * kp;
-            if (rows == 2) tile2(work->q + r * kp, kp, w, acc);
-            else tile1(work->q + r * kp, kp, w, acc);
-            for (int i = 0; i < rows; i++) {
-                float* y = work->y + (r + i) * n;
-                for (int j = 0; j < COLS && c + j < n; j++) {
-                    if (kernel->per_token) {
-                        const float scale = work->a_scale * kernel->w_scale[c + j];
-                        y[c + j] = ((float)acc[i][j] * scale) * work->row_scale[r + i];
-                    } else {
-                        int32_t exact = acc[i][j] + work->correction * kernel->column_sums[c + j];
-                        y[c + j] = (float)exact * (work->a_scale * kernel->w_scale[c + j]);
-                    }
-                }
-            }
+            tile2(work->q + r * kp, kp, kernel->packed + c * kp, acc);
+            store_tile(work, r, 2, c, acc);
         }
+    }
+    if (r == work->rows) return;
+    const int8_t* a = work->q + r * kp;
+    const int64_t span = (c1 - c0) / COLS / STREAMS * COLS;  /* columns between two streams */
+    for (int64_t c = c0; c < c0 + span; c += COLS) {
+        tile1_streams(a, kp, kernel->packed + c * kp, span * kp, acc);
+        for (int j = 0; j < STREAMS; j++) store_tile(work, r, 1, c + j * span, &acc[j]);
+    }
+    for (int64_t c = c0 + STREAMS * span; c < c1; c += COLS) {
+        tile1(a, kp, kernel->packed + c * kp, acc);
+        store_tile(work, r, 1, c, acc);
     }
 }
 
@@ -696,6 +742,43 @@ __attribute__((target("avx2,fma"))) static void group1(const Work4* work, int64_
     _mm256_storeu_ps(y[0], acc);
 }
 
+/* One row by two groups `span` groups apart at once: two weight streams in flight (tile1_streams). */
+__attribute__((target("avx2,fma"))) static void group1_pair(const Work4* work, int64_t r, int64_t g, int64_t span,
+                                                            float y[2][GROUP]) {
+    const Kernel4* kernel = work->kernel;
+    const int64_t blocks = kernel->blocks, units = kernel->block / UNIT;
+    const __m256i nibble = _mm256_set1_epi8(15);
+    const uint8_t* w = kernel->packed + g * blocks * units * 128;
+    const int64_t stride = span * blocks * units * 128;
+    const int8_t* q = work->q + r * blocks * units * 64;
+    const float* scales = kernel->scales + g * blocks * GROUP;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i t0 = _mm256_setzero_si256(), t1 = t0, t2 = t0, t3 = t0, s0 = t0, s1 = t0, s2 = t0, s3 = t0;
+        for (int64_t u = 0; u < units; u++, w += 128, q += 64) {
+            _mm_prefetch((const char*)w + 1024, _MM_HINT_T0);
+            _mm_prefetch((const char*)w + 1088, _MM_HINT_T0);
+            _mm_prefetch((const char*)w + stride + 1024, _MM_HINT_T0);
+            _mm_prefetch((const char*)w + stride + 1088, _MM_HINT_T0);
+            const __m256i qlo = _mm256_load_si256((const __m256i*)q), qhi = _mm256_load_si256((const __m256i*)(q + 32));
+            PAIR_DOT(t0, w, qlo, qhi);
+            PAIR_DOT(t1, w + 32, qlo, qhi);
+            PAIR_DOT(t2, w + 64, qlo, qhi);
+            PAIR_DOT(t3, w + 96, qlo, qhi);
+            PAIR_DOT(s0, w + stride, qlo, qhi);
+            PAIR_DOT(s1, w + stride + 32, qlo, qhi);
+            PAIR_DOT(s2, w + stride + 64, qlo, qhi);
+            PAIR_DOT(s3, w + stride + 96, qlo, qhi);
+        }
+        const int32_t offset = work->offset[r * blocks + b];
+        const float a_scale = work->a_scale[r * blocks + b];
+        acc0 = scaled(acc0, pair_sums(t0, t1, t2, t3), offset, a_scale, scales + b * GROUP);
+        acc1 = scaled(acc1, pair_sums(s0, s1, s2, s3), offset, a_scale, scales + (span * blocks + b) * GROUP);
+    }
+    _mm256_storeu_ps(y[0], acc0);
+    _mm256_storeu_ps(y[1], acc1);
+}
+
 __attribute__((target("avx2,fma"))) static void group2(const Work4* work, int64_t r, int64_t g,
                                                        float y[2][GROUP]) {
     const Kernel4* kernel = work->kernel;
@@ -741,17 +824,25 @@ static void multiply_groups(void* p, size_t task) {
     const int64_t n = kernel->node.n;
     const int64_t g0 = (int64_t)task * GROUPS_PER_TASK;
     const int64_t g1 = g0 + GROUPS_PER_TASK < kernel->groups ? g0 + GROUPS_PER_TASK : kernel->groups;
-    for (int64_t r = 0; r < work->rows; r += 2) {
+    float sums[2][GROUP];
+    int64_t r = 0;
+    for (; r + 2 <= work->rows; r += 2) {
         for (int64_t g = g0; g < g1; g++) {
-            float sums[2][GROUP];
-            if (work->rows - r >= 2) {
-                group2(work, r, g, sums);
-                store_group(work->y + (r + 1) * n, g * GROUP, n, sums[1]);
-            } else {
-                group1(work, r, g, sums);
-            }
+            group2(work, r, g, sums);
             store_group(work->y + r * n, g * GROUP, n, sums[0]);
+            store_group(work->y + (r + 1) * n, g * GROUP, n, sums[1]);
         }
+    }
+    if (r == work->rows) return;
+    const int64_t span = (g1 - g0) / 2;  /* groups between the two streams */
+    for (int64_t g = g0; g < g0 + span; g++) {
+        group1_pair(work, r, g, span, sums);
+        store_group(work->y + r * n, g * GROUP, n, sums[0]);
+        store_group(work->y + r * n, (g + span) * GROUP, n, sums[1]);
+    }
+    if (g0 + 2 * span < g1) {
+        group1(work, r, g1 - 1, sums);
+        store_group(work->y + r * n, (g1 - 1) * GROUP, n, sums[0]);
     }
 }
 

@@ -88,7 +88,9 @@ needs_edgevl_matmul = pytest.mark.skipif(
 
 
 @needs_edgevl_matmul
-@pytest.mark.parametrize("k, n", [(K, N), (70, 70)])  # 70: K past a 32-value block, N past a 4-column group
+# 70: K past a 32-value block. 102: N past a 4-column group, and a one-row input's last task of 10 groups read as
+# four streams of two groups and two groups after them (kernels/ort_matmul.c, multiply_columns).
+@pytest.mark.parametrize("k, n", [(K, N), (70, 102)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_edgevl_int8_matmul_gives_the_quantized_graphs_outputs_bit_for_bit(k, n, threads):
     """decoder_avx2.onnx's rewrite: each per-token chain and the one-row DynamicQuantizeMatMul become one Int8MatMul
