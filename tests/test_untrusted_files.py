@@ -28,7 +28,9 @@ JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=16)
-EDGE_VALUES = st.sampled_from([0, -1, 1, 2**63, 1.5, float("nan"), "", "64", [], {}, None, True, [1, 2], "../x"])
+# Fresh copies: a mutation that lands inside a drawn [1, 2] must not change the list the next example draws.
+EDGE_VALUES = st.sampled_from([0, -1, 1, 2**63, 1.5, float("nan"), "", "64", [], {}, None, True, [1, 2],
+                               "../x"]).map(copy.deepcopy)
 
 
 def _write_header(path, header, data: bytes = b"") -> None:
