@@ -108,3 +108,23 @@ def test_bfloat16_runtime_stays_close_to_float32(tiny_checkpoint):
     bf16 = EdgeVL.from_pretrained(path, dtype="bfloat16").backend.encode_images(pixel_values).ravel()
     cosine = f32 @ bf16 / np.linalg.norm(f32) / np.linalg.norm(bf16)
     assert cosine > 0.999
+
+
+def test_the_reference_imports_from_a_checkouts_root():
+    """From the repository's root (`python -m pytest`, `python -m benchmarks`) the top-level kernels/ directory is on
+    sys.path ahead of site-packages, under the name of the Hugging Face package transformers imports: it must hand
+    over to that package (kernels/__init__.py), or transformers' modeling fails to import."""
+    import subprocess
+    import sys
+    from importlib import metadata
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import kernels, transformers.activations; print(kernels.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    try:
+        metadata.distribution("kernels")
+    except metadata.PackageNotFoundError:
+        return  # transformers before 5.25 does not need it, and nothing else is there to hand over to
+    assert Path(proc.stdout.strip()).resolve().parent != root / "kernels"
