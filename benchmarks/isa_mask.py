@@ -7,9 +7,10 @@ ONNX Runtime (MLAS) picks its kernels from the `cpuid` instruction, which user s
 copy of the installed onnxruntime package is made (cached under --dir) whose libraries have each `cpuid` replaced
 by the two-byte UD0, and an LD_PRELOAD shim (isa_mask.c, built with `cc`) answers the resulting fault with the real
 cpuid minus the hidden features. The command gets that copy first on PYTHONPATH (onnxruntime-genai loads its
-runtime from the same package, so its Python needs the same onnxruntime version). /proc/cpuinfo, and so edgevl's
-own ISA report, still shows this CPU: benchmark reports name the mask from EDGEVL_ISA_MASK. Figures taken under a
-mask are this CPU running another class's kernels, not that class's speed.
+runtime from the same package, so its Python needs the same onnxruntime version); edgevl's own Int8MatMul is told
+the class's kernels through EDGEVL_MATMUL_KERNEL. /proc/cpuinfo, and so edgevl's own ISA report, still shows this
+CPU: benchmark reports name the mask from EDGEVL_ISA_MASK. Figures taken under a mask are this CPU running another
+class's kernels, not that class's speed.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from edgevl.cpu import MATMUL_KERNEL_ENV
 
 LABEL_ENV = "EDGEVL_ISA_MASK"
 DEFAULT_DIR = Path.home() / ".cache" / "edgevl-isa-mask"
@@ -135,6 +138,8 @@ def environment(isa_class: str, cache_dir: Path = DEFAULT_DIR, log=print) -> dic
     env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD")]))
     env["ISA_MASK_CLEAR"] = clear_words(isa_class)
     env[LABEL_ENV] = f"{isa_class} (ONNX Runtime's cpuid shows {CLASSES[isa_class][1]})"
+    if "avx512_vnni" in CLASSES[isa_class][0]:  # edgevl's Int8MatMul reads the real cpuid: name the class's kernels
+        env[MATMUL_KERNEL_ENV] = "avx2"
     return env
 
 

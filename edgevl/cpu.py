@@ -17,11 +17,14 @@ whose AVX2 kernel computes the same u8 x s8 integers without saturating (the sig
 with Int4MatMul: MatMulNBits' arithmetic on a faster AVX2 kernel than MLAS's for this class. Where u8 x s8 saturates
 (the class without VNNI), the library is installed and its products pass a probe, the ONNX Runtime backend runs
 that graph: the same results (int8 bit for bit, int4 to float rounding) and a faster decode (benchmarks/RESULTS.md).
+Int8MatMul also has AVX-512 VNNI kernels (vpdpbusd: the same integers), and on that class without AMX they decode
+faster than MLAS's, so int8 decoders run decoder_avx2.onnx there too (EDGEVL_DECODERS_ON_VNNI).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,13 +80,22 @@ class IntegerGemm:
     u8s8_exact: bool  # a full-range u8 x s8 product comes out exact with ONNX Runtime's defaults
     precision_mode: bool  # edgevl sets session.x64quantprecision (u8 x u8 kernels) on its sessions
     exact: bool  # with edgevl's session options, the product is exact: int8 graphs are computed as exported
-    # int8 and int4 decoders run edgevl's Int8MatMul / Int4MatMul (an export's decoder_avx2.onnx) here; None: not
-    # this class (u8 x s8 is exact: VNNI, AMX, ARM) or not installed, False: installed but a probe product was wrong
+    # edgevl's Int8MatMul / Int4MatMul passed their probe here (True) or not (False); None: not installed, or a class
+    # whose decoders keep ONNX Runtime's kernels (AMX, AVX-VNNI, ARM), so not probed
     edgevl_matmul: bool | None = None
+    # the decoder precisions that run on those ops here (an export's decoder_avx2.onnx): "int8" and "int4" where
+    # u8 x s8 saturates, "int8" on AVX-512 VNNI without AMX (EDGEVL_DECODERS_ON_VNNI)
+    edgevl_decoders: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.u8s8_exact:
-            return f"u8 x s8 on {self.kernel}: exact"
+            text = f"u8 x s8 on {self.kernel}: exact"
+            if self.edgevl_decoders:
+                return text + ("; int8 decoders on edgevl's Int8MatMul (its AVX-512 VNNI kernels: the same results, a "
+                               "faster decode)")
+            if self.edgevl_matmul is False:
+                return text + "; edgevl's Int8MatMul is installed but a probe product was wrong, so not used"
+            return text
         if not self.exact:
             return f"u8 x s8 saturates here, and {PRECISION_MODE} did not make it exact: int8 exports are refused"
         text = (f"u8 x s8 saturates int16 pair sums here (x86 without VNNI), so int8 weights run on ONNX Runtime's "
@@ -156,6 +168,26 @@ def matmul_library() -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin and "AVX2" in isa_classes() else None
 
 
+MATMUL_KERNEL_ENV = "EDGEVL_MATMUL_KERNEL"  # "avx2" or "avx512-vnni": the Int8MatMul kernels, where not the widest
+
+
+@functools.cache
+def int8_matmul_kernels() -> tuple[str, ...]:
+    """The kernels edgevl's Int8MatMul can run on this CPU ("avx2", "avx512-vnni"), as the library's own cpuid
+    check finds them (under qemu, the emulated CPU's); empty without the library."""
+    library = matmul_library()
+    if library is None:
+        return ()
+    found = ctypes.CDLL(str(library)).EdgevlInt8MatMulKernels()
+    return tuple(name for bit, name in ((1, "avx2"), (2, "avx512-vnni")) if found & bit)
+
+
+def int8_matmul_kernel() -> str | None:
+    """The kernels Int8MatMul takes here: EDGEVL_MATMUL_KERNEL's where set, else the widest this CPU runs."""
+    kernels = int8_matmul_kernels()
+    return os.environ.get(MATMUL_KERNEL_ENV) or (kernels[-1] if kernels else None)
+
+
 def _edgevl_matmul_is_exact(library: Path) -> bool:
     """Both ops' probe products (MATMUL_PROBE_MODEL); False also where the library does not load or run (reported
     by IntegerGemm.describe, then not used)."""
@@ -174,15 +206,29 @@ def _edgevl_matmul_is_exact(library: Path) -> bool:
     return bool(np.array_equal(y8, exact8) and np.array_equal(y4, exact4))
 
 
+# Where u8 x s8 is exact, the decoder precisions whose graphs run on edgevl's ops anyway, by MLAS's kernel: on AVX-512
+# VNNI without AMX Int8MatMul's VNNI kernels decode faster than MLAS's chain of six nodes a matmul and prefill as fast,
+# while MatMulNBits' int4 decode is faster than Int4MatMul's AVX2 one; AMX prefills 4x faster on MLAS
+# (benchmarks/RESULTS.md, "Int8MatMul on AVX-512 VNNI").
+EDGEVL_DECODERS_ON_VNNI = {"AVX-512 VNNI": ("int8",)}
+
+
 @functools.cache
 def integer_gemm() -> IntegerGemm:
-    """How ONNX Runtime computes u8 x s8 here, measured once per process (two or three tiny sessions, a few ms)."""
+    """How ONNX Runtime computes u8 x s8 here, measured once per process (two or three tiny sessions, a few ms), and
+    which decoders run on edgevl's own ops."""
     kernel = _mlas_kernel(isa_classes())
-    if _product_is_exact(precision_mode=False):
-        return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True)
     library = matmul_library()
+    if _product_is_exact(precision_mode=False):
+        decoders = EDGEVL_DECODERS_ON_VNNI.get(kernel, ())
+        if not decoders or library is None or int8_matmul_kernel() != "avx512-vnni":
+            return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True)
+        exact = _edgevl_matmul_is_exact(library)
+        return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True, edgevl_matmul=exact,
+                           edgevl_decoders=decoders if exact else ())
+    exact = None if library is None else _edgevl_matmul_is_exact(library)
     return IntegerGemm(kernel, u8s8_exact=False, precision_mode=True, exact=_product_is_exact(precision_mode=True),
-                       edgevl_matmul=None if library is None else _edgevl_matmul_is_exact(library))
+                       edgevl_matmul=exact, edgevl_decoders=("int8", "int4") if exact else ())
 
 
 def configure_session(options) -> None:

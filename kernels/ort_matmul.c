@@ -139,6 +139,7 @@ enum { PREFETCH_BYTES = 1024 };
 typedef struct {
     Node node;
     int per_token;
+    int vnni;        /* the AVX-512 VNNI kernels (vnni_*), else the AVX2 ones */
     int64_t kp, np;  /* K and N padded to KBLOCK and COLS */
     int8_t* packed;
     int32_t* column_sums;  /* sum over K of each column of w (DynamicQuantizeMatMul's zero-point correction) */
@@ -237,6 +238,36 @@ static OrtStatus* constant_input(const Node* node, const OrtKernelInfo* info, si
     return tensor(node, value, type, t, name);
 }
 
+/* Which int8 kernels this CPU runs: AVX-512 VNNI where it has it, else AVX2. Both compute the same integers;
+ * EDGEVL_MATMUL_KERNEL=avx2 or avx512-vnni names one (tests compare the two on one machine, and
+ * benchmarks/isa_mask.py shows a class without VNNI the AVX2 ones), an error where this CPU cannot run it. */
+static int has_vnni(void) {
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vl");
+}
+
+/* For edgevl.cpu (ctypes): the Int8MatMul kernels this CPU runs, 1 AVX2 | 2 AVX-512 VNNI (0: no AVX2). */
+__attribute__((visibility("default"))) int EdgevlInt8MatMulKernels(void) {
+    return __builtin_cpu_supports("avx2") ? 1 | (has_vnni() ? 2 : 0) : 0;
+}
+
+static OrtStatus* int8_kernels(const Node* node, int* vnni) {
+    const char* named = getenv("EDGEVL_MATMUL_KERNEL");
+    if (named == NULL || *named == 0) {
+        *vnni = has_vnni();
+    } else if (strcmp(named, "avx2") == 0) {
+        *vnni = 0;
+    } else if (strcmp(named, "avx512-vnni") == 0 && has_vnni()) {
+        *vnni = 1;
+    } else {
+        char what[160];
+        snprintf(what, sizeof what, "EDGEVL_MATMUL_KERNEL=%.40s: expected avx2 or avx512-vnni, one this CPU has (%s)",
+                 named, has_vnni() ? "both" : "avx2 only");
+        return error(node, ORT_INVALID_ARGUMENT, what);
+    }
+    return NULL;
+}
+
 static void destroy(void* p) {
     Kernel* kernel = p;
     if (kernel == NULL) return;
@@ -267,14 +298,21 @@ static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernel
     kernel->per_token = per_token != 0;
     kernel->kp = round_up(node.k, KBLOCK);
     kernel->np = round_up(node.n, COLS);
-    kernel->packed = aligned_alloc(64, round_up(kernel->kp * kernel->np, 64));
+    OrtStatus* status = int8_kernels(&node, &kernel->vnni);
+    if (status != NULL) {
+        free(kernel);
+        return status;
+    }
+    /* Room for a zero group past N: the VNNI kernels read groups in pairs. */
+    const size_t packed_bytes = kernel->kp * round_up(kernel->np, 2 * COLS);
+    kernel->packed = aligned_alloc(64, round_up(packed_bytes, 64));
     kernel->column_sums = calloc(kernel->np, sizeof(int32_t));
     kernel->w_scale = calloc(kernel->np, sizeof(float));
     if (kernel->packed == NULL || kernel->column_sums == NULL || kernel->w_scale == NULL) {
         destroy(kernel);
         return error(&node, ORT_FAIL, "out of memory for the packed weight");
     }
-    memset(kernel->packed, 0, kernel->kp * kernel->np);
+    memset(kernel->packed, 0, packed_bytes);
     memcpy(kernel->w_scale, st.data, node.n * sizeof(float));
     const int8_t* w = wt.data;
     const int64_t k = node.k, n = node.n, kp = kernel->kp;
@@ -312,7 +350,8 @@ typedef struct {
     float* row_scale;  /* per_token: m of each row */
     int64_t rows;
     float a_scale;     /* per_token: 1/127; else the tensor's scale */
-    int32_t correction;  /* per tensor: 128 - zero point, times each column's sum */
+    int32_t correction;  /* added to each sum times its column's sum: 128 - zero point per tensor (0 per token),
+                          * less 128 for the VNNI kernels, whose activations are the u8 codes */
 } Work;
 
 /* q = rne(clamp((x / first) / second, low, high)) + offset: the per-token chain's Div (first = m), then ONNX
@@ -339,6 +378,13 @@ __attribute__((target("avx2"))) static void quantize_row(const float* x, int8_t*
     }
 }
 
+/* q - 128 -> the u8 code q (the VNNI kernels' activations): flipping the top bit adds 128 modulo 256. */
+__attribute__((target("avx2"))) static void to_codes(int8_t* q, int64_t bytes) {  /* bytes: a multiple of KBLOCK */
+    const __m256i top = _mm256_set1_epi8((char)0x80);
+    for (int64_t i = 0; i < bytes; i += 32)
+        _mm256_storeu_si256((__m256i*)(q + i), _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(q + i)), top));
+}
+
 /* Per-token rows: q = rne((x / m) / (1/127)), clamped to -128..127 (the graph's u8 code minus 128). */
 __attribute__((target("avx2"))) static void quantize_rows_per_token(void* p, size_t r) {
     Work* work = p;
@@ -357,6 +403,7 @@ __attribute__((target("avx2"))) static void quantize_rows_per_token(void* p, siz
     int8_t* q = work->q + r * kp;
     quantize_row(x, q, k, m, work->a_scale, -128.0f, 127.0f, 0);
     memset(q + k, 0, kp - k);
+    if (work->kernel->vnni) to_codes(q, kp);
 }
 
 /* Sums of |a| * (w with a's sign) over K for one or two rows of a and the COLS columns of one packed group, with
@@ -444,20 +491,30 @@ __attribute__((target("avx2"))) static void tile2(const int8_t* a, int64_t kp, c
     _mm_storeu_si128((__m128i*)out[1], reduce4(s10, s11, s12, s13));
 }
 
-/* Rows r .. r + rows - 1 of columns c .. c + COLS - 1 from their integer sums, scaled as the replaced graph does. */
-static void store_tile(const Work* work, int64_t r, int rows, int64_t c, int32_t acc[][COLS]) {
+/* Rows r .. r + rows - 1 of columns c .. c + COLS - 1 from their integer sums, scaled as the replaced graph does
+ * (the vector and scalar paths round alike: the same float operations in the same order). */
+__attribute__((target("avx2"))) static void store_tile(const Work* work, int64_t r, int rows, int64_t c,
+                                                        int32_t acc[][COLS]) {
     const Kernel* kernel = work->kernel;
     const int64_t n = kernel->node.n;
+    if (c + COLS <= n) {
+        const __m128i correction = _mm_mullo_epi32(_mm_set1_epi32(work->correction),
+                                                   _mm_loadu_si128((const __m128i*)(kernel->column_sums + c)));
+        const __m128 scale = _mm_mul_ps(_mm_set1_ps(work->a_scale), _mm_loadu_ps(kernel->w_scale + c));
+        for (int i = 0; i < rows; i++) {
+            const __m128i exact = _mm_add_epi32(_mm_loadu_si128((const __m128i*)acc[i]), correction);
+            __m128 y = _mm_mul_ps(_mm_cvtepi32_ps(exact), scale);
+            if (kernel->per_token) y = _mm_mul_ps(y, _mm_set1_ps(work->row_scale[r + i]));
+            _mm_storeu_ps(work->y + (r + i) * n + c, y);
+        }
+        return;
+    }
     for (int i = 0; i < rows; i++) {
         float* y = work->y + (r + i) * n;
         for (int j = 0; j < COLS && c + j < n; j++) {
-            if (kernel->per_token) {
-                const float scale = work->a_scale * kernel->w_scale[c + j];
-                y[c + j] = ((float)acc[i][j] * scale) * work->row_scale[r + i];
-            } else {
-                int32_t exact = acc[i][j] + work->correction * kernel->column_sums[c + j];
-                y[c + j] = (float)exact * (work->a_scale * kernel->w_scale[c + j]);
-            }
+            const int32_t exact = acc[i][j] + work->correction * kernel->column_sums[c + j];
+            const float scale = work->a_scale * kernel->w_scale[c + j];
+            y[c + j] = kernel->per_token ? ((float)exact * scale) * work->row_scale[r + i] : (float)exact * scale;
         }
     }
 }
@@ -492,10 +549,148 @@ static void multiply_columns(void* p, size_t task) {
     }
 }
 
+/* ---- The AVX-512 VNNI kernels: vpdpbusd sums four u8 x s8 products into each int32 lane with no int16 step, so
+ * the activations go in as their u8 codes (q + 128) with no sign trick, and the column sums take the 128 back out
+ * (Work.correction): sum (q + 128) w - 128 sum w = sum q w, the same integers as the AVX2 kernels. One zmm load is
+ * one k-block of two columns of a group (the packed layout), the row's 32 codes broadcast to both halves; lanes
+ * 0-7 sum the first column's products, 8-15 the second's. */
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2")))
+
+VNNI_TARGET static inline __m512i broadcast_row(const int8_t* a) {
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)a));
+}
+
+/* A group's four column sums from its two accumulators (columns 0, 1 and 2, 3). */
+VNNI_TARGET static inline __m128i reduce_group(__m512i c01, __m512i c23) {
+    return reduce4(_mm512_castsi512_si256(c01), _mm512_extracti64x4_epi64(c01, 1), _mm512_castsi512_si256(c23),
+                   _mm512_extracti64x4_epi64(c23, 1));
+}
+
+#define VNNI_GROUP(s01, s23, row, w)                                                         \
+    do {                                                                                     \
+        prefetch_ahead(w);                                                                   \
+        s01 = _mm512_dpbusd_epi32(s01, row, _mm512_load_si512((const void*)(w)));            \
+        s23 = _mm512_dpbusd_epi32(s23, row, _mm512_load_si512((const void*)((w) + 64)));     \
+    } while (0)
+
+VNNI_TARGET static void vnni_tile1(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[][COLS]) {
+    __m512i s01 = _mm512_setzero_si512(), s23 = s01;
+    for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
+        const __m512i row = broadcast_row(a + k0);
+        VNNI_GROUP(s01, s23, row, w);
+    }
+    _mm_storeu_si128((__m128i*)out[0], reduce_group(s01, s23));
+}
+
+/* One row against STREAMS groups `stride` bytes apart at once (tile1_streams). */
+VNNI_TARGET static void vnni_tile1_streams(const int8_t* a, int64_t kp, const int8_t* w, int64_t stride,
+                                           int32_t out[STREAMS][COLS]) {
+    __m512i s0 = _mm512_setzero_si512(), t0 = s0, s1 = s0, t1 = s0, s2 = s0, t2 = s0, s3 = s0, t3 = s0;
+    for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
+        const __m512i row = broadcast_row(a + k0);
+        VNNI_GROUP(s0, t0, row, w);
+        VNNI_GROUP(s1, t1, row, w + stride);
+        VNNI_GROUP(s2, t2, row, w + 2 * stride);
+        VNNI_GROUP(s3, t3, row, w + 3 * stride);
+    }
+    _mm_storeu_si128((__m128i*)out[0], reduce_group(s0, t0));
+    _mm_storeu_si128((__m128i*)out[1], reduce_group(s1, t1));
+    _mm_storeu_si128((__m128i*)out[2], reduce_group(s2, t2));
+    _mm_storeu_si128((__m128i*)out[3], reduce_group(s3, t3));
+}
+
+/* Four rows (kp apart) by two groups (w and w + next): each weight load serves four rows, each row eight columns. */
+#define VNNI_ROW(i)                                                                                             \
+    do {                                                                                                        \
+        const __m512i row = broadcast_row(a + (i) * kp + k0);                                                   \
+        r##i##a = _mm512_dpbusd_epi32(r##i##a, row, w01);                                                       \
+        r##i##b = _mm512_dpbusd_epi32(r##i##b, row, w23);                                                       \
+        r##i##c = _mm512_dpbusd_epi32(r##i##c, row, w45);                                                       \
+        r##i##d = _mm512_dpbusd_epi32(r##i##d, row, w67);                                                       \
+    } while (0)
+
+VNNI_TARGET static void vnni_tile4(const int8_t* a, int64_t kp, const int8_t* w, int64_t next,
+                                   int32_t first[4][COLS], int32_t second[4][COLS]) {
+    __m512i r0a = _mm512_setzero_si512(), r0b = r0a, r0c = r0a, r0d = r0a, r1a = r0a, r1b = r0a, r1c = r0a, r1d = r0a;
+    __m512i r2a = r0a, r2b = r0a, r2c = r0a, r2d = r0a, r3a = r0a, r3b = r0a, r3c = r0a, r3d = r0a;
+    for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
+        prefetch_ahead(w);
+        prefetch_ahead(w + next);
+        const __m512i w01 = _mm512_load_si512((const void*)w), w23 = _mm512_load_si512((const void*)(w + 64));
+        const __m512i w45 = _mm512_load_si512((const void*)(w + next));
+        const __m512i w67 = _mm512_load_si512((const void*)(w + next + 64));
+        VNNI_ROW(0);
+        VNNI_ROW(1);
+        VNNI_ROW(2);
+        VNNI_ROW(3);
+    }
+    _mm_storeu_si128((__m128i*)first[0], reduce_group(r0a, r0b));
+    _mm_storeu_si128((__m128i*)first[1], reduce_group(r1a, r1b));
+    _mm_storeu_si128((__m128i*)first[2], reduce_group(r2a, r2b));
+    _mm_storeu_si128((__m128i*)first[3], reduce_group(r3a, r3b));
+    _mm_storeu_si128((__m128i*)second[0], reduce_group(r0c, r0d));
+    _mm_storeu_si128((__m128i*)second[1], reduce_group(r1c, r1d));
+    _mm_storeu_si128((__m128i*)second[2], reduce_group(r2c, r2d));
+    _mm_storeu_si128((__m128i*)second[3], reduce_group(r3c, r3d));
+}
+
+/* multiply_columns on the VNNI kernels: each pair of groups by every four rows (the q buffer holds whole fours of
+ * rows, and the packed weight a zero group past N, so a last partial four or lone group needs no other kernel; only
+ * their real outputs are stored), a last single row as there. The first pass over a pair's weights would wait on
+ * memory with two streams in flight, so the pair after it is prefetched into L2 a slice per four rows (InternVL2-1B's
+ * MLP, 64 rows, one core: 175 GMAC/s without, 205-210 with, as with the weights already in cache). */
+static void vnni_multiply_columns(void* p, size_t task) {
+    const Work* work = p;
+    const Kernel* kernel = work->kernel;
+    const int64_t kp = kernel->kp;
+    const int64_t c0 = (int64_t)task * COLUMNS_PER_TASK;
+    const int64_t c1 = c0 + COLUMNS_PER_TASK < kernel->np ? c0 + COLUMNS_PER_TASK : kernel->np;
+    int32_t acc[STREAMS][COLS], more[STREAMS][COLS];
+    const int64_t fours = work->rows == 1 ? 0 : (work->rows + 3) / 4;
+    const int64_t pair_bytes = 2 * COLS * kp, slice = round_up((pair_bytes + fours - 1) / (fours ? fours : 1), 64);
+    for (int64_t c = fours ? c0 : c1; c < c1; c += 2 * COLS) {
+        const char* next = (const char*)(kernel->packed + (c + 2 * COLS) * kp);
+        const int prefetch = c + 2 * COLS < kernel->np;
+        for (int64_t f = 0; f < fours; f++) {
+            for (int64_t b = f * slice; prefetch && b < (f + 1) * slice && b < pair_bytes; b += 64)
+                _mm_prefetch(next + b, _MM_HINT_T1);
+            const int64_t r = 4 * f;
+            const int rows = work->rows - r < 4 ? (int)(work->rows - r) : 4;
+            vnni_tile4(work->q + r * kp, kp, kernel->packed + c * kp, COLS * kp, acc, more);
+            store_tile(work, r, rows, c, acc);
+            if (c + COLS < c1) store_tile(work, r, rows, c + COLS, more);
+        }
+    }
+    if (fours) return;
+    const int64_t span = (c1 - c0) / COLS / STREAMS * COLS;
+    for (int64_t c = c0; c < c0 + span; c += COLS) {
+        vnni_tile1_streams(work->q, kp, kernel->packed + c * kp, span * kp, acc);
+        for (int j = 0; j < STREAMS; j++) store_tile(work, 0, 1, c + j * span, &acc[j]);
+    }
+    for (int64_t c = c0 + STREAMS * span; c < c1; c += COLS) {
+        vnni_tile1(work->q, kp, kernel->packed + c * kp, acc);
+        store_tile(work, 0, 1, c, acc);
+    }
+}
+
 /* DynamicQuantizeLinear's scale and zero point over the whole tensor (ONNX Runtime's GetQuantizationParameter). */
-static void tensor_quantization(const float* x, int64_t count, float* scale, int32_t* zero_point) {
-    float lo = 0.0f, hi = 0.0f;
-    for (int64_t i = 0; i < count; i++) {
+__attribute__((target("avx2"))) static void tensor_quantization(const float* x, int64_t count, float* scale,
+                                                                 int32_t* zero_point) {
+    __m256 low = _mm256_setzero_ps(), high = low;
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {  /* min_ps / max_ps return the second operand for a NaN, as the loop below */
+        const __m256 v = _mm256_loadu_ps(x + i);
+        low = _mm256_min_ps(v, low);
+        high = _mm256_max_ps(v, high);
+    }
+    float lows[8], highs[8], lo = 0.0f, hi = 0.0f;
+    _mm256_storeu_ps(lows, low);
+    _mm256_storeu_ps(highs, high);
+    for (int j = 0; j < 8; j++) {
+        lo = lows[j] < lo ? lows[j] : lo;
+        hi = highs[j] > hi ? highs[j] : hi;
+    }
+    for (; i < count; i++) {
         lo = x[i] < lo ? x[i] : lo;
         hi = x[i] > hi ? x[i] : hi;
     }
@@ -514,8 +709,9 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     RETURN_IF_ERROR(input_output(node, ctx, &x, &y, &rows));
     if (rows == 0) return NULL;
 
-    Work work = {kernel, x, y, NULL, NULL, rows, 1.0f / 127.0f, 0};
-    work.q = aligned_alloc(64, round_up(rows * kernel->kp, 64));
+    Work work = {kernel, x, y, NULL, NULL, rows, 1.0f / 127.0f, kernel->vnni ? -128 : 0};
+    const int64_t q_rows = kernel->vnni ? (int64_t)round_up(rows, 4) : rows;  /* the VNNI kernels read whole fours */
+    work.q = aligned_alloc(64, round_up(q_rows * kernel->kp, 64));
     work.row_scale = malloc(rows * sizeof(float));
     if (work.q == NULL || work.row_scale == NULL) {
         free(work.q);
@@ -531,18 +727,20 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     } else {
         int32_t zero_point;
         tensor_quantization(work.x, rows * kernel->node.k, &work.a_scale, &zero_point);
-        work.correction = 128 - zero_point;
+        work.correction += 128 - zero_point;
         /* Stored as q - 128 (-128..127); the correction (128 - zp) x column sum makes the product q - zp's. */
         for (int64_t r = 0; r < rows; r++) {
             int8_t* q = work.q + r * kernel->kp;
             quantize_row(work.x + r * kernel->node.k, q, kernel->node.k, 1.0f, work.a_scale,
                          (float)(0 - zero_point), (float)(255 - zero_point), zero_point - 128);
             memset(q + kernel->node.k, 0, kernel->kp - kernel->node.k);
+            if (kernel->vnni) to_codes(q, kernel->kp);
         }
     }
+    memset(work.q + rows * kernel->kp, 0, (q_rows - rows) * kernel->kp);
     if (status == NULL) {
         size_t tasks = (kernel->np + COLUMNS_PER_TASK - 1) / COLUMNS_PER_TASK;
-        status = parallel_for(ctx, multiply_columns, tasks, 0, &work);
+        status = parallel_for(ctx, kernel->vnni ? vnni_multiply_columns : multiply_columns, tasks, 0, &work);
     }
     free(work.q);
     free(work.row_scale);

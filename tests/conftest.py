@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from edgevl.cpu import MATMUL_KERNEL_ENV, int8_matmul_kernels
 from edgevl.testing.checkpoints import write_tiny_checkpoint
 
 
@@ -96,3 +97,13 @@ def kept_selftest_exports(exported):
         return kept
 
     return seed
+
+
+@pytest.fixture(params=["avx2", "avx512-vnni"])
+def int8_kernel(request, monkeypatch):
+    """Each of Int8MatMul's kernels this CPU runs, named through EDGEVL_MATMUL_KERNEL (read when a session is built):
+    both compute the same integers, so every bit-for-bit test holds for each."""
+    if request.param not in int8_matmul_kernels():
+        pytest.skip(f"Int8MatMul's {request.param} kernels need a CPU with it; this one runs {int8_matmul_kernels()}")
+    monkeypatch.setenv(MATMUL_KERNEL_ENV, request.param)
+    return request.param

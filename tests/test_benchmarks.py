@@ -91,7 +91,7 @@ def test_quick_run_measures_every_backend(quick_run):
     assert rows["ort-fp32"]["threads"]["onnxruntime_providers"] == ["CPUExecutionProvider"]
     # The int8 row names the decoder graph it ran: edgevl's own ops where this CPU takes them (edgevl.cpu)
     assert rows["ort-fp32"]["decoder_graph"] == "decoder.onnx"
-    assert rows["ort-int8"]["decoder_graph"] == ("decoder_avx2.onnx" if integer_gemm().edgevl_matmul
+    assert rows["ort-int8"]["decoder_graph"] == ("decoder_avx2.onnx" if "int8" in integer_gemm().edgevl_decoders
                                                  else "decoder.onnx")
     assert "torch_threads" in rows["torch"]["threads"]
     # The int8 decoder file reads fewer bytes per token than the fp32 one.
@@ -270,8 +270,8 @@ def test_decode_profile_splits_a_token_by_op_type(exported, capsys):
     assert profile["tokens"] == 4 and profile["precision"] == "int8"
     ops = profile["ops_ms"]
     # the int8 decoder's weight matmuls and its fused attention (export/cpu_graph.py) are what a token runs; on x86
-    # without VNNI the matmuls are edgevl's Int8MatMul (decoder_avx2.onnx)
-    avx2 = bool(integer_gemm().edgevl_matmul)
+    # without VNNI and on AVX-512 VNNI the matmuls are edgevl's Int8MatMul (decoder_avx2.onnx)
+    avx2 = "int8" in integer_gemm().edgevl_decoders
     assert profile["graph"] == ("decoder_avx2.onnx" if avx2 else "decoder.onnx")
     matmuls = {"Int8MatMul"} if avx2 else {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
     assert matmuls | {"GroupQueryAttention"} <= set(ops)

@@ -146,7 +146,12 @@ if isa_mask.active_class():
 
 @pytest.mark.skipif(not (_X86 and _VNNI), reason="checks the VNNI/AMX class: this CPU has no VNNI or is not x86")
 def test_vnni_cpus_keep_the_fast_u8s8_kernels():
-    assert cpu.integer_gemm().u8s8_exact and not cpu.integer_gemm().precision_mode
+    gemm = cpu.integer_gemm()
+    assert gemm.u8s8_exact and not gemm.precision_mode
+    # int8 decoders on Int8MatMul's VNNI kernels exactly where MLAS's kernel is AVX-512 VNNI (not AMX, not AVX-VNNI)
+    vnni_ops = gemm.kernel == "AVX-512 VNNI" and cpu.int8_matmul_kernel() == "avx512-vnni"
+    assert gemm.edgevl_decoders == (("int8",) if vnni_ops else ())
+    assert gemm.edgevl_matmul is (True if vnni_ops else None)
 
 
 @pytest.mark.skipif(not _X86 or _VNNI or "AVX2" not in cpu.isa_classes(),
@@ -155,6 +160,7 @@ def test_avx2_cpus_without_vnni_switch_to_exact_kernels():
     gemm = cpu.integer_gemm()
     assert not gemm.u8s8_exact and gemm.precision_mode and gemm.exact
     assert gemm.edgevl_matmul is (True if cpu.matmul_library() else None)
+    assert gemm.edgevl_decoders == (("int8", "int4") if cpu.matmul_library() else ())
 
 
 def test_isa_classes_come_from_the_kernels_flags():
@@ -207,7 +213,7 @@ def test_matmul_probe_model_holds_the_probe_operands():
 
 @needs_edgevl_matmul
 @pytest.mark.parametrize("threads", [1, 2])
-def test_edgevl_matmuls_are_exact(threads):
+def test_edgevl_matmuls_are_exact(threads, int8_kernel):
     """edgevl's own ops (kernels/ort_matmul.c), whatever ONNX Runtime's kernels do here: Int8MatMul's activations
     -128..127 quantize to their own codes (scale 1, zero point 128), Int4MatMul's -127..127 with 127 in each row
     to themselves (scale 1), so the outputs are the exact integers."""
@@ -216,7 +222,7 @@ def test_edgevl_matmuls_are_exact(threads):
     y8, y4 = session.run(["y8", "y4"], {"x8": A.astype(np.float32) - 128, "x4": x4.astype(np.float32)})
     np.testing.assert_array_equal(y8, EXACT)
     np.testing.assert_array_equal(y4, exact4)
-    assert cpu.integer_gemm().edgevl_matmul in (None, True)  # None: u8 x s8 is exact here, the ops are not needed
+    assert cpu.integer_gemm().edgevl_matmul in (None, True)  # None: this class keeps ONNX Runtime's kernels
 
 
 def _int8_matmul_model(weight, weight_as_input=False):
@@ -233,15 +239,20 @@ def _int8_matmul_model(weight, weight_as_input=False):
 
 
 @needs_edgevl_matmul
-def test_int8_matmul_refuses_weights_it_cannot_compute_exactly():
-    """-128 has no positive counterpart for the sign trick, the weight is packed once, and an input must match the
-    weight's K: each is an error that names the node, never a wrong product."""
+def test_int8_matmul_refuses_weights_it_cannot_compute_exactly(monkeypatch):
+    """-128 has no positive counterpart for the sign trick, the weight is packed once, an input must match the
+    weight's K, and EDGEVL_MATMUL_KERNEL must name kernels this CPU runs: each is an error that names the node, never a
+    wrong product."""
     weight = W.copy()
     weight[3, 5] = -128
     with pytest.raises(Exception, match=r"layer\.mlp.*-127\.\.127"):
         _edgevl_matmul_session(_int8_matmul_model(weight))
     with pytest.raises(Exception, match=r"layer\.mlp.*constant initializers"):
         _edgevl_matmul_session(_int8_matmul_model(W, weight_as_input=True))
+    monkeypatch.setenv(cpu.MATMUL_KERNEL_ENV, "avx9")
+    with pytest.raises(Exception, match=r"layer\.mlp.*EDGEVL_MATMUL_KERNEL=avx9: expected avx2 or avx512-vnni"):
+        _edgevl_matmul_session(_int8_matmul_model(W))
+    monkeypatch.delenv(cpu.MATMUL_KERNEL_ENV)
     unchecked = _int8_matmul_model(W)
     unchecked.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "k"  # so the op itself sees a wrong K
     session = _edgevl_matmul_session(unchecked)

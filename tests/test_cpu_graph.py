@@ -89,19 +89,22 @@ needs_edgevl_matmul = pytest.mark.skipif(
 
 @needs_edgevl_matmul
 # 70: K past a 32-value block. 102: N past a 4-column group, and a one-row input's last task of 10 groups read as
-# four streams of two groups and two groups after them (kernels/ort_matmul.c, multiply_columns).
-@pytest.mark.parametrize("k, n", [(K, N), (70, 102)])
+# four streams of two groups and two groups after them (kernels/ort_matmul.c, multiply_columns). 90: a last task of 7
+# groups, whose VNNI pairs end on the zero group past N.
+@pytest.mark.parametrize("k, n", [(K, N), (70, 102), (70, 90)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_edgevl_int8_matmul_gives_the_quantized_graphs_outputs_bit_for_bit(k, n, threads):
+def test_edgevl_int8_matmul_gives_the_quantized_graphs_outputs_bit_for_bit(k, n, threads, int8_kernel):
     """decoder_avx2.onnx's rewrite: each per-token chain and the one-row DynamicQuantizeMatMul become one Int8MatMul
     computing the same quantization, integers and float scaling, so its outputs equal ONNX Runtime's exactly
-    (prefill-sized and decode-sized inputs, an outlier row, an all-zero row)."""
+    (prefill-sized and decode-sized inputs, row counts that end a block of four rows at each place, an outlier row, an
+    all-zero row)."""
     rng = np.random.default_rng(7)
     weight = rng.standard_normal((k, n)).astype(np.float32)
     x = rng.standard_normal((1, 37, k)).astype(np.float32)
     x[0, 2] *= 1000
     x[0, 5] = 0
-    for rows, inputs in (("s", x), ("s", x[:, :1]), (1, x[:, 4:5])):
+    for rows, inputs in (("s", x), ("s", x[:, :1]), ("s", x[:, :6]), ("s", x[:, :7]), ("s", x[:, :8]),
+                         (1, x[:, 4:5])):
         model = _matmul_model(weight, rows)
         quantize_matmuls_per_token(model)
         rewritten = onnx.ModelProto()

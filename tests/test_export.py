@@ -219,7 +219,7 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_avx2_gives_the_decoders_logits(exported, family, precision, monkeypatch, tmp_path):
-    """The graph x86 CPUs without VNNI run: every weight matmul on edgevl's Int8MatMul (int8: the same logits as
+    """The graph x86 CPUs without VNNI (and int8 on AVX-512 VNNI) run: every weight matmul on edgevl's Int8MatMul (int8: the same logits as
     decoder.onnx, bit for bit) or Int4MatMul (int4: MatMulNBits' arithmetic, summed in another order: the same
     logits to float rounding), through prefill (chunked) and decode, wherever either runs. Chosen here whatever
     this CPU is."""
@@ -231,7 +231,7 @@ def test_decoder_avx2_gives_the_decoders_logits(exported, family, precision, mon
     assert ops.count(op) == 4 * 2 + 1 and not replaced & set(ops)
     assert {e.value for t in graph.initializer for e in t.external_data if e.key == "location"} == {"decoder.onnx.data"}
     def backend(edgevl_matmul: bool):
-        gemm = replace(cpu.integer_gemm(), edgevl_matmul=edgevl_matmul)
+        gemm = replace(cpu.integer_gemm(), edgevl_decoders=(precision,) if edgevl_matmul else ())
         monkeypatch.setattr("edgevl.backends.onnxruntime_backend.integer_gemm", lambda: gemm)
         return EdgeVL.from_pretrained(out).backend
 
@@ -254,7 +254,7 @@ def test_decoder_avx2_gives_the_decoders_logits(exported, family, precision, mon
         del manifest["graphs"]["decoder_avx2"]
         (older / "manifest.json").write_text(json.dumps(manifest))
         monkeypatch.setattr("edgevl.backends.onnxruntime_backend.integer_gemm",
-                            lambda: replace(cpu.integer_gemm(), edgevl_matmul=True))
+                            lambda: replace(cpu.integer_gemm(), edgevl_decoders=("int8",)))
         assert EdgeVL.from_pretrained(older).backend.decoder_graph == "decoder.onnx"
 
 

@@ -71,10 +71,12 @@ class OnnxRuntimeBackend(ExportedBackend):
         self.vision = _session(ort, export_dir / manifest.graphs.vision, options, provider)
         if profile_prefix is not None:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-        # The decoder graph this session runs: on x86 without VNNI, with edgevl's Int8MatMul / Int4MatMul where they
-        # are installed and exact (edgevl.cpu) and the export carries the graph; the same results, faster.
+        # The decoder graph this session runs: with edgevl's Int8MatMul / Int4MatMul where edgevl.cpu takes them for
+        # this precision (x86 without VNNI; int8 on AVX-512 VNNI) and the export carries the graph; the same results,
+        # faster.
         self.decoder_graph = manifest.graphs.decoder
-        if self.integer_gemm is not None and self.integer_gemm.edgevl_matmul and manifest.graphs.decoder_avx2:
+        if (self.integer_gemm is not None and manifest.precision.decoder in self.integer_gemm.edgevl_decoders
+                and manifest.graphs.decoder_avx2):
             options.register_custom_ops_library(str(matmul_library()))
             self.decoder_graph = manifest.graphs.decoder_avx2
         with _plain_gqa_kernel(device == "cpu"):
