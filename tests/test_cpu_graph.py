@@ -88,10 +88,10 @@ needs_edgevl_matmul = pytest.mark.skipif(
 
 
 @needs_edgevl_matmul
-# 70: K past a 32-value block. 102: N past a 4-column group, and a one-row input's last task of 10 groups read as
-# four streams of two groups and two groups after them (kernels/ort_matmul.c, multiply_columns). 90: a last task of 7
-# groups, whose VNNI pairs end on the zero group past N.
-@pytest.mark.parametrize("k, n", [(K, N), (70, 102), (70, 90)])
+# 70: K past a 32-value block. 102: N past a 4-column group, and a one-row input's last task read as four streams and
+# two groups after them (kernels/ort_matmul.c, multiply_columns). 90: a last task of 7 groups, whose VNNI pairs end on
+# the zero group past N. 300: one-row inputs over several VNNI tasks (VNNI_ROW_COLUMNS), the last of 11 groups.
+@pytest.mark.parametrize("k, n", [(K, N), (70, 102), (70, 90), (70, 300)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_edgevl_int8_matmul_gives_the_quantized_graphs_outputs_bit_for_bit(k, n, threads, int8_kernel):
     """decoder_avx2.onnx's rewrite: each per-token chain and the one-row DynamicQuantizeMatMul become one Int8MatMul
