@@ -134,10 +134,10 @@ typedef struct {
  * packed[((g * kp / 32) + kb) * COLS * 32 + c * 32 + i] = w[kb * 32 + i][g * COLS + c] (zero past K and N), so a
  * tile of COLS outputs streams one contiguous run of memory. */
 enum { COLS = 4, KBLOCK = 32, COLUMNS_PER_TASK = 64 };
-/* The VNNI kernels' tasks for a single row: longer streams, fewer tasks. With no software prefetch (VNNI_GROUP) the
- * InternVL2-1B int8 decode step on the Zen 4 took 16.7 ms against 20.7 with 64-column tasks and prefetch (medians
- * of 8 alternations in one process). */
-enum { VNNI_ROW_COLUMNS = 128 };
+/* Tasks for a single row: longer streams, fewer tasks, and no software prefetch in its loops (the hardware
+ * prefetchers follow each stream). The InternVL2-1B int8 decode step on the Zen 4, medians of alternations in one
+ * process: VNNI kernels 16.7 ms against 20.7 with 64-column tasks and prefetch; AVX2 kernels 18.0 against 20.9. */
+enum { VNNI_ROW_COLUMNS = 128, AVX2_ROW_COLUMNS = 256 };
 /* The weight stream is prefetched this far ahead of a tile's loads (8 k-blocks of one group). */
 enum { PREFETCH_BYTES = 1024 };
 
@@ -425,7 +425,6 @@ static inline void prefetch_ahead(const int8_t* w) {  /* one k-block of a group:
 /* One k-block of one row (`row`, its `magnitude`) against the group at w, into that group's four sums. */
 #define GROUP_DOTS(s0, s1, s2, s3, w)                                                          \
     do {                                                                                       \
-        prefetch_ahead(w);                                                                     \
         SIGNED_DOT(s0, magnitude, row, _mm256_load_si256((const __m256i*)(w)));                \
         SIGNED_DOT(s1, magnitude, row, _mm256_load_si256((const __m256i*)((w) + KBLOCK)));     \
         SIGNED_DOT(s2, magnitude, row, _mm256_load_si256((const __m256i*)((w) + 2 * KBLOCK))); \
@@ -525,9 +524,9 @@ __attribute__((target("avx2"))) static void store_tile(const Work* work, int64_t
     }
 }
 
-/* Columns [task * COLUMNS_PER_TASK, ...) of every row: the task's packed weights (<= 64 x K bytes) stay in cache
- * while the rows pass over them two at a time; a last single row (all of a decode step) reads them STREAMS groups at
- * a time, from places a quarter of the task apart. */
+/* Columns [task * per_task, ...) of every row: the task's packed weights (<= 64 x K bytes) stay in cache while the
+ * rows pass over them two at a time; a single row (a decode step, its tasks AVX2_ROW_COLUMNS wide) reads them STREAMS
+ * groups at a time, from places a quarter of the task apart. */
 static void multiply_columns(void* p, size_t task) {
     const Work* work = p;
     const Kernel* kernel = work->kernel;
@@ -572,7 +571,6 @@ VNNI_TARGET static inline __m128i reduce_group(__m512i c01, __m512i c23) {
                    _mm512_extracti64x4_epi64(c23, 1));
 }
 
-/* No software prefetch here: the hardware prefetchers follow each stream (VNNI_ROW_COLUMNS). */
 #define VNNI_GROUP(s01, s23, row, w)                                                         \
     do {                                                                                     \
         s01 = _mm512_dpbusd_epi32(s01, row, _mm512_load_si512((const void*)(w)));            \
@@ -715,7 +713,7 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     RETURN_IF_ERROR(input_output(node, ctx, &x, &y, &rows));
     if (rows == 0) return NULL;
 
-    const int64_t per_task = kernel->vnni && rows == 1 ? VNNI_ROW_COLUMNS : COLUMNS_PER_TASK;
+    const int64_t per_task = rows > 1 ? COLUMNS_PER_TASK : kernel->vnni ? VNNI_ROW_COLUMNS : AVX2_ROW_COLUMNS;
     Work work = {kernel, x, y, NULL, NULL, rows, per_task, 1.0f / 127.0f, kernel->vnni ? -128 : 0};
     const int64_t q_rows = kernel->vnni ? (int64_t)round_up(rows, 4) : rows;  /* the VNNI kernels read whole fours */
     work.q = aligned_alloc(64, round_up(q_rows * kernel->kp, 64));
