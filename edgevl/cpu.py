@@ -86,13 +86,14 @@ class IntegerGemm:
     # the decoder precisions that run on those ops here (an export's decoder_avx2.onnx): "int8" and "int4" where
     # u8 x s8 saturates, "int8" on AVX-512 VNNI without AMX (EDGEVL_DECODERS_ON_VNNI)
     edgevl_decoders: tuple[str, ...] = ()
+    edgevl_kernel: str | None = None  # the kernels Int8MatMul takes here (int8_matmul_kernel); None: not installed
 
     def describe(self) -> str:
         if self.u8s8_exact:
             text = f"u8 x s8 on {self.kernel}: exact"
             if self.edgevl_decoders:
-                return text + ("; int8 decoders on edgevl's Int8MatMul (its AVX-512 VNNI kernels: the same results, a "
-                               "faster decode)")
+                return text + (f"; int8 decoders on edgevl's Int8MatMul (its {self.edgevl_kernel} kernels: the same "
+                               "results, a faster decode)")
             if self.edgevl_matmul is False:
                 return text + "; edgevl's Int8MatMul is installed but a probe product was wrong, so not used"
             return text
@@ -101,8 +102,8 @@ class IntegerGemm:
         text = (f"u8 x s8 saturates int16 pair sums here (x86 without VNNI), so int8 weights run on ONNX Runtime's "
                 f"u8 x u8 kernels ({PRECISION_MODE}): exact")
         if self.edgevl_matmul:
-            return text + ("; int8 and int4 decoders on edgevl's Int8MatMul / Int4MatMul (AVX2: the same results, "
-                           "faster)")
+            return text + (f"; int8 and int4 decoders on edgevl's Int8MatMul ({self.edgevl_kernel} kernels) / "
+                           "Int4MatMul (avx2): the same results, faster")
         if self.edgevl_matmul is None:
             return text + ("; edgevl's faster Int8MatMul / Int4MatMul are not installed (x86-64, a C compiler at "
                            "install) or this CPU has no AVX2")
@@ -218,17 +219,18 @@ def integer_gemm() -> IntegerGemm:
     """How ONNX Runtime computes u8 x s8 here, measured once per process (two or three tiny sessions, a few ms), and
     which decoders run on edgevl's own ops."""
     kernel = _mlas_kernel(isa_classes())
-    library = matmul_library()
+    library, edgevl_kernel = matmul_library(), int8_matmul_kernel()
     if _product_is_exact(precision_mode=False):
         decoders = EDGEVL_DECODERS_ON_VNNI.get(kernel, ())
-        if not decoders or library is None or int8_matmul_kernel() != "avx512-vnni":
-            return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True)
+        if not decoders or library is None or edgevl_kernel != "avx512-vnni":
+            return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True, edgevl_kernel=edgevl_kernel)
         exact = _edgevl_matmul_is_exact(library)
         return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True, edgevl_matmul=exact,
-                           edgevl_decoders=decoders if exact else ())
+                           edgevl_decoders=decoders if exact else (), edgevl_kernel=edgevl_kernel)
     exact = None if library is None else _edgevl_matmul_is_exact(library)
     return IntegerGemm(kernel, u8s8_exact=False, precision_mode=True, exact=_product_is_exact(precision_mode=True),
-                       edgevl_matmul=exact, edgevl_decoders=("int8", "int4") if exact else ())
+                       edgevl_matmul=exact, edgevl_decoders=("int8", "int4") if exact else (),
+                       edgevl_kernel=edgevl_kernel)
 
 
 def configure_session(options) -> None:
