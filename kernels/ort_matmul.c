@@ -524,16 +524,42 @@ __attribute__((target("avx2"))) static void store_tile(const Work* work, int64_t
     }
 }
 
+/* A task's columns, [*c0, *c1). */
+static void task_columns(const Work* work, size_t task, int64_t* c0, int64_t* c1) {
+    *c0 = (int64_t)task * work->per_task;
+    *c1 = *c0 + work->per_task < work->kernel->np ? *c0 + work->per_task : work->kernel->np;
+}
+
+typedef void (*RowStreamsFn)(const int8_t* a, int64_t kp, const int8_t* w, int64_t stride, int32_t out[STREAMS][COLS]);
+typedef void (*RowTileFn)(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[][COLS]);
+
+/* Row r of columns [c0, c1): STREAMS groups at a time, from places a quarter of the columns apart, then the groups
+ * left over, on either class's one-row kernels. */
+static void multiply_row(const Work* work, int64_t r, int64_t c0, int64_t c1, RowStreamsFn streams, RowTileFn tile) {
+    const int64_t kp = work->kernel->kp;
+    const int8_t* a = work->q + r * kp;
+    const int8_t* packed = work->kernel->packed;
+    int32_t acc[STREAMS][COLS];
+    const int64_t span = (c1 - c0) / COLS / STREAMS * COLS;  /* columns between two streams */
+    for (int64_t c = c0; c < c0 + span; c += COLS) {
+        streams(a, kp, packed + c * kp, span * kp, acc);
+        for (int j = 0; j < STREAMS; j++) store_tile(work, r, 1, c + j * span, &acc[j]);
+    }
+    for (int64_t c = c0 + STREAMS * span; c < c1; c += COLS) {
+        tile(a, kp, packed + c * kp, acc);
+        store_tile(work, r, 1, c, acc);
+    }
+}
+
 /* Columns [task * per_task, ...) of every row: the task's packed weights (<= 64 x K bytes) stay in cache while the
- * rows pass over them two at a time; a single row (a decode step, its tasks AVX2_ROW_COLUMNS wide) reads them STREAMS
- * groups at a time, from places a quarter of the task apart. */
+ * rows pass over them two at a time; a single row (a decode step, its tasks AVX2_ROW_COLUMNS wide) as multiply_row. */
 static void multiply_columns(void* p, size_t task) {
     const Work* work = p;
     const Kernel* kernel = work->kernel;
     const int64_t kp = kernel->kp;
-    const int64_t c0 = (int64_t)task * work->per_task;
-    const int64_t c1 = c0 + work->per_task < kernel->np ? c0 + work->per_task : kernel->np;
-    int32_t acc[STREAMS][COLS];
+    int64_t c0, c1;
+    task_columns(work, task, &c0, &c1);
+    int32_t acc[2][COLS];
     int64_t r = 0;
     for (; r + 2 <= work->rows; r += 2) {
         for (int64_t c = c0; c < c1; c += COLS) {
@@ -541,17 +567,7 @@ static void multiply_columns(void* p, size_t task) {
             store_tile(work, r, 2, c, acc);
         }
     }
-    if (r == work->rows) return;
-    const int8_t* a = work->q + r * kp;
-    const int64_t span = (c1 - c0) / COLS / STREAMS * COLS;  /* columns between two streams */
-    for (int64_t c = c0; c < c0 + span; c += COLS) {
-        tile1_streams(a, kp, kernel->packed + c * kp, span * kp, acc);
-        for (int j = 0; j < STREAMS; j++) store_tile(work, r, 1, c + j * span, &acc[j]);
-    }
-    for (int64_t c = c0 + STREAMS * span; c < c1; c += COLS) {
-        tile1(a, kp, kernel->packed + c * kp, acc);
-        store_tile(work, r, 1, c, acc);
-    }
+    if (r < work->rows) multiply_row(work, r, c0, c1, tile1_streams, tile1);
 }
 
 /* ---- The AVX-512 VNNI kernels: vpdpbusd sums four u8 x s8 products into each int32 lane with no int16 step, so
@@ -640,16 +656,16 @@ VNNI_TARGET static void vnni_tile4(const int8_t* a, int64_t kp, const int8_t* w,
 
 /* multiply_columns on the VNNI kernels: each pair of groups by every four rows (the q buffer holds whole fours of
  * rows, and the packed weight a zero group past N, so a last partial four or lone group needs no other kernel; only
- * their real outputs are stored), a last single row as there. The first pass over a pair's weights would wait on
+ * their real outputs are stored), a single row as multiply_row. The first pass over a pair's weights would wait on
  * memory with two streams in flight, so the pair after it is prefetched into L2 a slice per four rows (InternVL2-1B's
  * MLP, 64 rows, one core: 175 GMAC/s without, 205-210 with, as with the weights already in cache). */
 static void vnni_multiply_columns(void* p, size_t task) {
     const Work* work = p;
     const Kernel* kernel = work->kernel;
     const int64_t kp = kernel->kp;
-    const int64_t c0 = (int64_t)task * work->per_task;
-    const int64_t c1 = c0 + work->per_task < kernel->np ? c0 + work->per_task : kernel->np;
-    int32_t acc[STREAMS][COLS], more[STREAMS][COLS];
+    int64_t c0, c1;
+    task_columns(work, task, &c0, &c1);
+    int32_t acc[4][COLS], more[4][COLS];
     const int64_t fours = work->rows == 1 ? 0 : (work->rows + 3) / 4;
     const int64_t pair_bytes = 2 * COLS * kp, slice = round_up((pair_bytes + fours - 1) / (fours ? fours : 1), 64);
     for (int64_t c = fours ? c0 : c1; c < c1; c += 2 * COLS) {
@@ -665,16 +681,7 @@ static void vnni_multiply_columns(void* p, size_t task) {
             if (c + COLS < c1) store_tile(work, r, rows, c + COLS, more);
         }
     }
-    if (fours) return;
-    const int64_t span = (c1 - c0) / COLS / STREAMS * COLS;
-    for (int64_t c = c0; c < c0 + span; c += COLS) {
-        vnni_tile1_streams(work->q, kp, kernel->packed + c * kp, span * kp, acc);
-        for (int j = 0; j < STREAMS; j++) store_tile(work, 0, 1, c + j * span, &acc[j]);
-    }
-    for (int64_t c = c0 + STREAMS * span; c < c1; c += COLS) {
-        vnni_tile1(work->q, kp, kernel->packed + c * kp, acc);
-        store_tile(work, 0, 1, c, acc);
-    }
+    if (!fours) multiply_row(work, 0, c0, c1, vnni_tile1_streams, vnni_tile1);
 }
 
 /* DynamicQuantizeLinear's scale and zero point over the whole tensor (ONNX Runtime's GetQuantizationParameter). */
