@@ -101,9 +101,9 @@ class IntegerGemm:
             return f"u8 x s8 saturates here, and {PRECISION_MODE} did not make it exact: int8 exports are refused"
         text = (f"u8 x s8 saturates int16 pair sums here (x86 without VNNI), so int8 weights run on ONNX Runtime's "
                 f"u8 x u8 kernels ({PRECISION_MODE}): exact")
-        if self.edgevl_matmul:
-            return text + (f"; int8 and int4 decoders on edgevl's Int8MatMul ({self.edgevl_kernel} kernels) / "
-                           "Int4MatMul (avx2): the same results, faster")
+        if self.edgevl_matmul:  # a library that does not name its kernels predates the VNNI ones: AVX2
+            return text + (f"; int8 and int4 decoders on edgevl's Int8MatMul ({self.edgevl_kernel or 'avx2'} kernels) "
+                           "/ Int4MatMul (avx2): the same results, faster")
         if self.edgevl_matmul is None:
             return text + ("; edgevl's faster Int8MatMul / Int4MatMul are not installed (x86-64, a C compiler at "
                            "install) or this CPU has no AVX2")
@@ -175,11 +175,13 @@ MATMUL_KERNEL_ENV = "EDGEVL_MATMUL_KERNEL"  # "avx2" or "avx512-vnni": the Int8M
 @functools.cache
 def int8_matmul_kernels() -> tuple[str, ...]:
     """The kernels edgevl's Int8MatMul can run on this CPU ("avx2", "avx512-vnni"), as the library's own cpuid
-    check finds them (under qemu, the emulated CPU's); empty without the library."""
+    check finds them (under qemu, the emulated CPU's); empty without the library, or with one built before it said
+    (an editable install's stale build: `pip install -e .` rebuilds it)."""
     library = matmul_library()
-    if library is None:
+    try:
+        found = ctypes.CDLL(str(library)).EdgevlInt8MatMulKernels() if library is not None else 0
+    except AttributeError:
         return ()
-    found = ctypes.CDLL(str(library)).EdgevlInt8MatMulKernels()
     return tuple(name for bit, name in ((1, "avx2"), (2, "avx512-vnni")) if found & bit)
 
 
