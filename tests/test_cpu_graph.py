@@ -145,7 +145,8 @@ def _int4_reference(x, codes, scales, k, block):
 
 
 @needs_edgevl_matmul
-@pytest.mark.parametrize("k, n, block", [(K, N, 32), (200, 20, 64), (896, 40, 128)])  # 200, 20: past a block, a group
+# 200, 20: past a block, a group. 200, 300: one-row inputs over two tasks (ROW_GROUPS_PER_TASK), the last of 6 groups.
+@pytest.mark.parametrize("k, n, block", [(K, N, 32), (200, 20, 64), (896, 40, 128), (200, 300, 64)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_edgevl_int4_matmul_computes_matmulnbits_arithmetic(k, n, block, threads):
     """decoder_avx2.onnx's int4 rewrite: each MatMulNBits becomes Int4MatMul, the same block quantization of the
