@@ -722,7 +722,8 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
 
     const int64_t per_task = rows > 1 ? COLUMNS_PER_TASK : kernel->vnni ? VNNI_ROW_COLUMNS : AVX2_ROW_COLUMNS;
     Work work = {kernel, x, y, NULL, NULL, rows, per_task, 1.0f / 127.0f, kernel->vnni ? -128 : 0};
-    const int64_t q_rows = kernel->vnni ? (int64_t)round_up(rows, 4) : rows;  /* the VNNI kernels read whole fours */
+    /* the VNNI kernels read several rows in whole fours (one row, as multiply_row, only itself) */
+    const int64_t q_rows = kernel->vnni && rows > 1 ? (int64_t)round_up(rows, 4) : rows;
     work.q = aligned_alloc(64, round_up(q_rows * kernel->kp, 64));
     work.row_scale = malloc(rows * sizeof(float));
     if (work.q == NULL || work.row_scale == NULL) {
@@ -860,6 +861,7 @@ typedef struct {
     float* a_scale;    /* [rows][blocks] */
     int32_t* offset;   /* [rows][blocks]: 8 x the sum of q, the codes' zero point times the activations */
     int64_t rows;
+    int64_t per_task;  /* groups a task computes */
 } Work4;
 
 /* 16 values of x times `inverse`, rounded to nearest even (the default MXCSR mode), as 16 int8 in order; their sum
@@ -1029,9 +1031,8 @@ static void multiply_groups(void* p, size_t task) {
     const Work4* work = p;
     const Kernel4* kernel = work->kernel;
     const int64_t n = kernel->node.n;
-    const int64_t per_task = work->rows == 1 ? ROW_GROUPS_PER_TASK : GROUPS_PER_TASK;
-    const int64_t g0 = (int64_t)task * per_task;
-    const int64_t g1 = g0 + per_task < kernel->groups ? g0 + per_task : kernel->groups;
+    const int64_t g0 = (int64_t)task * work->per_task;
+    const int64_t g1 = g0 + work->per_task < kernel->groups ? g0 + work->per_task : kernel->groups;
     float sums[2][GROUP];
     int64_t r = 0;
     for (; r + 2 <= work->rows; r += 2) {
@@ -1064,7 +1065,8 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     if (rows == 0) return NULL;
 
     const int64_t blocks = kernel->blocks;
-    Work4 work = {kernel, x, y, NULL, NULL, NULL, rows};
+    const int64_t per_task = rows == 1 ? ROW_GROUPS_PER_TASK : GROUPS_PER_TASK;
+    Work4 work = {kernel, x, y, NULL, NULL, NULL, rows, per_task};
     work.q = aligned_alloc(64, round_up(rows * blocks * kernel->block * 2, 64));
     work.a_scale = malloc(rows * blocks * sizeof(float));
     work.offset = malloc(rows * blocks * sizeof(int32_t));
@@ -1074,7 +1076,6 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     } else {
         KernelContextParallelForFn parallel_for = API(node->api, KERNEL_CONTEXT_PARALLEL_FOR,
                                                       KernelContextParallelForFn);
-        const int64_t per_task = rows == 1 ? ROW_GROUPS_PER_TASK : GROUPS_PER_TASK;
         if (rows > 1) status = parallel_for(ctx, quantize_blocks, rows, 0, &work);
         else quantize_blocks(&work, 0);
         if (status == NULL)

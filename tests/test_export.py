@@ -219,10 +219,10 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_avx2_gives_the_decoders_logits(exported, family, precision, monkeypatch, tmp_path):
-    """The graph x86 CPUs without VNNI (and int8 on AVX-512 VNNI) run: every weight matmul on edgevl's Int8MatMul (int8: the same logits as
-    decoder.onnx, bit for bit) or Int4MatMul (int4: MatMulNBits' arithmetic, summed in another order: the same
-    logits to float rounding), through prefill (chunked) and decode, wherever either runs. Chosen here whatever
-    this CPU is."""
+    """The graph x86 CPUs without VNNI (and int8 on AVX-512 VNNI) run: every weight matmul on edgevl's Int8MatMul
+    (int8: the same logits as decoder.onnx, bit for bit) or Int4MatMul (int4: MatMulNBits' arithmetic, summed in
+    another order: the same logits to float rounding), through prefill (chunked) and decode, wherever either runs.
+    Chosen here whatever this CPU is."""
     out = exported(family, precision)
     graph = onnx.load(out / "decoder_avx2.onnx", load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
