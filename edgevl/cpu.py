@@ -14,11 +14,11 @@ export's bytes are the same everywhere: an export made on one machine runs corre
 The u8 x u8 kernels are slower than the u8 x s8 ones they replace, so int8 exports also carry decoder_avx2.onnx: the
 decoder with edgevl's own Int8MatMul op (kernels/ort_matmul.c, a custom-op library built with the package on x86-64),
 whose AVX2 kernel computes the same u8 x s8 integers without saturating (the sign trick). int4 exports carry one too,
-with Int4MatMul: MatMulNBits' arithmetic on a faster AVX2 kernel than MLAS's for this class. Where u8 x s8 saturates
-(the class without VNNI), the library is installed and its products pass a probe, the ONNX Runtime backend runs
-that graph: the same results (int8 bit for bit, int4 to float rounding) and a faster decode (benchmarks/RESULTS.md).
-Int8MatMul also has AVX-512 VNNI kernels (vpdpbusd: the same integers), and on that class without AMX they decode
-faster than MLAS's, so int8 decoders run decoder_avx2.onnx there too (EDGEVL_DECODERS_ON_VNNI).
+with Int4MatMul: MatMulNBits' arithmetic on a faster AVX2 kernel than MLAS's. Where u8 x s8 saturates (the class
+without VNNI), the library is installed and its products pass a probe, the ONNX Runtime backend runs that graph: the
+same results (int8 bit for bit, int4 to float rounding) and a faster decode (benchmarks/RESULTS.md). Int8MatMul also
+has AVX-512 VNNI kernels (vpdpbusd: the same integers); on that class without AMX both ops decode faster than MLAS's,
+so int8 and int4 decoders run decoder_avx2.onnx there too (EDGEVL_DECODERS_ON_VNNI).
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class IntegerGemm:
     # whose decoders keep ONNX Runtime's kernels (AMX, AVX-VNNI, ARM), so not probed
     edgevl_matmul: bool | None = None
     # the decoder precisions that run on those ops here (an export's decoder_avx2.onnx): "int8" and "int4" where
-    # u8 x s8 saturates, "int8" on AVX-512 VNNI without AMX (EDGEVL_DECODERS_ON_VNNI)
+    # u8 x s8 saturates and on AVX-512 VNNI without AMX (EDGEVL_DECODERS_ON_VNNI)
     edgevl_decoders: tuple[str, ...] = ()
     edgevl_kernel: str | None = None  # the kernels Int8MatMul takes here (int8_matmul_kernel); None: not installed
 
@@ -92,8 +92,7 @@ class IntegerGemm:
         if self.u8s8_exact:
             text = f"u8 x s8 on {self.kernel}: exact"
             if self.edgevl_decoders:
-                return text + (f"; int8 decoders on edgevl's Int8MatMul (its {self.edgevl_kernel} kernels: the same "
-                               "results, a faster decode)")
+                return text + self._edgevl_ops()
             if self.edgevl_matmul is False:
                 return text + "; edgevl's Int8MatMul is installed but a probe product was wrong, so not used"
             return text
@@ -101,13 +100,18 @@ class IntegerGemm:
             return f"u8 x s8 saturates here, and {PRECISION_MODE} did not make it exact: int8 exports are refused"
         text = (f"u8 x s8 saturates int16 pair sums here (x86 without VNNI), so int8 weights run on ONNX Runtime's "
                 f"u8 x u8 kernels ({PRECISION_MODE}): exact")
-        if self.edgevl_matmul:  # a library that does not name its kernels predates the VNNI ones: AVX2
-            return text + (f"; int8 and int4 decoders on edgevl's Int8MatMul ({self.edgevl_kernel or 'avx2'} kernels) "
-                           "/ Int4MatMul (avx2): the same results, faster")
+        if self.edgevl_matmul:
+            return text + self._edgevl_ops()
         if self.edgevl_matmul is None:
             return text + ("; edgevl's faster Int8MatMul / Int4MatMul are not installed (x86-64, a C compiler at "
                            "install) or this CPU has no AVX2")
         return text + "; edgevl's Int8MatMul / Int4MatMul are installed but a probe product was wrong, so not used"
+
+    def _edgevl_ops(self) -> str:
+        # a library that does not name its kernels predates the VNNI ones: AVX2
+        ops = {"int8": f"Int8MatMul ({self.edgevl_kernel or 'avx2'} kernels)", "int4": "Int4MatMul (avx2 kernels)"}
+        return (f"; {' and '.join(self.edgevl_decoders)} decoders on edgevl's "
+                f"{' / '.join(ops[p] for p in self.edgevl_decoders)}: the same results, a faster decode")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "description": self.describe()}
@@ -211,9 +215,9 @@ def _edgevl_matmul_is_exact(library: Path) -> bool:
 
 # Where u8 x s8 is exact, the decoder precisions whose graphs run on edgevl's ops anyway, by MLAS's kernel: on AVX-512
 # VNNI without AMX Int8MatMul's VNNI kernels decode faster than MLAS's chain of six nodes a matmul and prefill as fast,
-# while MatMulNBits' int4 decode is faster than Int4MatMul's AVX2 one; AMX prefills 4x faster on MLAS
-# (benchmarks/RESULTS.md, "Int8MatMul on AVX-512 VNNI").
-EDGEVL_DECODERS_ON_VNNI = {"AVX-512 VNNI": ("int8",)}
+# and Int4MatMul (its one-row tasks) decodes and prefills faster than MatMulNBits; AMX prefills int8 4x faster on
+# MLAS (benchmarks/RESULTS.md, "Int8MatMul on AVX-512 VNNI" and "Int4MatMul on AVX-512 VNNI").
+EDGEVL_DECODERS_ON_VNNI = {"AVX-512 VNNI": ("int8", "int4")}
 
 
 @functools.cache

@@ -148,9 +148,10 @@ if isa_mask.active_class():
 def test_vnni_cpus_keep_the_fast_u8s8_kernels():
     gemm = cpu.integer_gemm()
     assert gemm.u8s8_exact and not gemm.precision_mode
-    # int8 decoders on Int8MatMul's VNNI kernels exactly where MLAS's kernel is AVX-512 VNNI (not AMX, not AVX-VNNI)
+    # int8 and int4 decoders on edgevl's ops (Int8MatMul's VNNI kernels) exactly where MLAS's kernel is AVX-512 VNNI
+    # (not AMX, not AVX-VNNI)
     vnni_ops = gemm.kernel == "AVX-512 VNNI" and cpu.int8_matmul_kernel() == "avx512-vnni"
-    assert gemm.edgevl_decoders == (("int8",) if vnni_ops else ())
+    assert gemm.edgevl_decoders == (("int8", "int4") if vnni_ops else ())
     assert gemm.edgevl_matmul is (True if vnni_ops else None)
 
 
