@@ -227,8 +227,11 @@ def integer_gemm() -> IntegerGemm:
     kernel = _mlas_kernel(isa_classes())
     library, edgevl_kernel = matmul_library(), int8_matmul_kernel()
     if _product_is_exact(precision_mode=False):
-        decoders = EDGEVL_DECODERS_ON_VNNI.get(kernel, ())
-        if not decoders or library is None or edgevl_kernel != "avx512-vnni":
+        # Int8MatMul's AVX2 kernels (named by EDGEVL_MATMUL_KERNEL) decode slower than MLAS's VNNI ones; Int4MatMul has
+        # only AVX2 kernels, so int4 does not depend on that choice
+        decoders = tuple(p for p in EDGEVL_DECODERS_ON_VNNI.get(kernel, ())
+                         if p != "int8" or edgevl_kernel == "avx512-vnni")
+        if not decoders or library is None:
             return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True, edgevl_kernel=edgevl_kernel)
         exact = _edgevl_matmul_is_exact(library)
         return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True, edgevl_matmul=exact,

@@ -155,6 +155,21 @@ def test_vnni_cpus_keep_the_fast_u8s8_kernels():
     assert gemm.edgevl_matmul is (True if vnni_ops else None)
 
 
+@pytest.mark.skipif(not (_X86 and _VNNI and cpu.integer_gemm().kernel == "AVX-512 VNNI" and cpu.matmul_library()),
+                    reason="checks AVX-512 VNNI without AMX, with edgevl's ops installed: this CPU or install is not")
+def test_naming_int8matmuls_avx2_kernels_on_vnni_keeps_int4_on_edgevls_op(monkeypatch):
+    monkeypatch.setenv(cpu.MATMUL_KERNEL_ENV, "avx2")
+    cpu.integer_gemm.cache_clear()
+    try:
+        gemm = cpu.integer_gemm()
+        # Int8MatMul's AVX2 kernels are slower than MLAS's VNNI ones: int8 back on decoder.onnx; Int4MatMul unchanged
+        assert gemm.edgevl_decoders == ("int4",) and gemm.edgevl_matmul
+        assert "int4 decoders on edgevl's Int4MatMul (avx2 kernels)" in gemm.describe()
+    finally:
+        monkeypatch.undo()
+        cpu.integer_gemm.cache_clear()
+
+
 @pytest.mark.skipif(not _X86 or _VNNI or "AVX2" not in cpu.isa_classes(),
                     reason="checks the AVX2-without-VNNI class: this CPU is not one")
 def test_avx2_cpus_without_vnni_switch_to_exact_kernels():
