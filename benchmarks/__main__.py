@@ -1,4 +1,4 @@
-"""python -m benchmarks run | versus | plan | profile | gemv | compare (also `--compare a.json b.json`).
+"""python -m benchmarks run | versus | plan | profile | decoders | gemv | compare (also `--compare a.json b.json`).
 See benchmarks/README.md."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def _parser() -> argparse.ArgumentParser:
     from edgevl.specs import KNOWN_SPECS
 
-    from . import gemv as gemv_module, versus as versus_module
+    from . import decoders as decoders_module, gemv as gemv_module, versus as versus_module
     from .plan import DEVICES, PRECISIONS
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
@@ -93,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--steps", type=int, default=40, help="tokens decoded (default 40; the first 2 not counted)")
     profile.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores)")
     profile.add_argument("--json", action="store_true", help="print the profile as JSON")
+    decoders = sub.add_parser("decoders", help="an export's decoder.onnx against its decoder_avx2.onnx (edgevl's "
+                              "matmul ops), alternating in one process", description=decoders_module.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    decoders.add_argument("export", type=Path, help="an int8 or int4 `edgevl export` directory")
+    decoders.add_argument("--positions", type=int, default=662, help="prompt positions (default 662)")
+    decoders.add_argument("--steps", type=int, default=40, help="greedy decode steps per turn (default 40)")
+    decoders.add_argument("--alternations", type=int, default=8, help="turns each graph takes (default 8)")
+    decoders.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores)")
+    decoders.add_argument("--json", action="store_true", help="print the result as JSON")
     gemv = sub.add_parser("gemv", help="the int8 (and int4) weight matmul in each formulation: exact here? how fast?",
                           description=gemv_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gemv.add_argument("--shape", choices=sorted(KNOWN_SPECS), default="internvl2-1b",
@@ -115,7 +124,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["--compare"]:
         argv[0] = "compare"
     args = _parser().parse_args(argv)
-    return {"run": _run, "versus": _versus, "plan": _plan, "profile": _profile,
+    return {"run": _run, "versus": _versus, "plan": _plan, "profile": _profile, "decoders": _decoders,
             "gemv": _gemv, "compare": _compare}[args.command](args, argv)
 
 
@@ -238,6 +247,19 @@ def _profile(args, argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1) if args.json else format_profile(result))
+    return 0
+
+
+def _decoders(args, argv) -> int:
+    from .decoders import compare_decoders, format_decoders
+
+    try:
+        result = compare_decoders(args.export, args.positions, args.steps, args.alternations, args.threads)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result["command"] = shlex.join(["python", "-m", "benchmarks", *argv])
+    print(json.dumps(result, indent=1) if args.json else format_decoders(result))
     return 0
 
 

@@ -213,6 +213,18 @@ def _edgevl_matmul_is_exact(library: Path) -> bool:
     return bool(np.array_equal(y8, exact8) and np.array_equal(y4, exact4))
 
 
+def checked_matmul_library() -> Path:
+    """edgevl's Int8MatMul / Int4MatMul library where its probe products come out exact on this CPU, for a caller that
+    asks for those ops whatever this CPU's choice (OnnxRuntimeBackend(edgevl_ops=True)); a RuntimeError says why not."""
+    library = matmul_library()
+    if library is None:
+        raise RuntimeError("edgevl's Int8MatMul / Int4MatMul are not installed here: they need x86-64 with AVX2, and a "
+                           "C compiler when edgevl was installed (pip install -e . builds them)")
+    if not _edgevl_matmul_is_exact(library):
+        raise RuntimeError(f"edgevl's Int8MatMul / Int4MatMul ({library}) computed a probe product wrong on this CPU")
+    return library
+
+
 # Where u8 x s8 is exact, the decoder precisions whose graphs run on edgevl's ops anyway, by MLAS's kernel: on AVX-512
 # VNNI without AMX Int8MatMul's VNNI kernels decode faster than MLAS's chain of six nodes a matmul and prefill as fast,
 # and Int4MatMul (its one-row tasks) decodes and prefills faster than MatMulNBits; AMX prefills int8 4x faster on

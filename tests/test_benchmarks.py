@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks.plan import DEVICES, decode_bytes_per_token, export_memory, kv_cache_bytes, parameter_counts, plan
-from edgevl.cpu import integer_gemm
+from edgevl.cpu import integer_gemm, matmul_library
 from edgevl.specs import KNOWN_SPECS
 
 BACKENDS = "transformers,torch,ort-fp32,ort-int8,trt-fp16,ort-cuda-fp16,torch-cuda-fp16"
@@ -286,9 +286,29 @@ def test_decode_profile_splits_a_token_by_op_type(exported, capsys):
     assert "max_seq" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(matmul_library() is None, reason="edgevl's Int8MatMul / Int4MatMul are not installed or cannot "
+                    "run here (x86-64 with AVX2, a C compiler when edgevl was installed)")
+def test_decoders_times_both_graphs_of_an_export_in_turns(exported, capsys):
+    from benchmarks.decoders import GRAPHS, compare_decoders
+
+    export = exported("qwen2", "int8")
+    result = compare_decoders(export, positions=20, steps=3, alternations=2, threads=1)
+    assert set(result["graphs"]) == set(GRAPHS.values())
+    assert all(len(t["decode_ms"]) == len(t["prefill_ms"]) == 2 and min(t["decode_ms"]) > 0
+               for t in result["graphs"].values())
+    assert result["same_leading_tokens"] == result["tokens"] == 4  # int8: the same integers on either graph
+    assert result["default_graph"] == ("decoder_avx2.onnx" if "int8" in integer_gemm().edgevl_decoders
+                                       else "decoder.onnx")
+    assert main(["decoders", str(export), "--positions", "20", "--steps", "2", "--alternations", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "| decoder_avx2.onnx (edgevl's Int8MatMul / Int4MatMul) |" in printed and "of 1 pairs" in printed
+    assert "greedy tokens: all 3 the same" in printed and "`python -m benchmarks decoders " in printed
+    assert main(["decoders", str(exported("qwen2")), "--steps", "2"]) == 2  # fp32: no decoder_avx2.onnx
+    assert "has no decoder_avx2.onnx" in capsys.readouterr().err
+
+
 def test_gemv_checks_each_integer_formulation_against_exact_integers(capsys):
     from benchmarks.gemv import available_formulations, probe_error
-    from edgevl.cpu import matmul_library
 
     # u8 x u8 and 7-bit activations never saturate an int16 pair sum (255 * 255 widened; 127 * 127 * 2 < 32767)
     assert probe_error("u8u8") == 0 and probe_error("u8s8-7bit") == 0

@@ -14,9 +14,10 @@ import onnx
 import pytest
 
 from edgevl import EdgeVL, cpu
+from edgevl.backends.onnxruntime_backend import OnnxRuntimeBackend
 from edgevl.cli import main
 from edgevl.export.trt_ops import trt_incompatibilities
-from edgevl.manifest import ExportError
+from edgevl.manifest import ExportError, read_manifest
 from edgevl.precisions import EXPORT_PRECISIONS
 from edgevl.preprocess import preprocess_image
 from edgevl.synthetic import synthetic_image
@@ -219,10 +220,10 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_avx2_gives_the_decoders_logits(exported, family, precision, monkeypatch, tmp_path):
-    """The graph x86 CPUs without VNNI (and int8 on AVX-512 VNNI) run: every weight matmul on edgevl's Int8MatMul
+    """The graph x86 CPUs without VNNI (and AVX-512 VNNI without AMX) run: every weight matmul on edgevl's Int8MatMul
     (int8: the same logits as decoder.onnx, bit for bit) or Int4MatMul (int4: MatMulNBits' arithmetic, summed in
     another order: the same logits to float rounding), through prefill (chunked) and decode, wherever either runs.
-    Chosen here whatever this CPU is."""
+    Chosen here whatever this CPU is (OnnxRuntimeBackend's edgevl_ops)."""
     out = exported(family, precision)
     graph = onnx.load(out / "decoder_avx2.onnx", load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
@@ -230,12 +231,7 @@ def test_decoder_avx2_gives_the_decoders_logits(exported, family, precision, mon
         "Int4MatMul", {"MatMulNBits"})
     assert ops.count(op) == 4 * 2 + 1 and not replaced & set(ops)
     assert {e.value for t in graph.initializer for e in t.external_data if e.key == "location"} == {"decoder.onnx.data"}
-    def backend(edgevl_matmul: bool):
-        gemm = replace(cpu.integer_gemm(), edgevl_decoders=(precision,) if edgevl_matmul else ())
-        monkeypatch.setattr("edgevl.backends.onnxruntime_backend.integer_gemm", lambda: gemm)
-        return EdgeVL.from_pretrained(out).backend
-
-    standard, avx2 = backend(False), backend(True)
+    standard, avx2 = (OnnxRuntimeBackend(out, read_manifest(out), edgevl_ops=ops) for ops in (False, True))
     assert (standard.decoder_graph, avx2.decoder_graph) == ("decoder.onnx", "decoder_avx2.onnx")
     prompt = standard.embed_tokens(np.arange(3, 3 + 300) % 97)  # two prefill chunks
     logits = [(b.prefill(prompt), b.decode(5), b.decode(11)) for b in (standard, avx2)]
@@ -256,6 +252,8 @@ def test_decoder_avx2_gives_the_decoders_logits(exported, family, precision, mon
         monkeypatch.setattr("edgevl.backends.onnxruntime_backend.integer_gemm",
                             lambda: replace(cpu.integer_gemm(), edgevl_decoders=("int8",)))
         assert EdgeVL.from_pretrained(older).backend.decoder_graph == "decoder.onnx"
+        with pytest.raises(ValueError, match="has no decoder graph on edgevl's ops"):  # asked for, it is an error
+            OnnxRuntimeBackend(older, read_manifest(older), edgevl_ops=True)
 
 
 def _copy(src, dst):

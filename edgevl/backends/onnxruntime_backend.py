@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cpu import configure_session, integer_gemm, matmul_library
+from ..cpu import checked_matmul_library, configure_session, integer_gemm, matmul_library
 from ..manifest import ExportError, Manifest, check_graph_shapes
 from .exported import ExportedBackend
 
@@ -44,9 +44,13 @@ def _ort():
 
 class OnnxRuntimeBackend(ExportedBackend):
     def __init__(self, export_dir, manifest: Manifest, device: str = "cpu", num_threads: int | None = None,
-                 max_seq: int | None = None, profile_prefix: str | None = None):
+                 max_seq: int | None = None, profile_prefix: str | None = None, edgevl_ops: bool | None = None):
         """profile_prefix: run the decoder under ONNX Runtime's profiler, its JSON written under this prefix by
-        `self.decoder.end_profiling()` (`python -m benchmarks profile`)."""
+        `self.decoder.end_profiling()` (`python -m benchmarks profile`).
+        edgevl_ops: the decoder graph. None: the one edgevl.cpu takes for this CPU and precision; True: the export's
+        decoder_avx2.onnx, on edgevl's Int8MatMul / Int4MatMul (an error where the export has none or this CPU cannot
+        run them); False: decoder.onnx, on ONNX Runtime's ops. Both compute the same results (int8 bit for bit, int4
+        to float rounding); `python -m benchmarks decoders` times one against the other."""
         ort = _ort()
         export_dir = Path(export_dir)
         if device not in _DEVICE_PROVIDERS:
@@ -71,12 +75,18 @@ class OnnxRuntimeBackend(ExportedBackend):
         self.vision = _session(ort, export_dir / manifest.graphs.vision, options, provider)
         if profile_prefix is not None:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-        # The decoder graph this session runs: with edgevl's Int8MatMul / Int4MatMul where edgevl.cpu takes them for
-        # this precision (x86 without VNNI; int8 on AVX-512 VNNI) and the export carries the graph; the same results,
-        # faster.
+        # The decoder graph this session runs: by default with edgevl's Int8MatMul / Int4MatMul where edgevl.cpu takes
+        # them for this precision (x86 without VNNI; AVX-512 VNNI without AMX) and the export carries the graph; the
+        # same results, faster.
         self.decoder_graph = manifest.graphs.decoder
-        if (self.integer_gemm is not None and manifest.precision.decoder in self.integer_gemm.edgevl_decoders
-                and manifest.graphs.decoder_avx2):
+        if edgevl_ops:
+            if device != "cpu" or not manifest.graphs.decoder_avx2:
+                raise ValueError(f"edgevl_ops=True: {export_dir} has no decoder graph on edgevl's ops for {device} "
+                                 "(int8 and int4 exports carry decoder_avx2.onnx, for the CPU)")
+            options.register_custom_ops_library(str(checked_matmul_library()))
+            self.decoder_graph = manifest.graphs.decoder_avx2
+        elif (edgevl_ops is None and self.integer_gemm is not None and manifest.graphs.decoder_avx2
+              and manifest.precision.decoder in self.integer_gemm.edgevl_decoders):
             options.register_custom_ops_library(str(matmul_library()))
             self.decoder_graph = manifest.graphs.decoder_avx2
         with _plain_gqa_kernel(device == "cpu"):
