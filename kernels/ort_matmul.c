@@ -524,12 +524,6 @@ __attribute__((target("avx2"))) static void store_tile(const Work* work, int64_t
     }
 }
 
-/* A task's columns, [*c0, *c1). */
-static void task_columns(const Work* work, size_t task, int64_t* c0, int64_t* c1) {
-    *c0 = (int64_t)task * work->per_task;
-    *c1 = *c0 + work->per_task < work->kernel->np ? *c0 + work->per_task : work->kernel->np;
-}
-
 typedef void (*RowStreamsFn)(const int8_t* a, int64_t kp, const int8_t* w, int64_t stride, int32_t out[STREAMS][COLS]);
 typedef void (*RowTileFn)(const int8_t* a, int64_t kp, const int8_t* w, int32_t out[][COLS]);
 
@@ -551,14 +545,11 @@ static void multiply_row(const Work* work, int64_t r, int64_t c0, int64_t c1, Ro
     }
 }
 
-/* Columns [task * per_task, ...) of every row: the task's packed weights (<= 64 x K bytes) stay in cache while the
+/* Columns [c0, c1) of every row (one task): the task's packed weights (<= 64 x K bytes) stay in cache while the
  * rows pass over them two at a time; a single row (a decode step, its tasks AVX2_ROW_COLUMNS wide) as multiply_row. */
-static void multiply_columns(void* p, size_t task) {
-    const Work* work = p;
+static void multiply_columns(const Work* work, int64_t c0, int64_t c1) {
     const Kernel* kernel = work->kernel;
     const int64_t kp = kernel->kp;
-    int64_t c0, c1;
-    task_columns(work, task, &c0, &c1);
     int32_t acc[2][COLS];
     int64_t r = 0;
     for (; r + 2 <= work->rows; r += 2) {
@@ -659,12 +650,9 @@ VNNI_TARGET static void vnni_tile4(const int8_t* a, int64_t kp, const int8_t* w,
  * their real outputs are stored), a single row as multiply_row. The first pass over a pair's weights would wait on
  * memory with two streams in flight, so the pair after it is prefetched into L2 a slice per four rows (InternVL2-1B's
  * MLP, 64 rows, one core: 175 GMAC/s without, 205-210 with, as with the weights already in cache). */
-static void vnni_multiply_columns(void* p, size_t task) {
-    const Work* work = p;
+static void vnni_multiply_columns(const Work* work, int64_t c0, int64_t c1) {
     const Kernel* kernel = work->kernel;
     const int64_t kp = kernel->kp;
-    int64_t c0, c1;
-    task_columns(work, task, &c0, &c1);
     int32_t acc[4][COLS], more[4][COLS];
     const int64_t fours = work->rows == 1 ? 0 : (work->rows + 3) / 4;
     const int64_t pair_bytes = 2 * COLS * kp, slice = round_up((pair_bytes + fours - 1) / (fours ? fours : 1), 64);
@@ -682,6 +670,15 @@ static void vnni_multiply_columns(void* p, size_t task) {
         }
     }
     if (!fours) multiply_row(work, 0, c0, c1, vnni_tile1_streams, vnni_tile1);
+}
+
+/* One of ONNX Runtime's parallel tasks: columns [task * per_task, ...) of every row, on the kernel's class. */
+static void multiply_task(void* p, size_t task) {
+    const Work* work = p;
+    const int64_t c0 = (int64_t)task * work->per_task;
+    const int64_t c1 = c0 + work->per_task < work->kernel->np ? c0 + work->per_task : work->kernel->np;
+    if (work->kernel->vnni) vnni_multiply_columns(work, c0, c1);
+    else multiply_columns(work, c0, c1);
 }
 
 /* DynamicQuantizeLinear's scale and zero point over the whole tensor (ONNX Runtime's GetQuantizationParameter). */
@@ -753,7 +750,7 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     memset(work.q + rows * kernel->kp, 0, (q_rows - rows) * kernel->kp);
     if (status == NULL) {
         size_t tasks = (kernel->np + per_task - 1) / per_task;
-        status = parallel_for(ctx, kernel->vnni ? vnni_multiply_columns : multiply_columns, tasks, 0, &work);
+        status = parallel_for(ctx, multiply_task, tasks, 0, &work);
     }
     free(work.q);
     free(work.row_scale);
