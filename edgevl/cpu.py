@@ -74,6 +74,9 @@ def _mlas_kernel(isa: tuple[str, ...]) -> str:
     return "AVX-512 (vpmaddubsw)" if "AVX-512" in isa else "AVX2 (vpmaddubsw)" if "AVX2" in isa else "SSE"
 
 
+_OPS_PROBE_WRONG = "; edgevl's Int8MatMul / Int4MatMul are installed but a probe product was wrong, so not used"
+
+
 @dataclass(frozen=True)
 class IntegerGemm:
     kernel: str  # MLAS's u8 x s8 kernel by this CPU's flags, e.g. "AVX-512 VNNI"
@@ -93,9 +96,7 @@ class IntegerGemm:
             text = f"u8 x s8 on {self.kernel}: exact"
             if self.edgevl_decoders:
                 return text + self._edgevl_ops()
-            if self.edgevl_matmul is False:
-                return text + "; edgevl's Int8MatMul is installed but a probe product was wrong, so not used"
-            return text
+            return text + (_OPS_PROBE_WRONG if self.edgevl_matmul is False else "")
         if not self.exact:
             return f"u8 x s8 saturates here, and {PRECISION_MODE} did not make it exact: int8 exports are refused"
         text = (f"u8 x s8 saturates int16 pair sums here (x86 without VNNI), so int8 weights run on ONNX Runtime's "
@@ -105,7 +106,7 @@ class IntegerGemm:
         if self.edgevl_matmul is None:
             return text + ("; edgevl's faster Int8MatMul / Int4MatMul are not installed (x86-64, a C compiler at "
                            "install) or this CPU has no AVX2")
-        return text + "; edgevl's Int8MatMul / Int4MatMul are installed but a probe product was wrong, so not used"
+        return text + _OPS_PROBE_WRONG
 
     def _edgevl_ops(self) -> str:
         # a library that does not name its kernels predates the VNNI ones: AVX2
