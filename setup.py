@@ -2,7 +2,7 @@ import platform
 
 from setuptools import Extension, setup
 
-# edgevl's int8 and int4 matmuls for ONNX Runtime on x86 without VNNI, int8 on AVX-512 VNNI too (kernels/ort_matmul.c;
+# edgevl's int8 and int4 matmuls for ONNX Runtime on x86 without VNNI and on AVX-512 VNNI (kernels/ort_matmul.c;
 # edgevl.cpu loads it): a custom-op library, not a Python module. Optional: without a C compiler the install still
 # succeeds, and those CPUs run the int8 and int4 graphs on ONNX Runtime's own slower kernels instead (`edgevl doctor`
 # says which).

@@ -11,10 +11,10 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
   logits' MatMul only ever sees one row, so it is the DynamicQuantizeMatMul.
 - `use_edgevl_int8_matmul`: the same int8 decoder with each of those matmuls as edgevl's own Int8MatMul op
   (kernels/ort_matmul.c), for x86 without VNNI, where ONNX Runtime's exact path is its slower u8 x u8 kernels, and
-  AVX-512 VNNI, where its VNNI kernels decode faster than MLAS's. The
-  same integers and the same float arithmetic around them: its outputs are the graph's, bit for bit.
+  AVX-512 VNNI without AMX, where its VNNI kernels decode faster than MLAS's. The same integers and the same float
+  arithmetic around them: its outputs are the graph's, bit for bit.
 - `use_edgevl_int4_matmul`: the int4 decoder with each MatMulNBits as edgevl's Int4MatMul, for the same CPUs: the
-  same arithmetic on a faster kernel than ONNX Runtime's AVX2 one; outputs agree to float rounding.
+  same arithmetic on a kernel that decodes faster than MLAS's; outputs agree to float rounding.
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
   SimplifiedLayerNormalization node; ONNX Runtime's own fusion matches only the Div form.
 - `fuse_attention`: each layer's attention as one GroupQueryAttention node (RoPE inside), whose past and present

@@ -1,7 +1,7 @@
-/* edgevl's matmuls for ONNX Runtime on x86 CPUs without VNNI, and int8 on AVX-512 VNNI: a custom-op library (domain
- * "edgevl", ops Int8MatMul and Int4MatMul), loaded with SessionOptions.register_custom_ops_library. Both run the
- * decoder's weight matmuls of an export's decoder_avx2.onnx (export/cpu_graph.py), where ONNX Runtime's own kernels
- * for them are the slower ones (edgevl.cpu says where).
+/* edgevl's matmuls for ONNX Runtime on x86 CPUs without VNNI and on AVX-512 VNNI ones without AMX: a custom-op
+ * library (domain "edgevl", ops Int8MatMul and Int4MatMul), loaded with SessionOptions.register_custom_ops_library.
+ * Both run the decoder's weight matmuls of an export's decoder_avx2.onnx (export/cpu_graph.py), where ONNX Runtime's
+ * own kernels for them are the slower ones (edgevl.cpu says where).
  *
  * Int8MatMul. On AVX2 without VNNI, ONNX Runtime's u8 x s8 integer GEMM pairs products with vpmaddubsw, whose int16
  * sums saturate for full-range operands, so edgevl runs its int8 graphs on the u8 x u8 kernels there (exact,

@@ -148,10 +148,11 @@ if isa_mask.active_class():
 def test_vnni_cpus_keep_the_fast_u8s8_kernels():
     gemm = cpu.integer_gemm()
     assert gemm.u8s8_exact and not gemm.precision_mode
-    # int8 and int4 decoders on edgevl's ops (Int8MatMul's VNNI kernels) exactly where MLAS's kernel is AVX-512 VNNI
-    # (not AMX, not AVX-VNNI)
-    vnni_ops = gemm.kernel == "AVX-512 VNNI" and cpu.int8_matmul_kernel() == "avx512-vnni"
-    assert gemm.edgevl_decoders == (("int8", "int4") if vnni_ops else ())
+    # int8 and int4 decoders on edgevl's ops exactly where MLAS's kernel is AVX-512 VNNI (not AMX, not AVX-VNNI), int8
+    # only while Int8MatMul takes its VNNI kernels (EDGEVL_MATMUL_KERNEL unset or avx512-vnni)
+    vnni_ops = gemm.kernel == "AVX-512 VNNI" and cpu.matmul_library() is not None
+    int8 = ("int8",) if cpu.int8_matmul_kernel() == "avx512-vnni" else ()
+    assert gemm.edgevl_decoders == ((*int8, "int4") if vnni_ops else ())
     assert gemm.edgevl_matmul is (True if vnni_ops else None)
 
 
