@@ -2,13 +2,14 @@ import platform
 
 from setuptools import Extension, setup
 
-# edgevl's int8 and int4 matmuls for ONNX Runtime on x86 without VNNI and on AVX-512 VNNI (kernels/ort_matmul.c;
-# edgevl.cpu loads it): a custom-op library, not a Python module. Optional: without a C compiler the install still
-# succeeds, and those CPUs run the int8 and int4 graphs on ONNX Runtime's own slower kernels instead (`edgevl doctor`
-# says which).
+# edgevl's int8 and int4 matmuls and decode-step attention for ONNX Runtime on x86 without VNNI and on AVX-512 VNNI
+# (kernels/ort_ops.c; edgevl.cpu loads it): a custom-op library, not a Python module. Optional: without a C compiler
+# the install still succeeds, and those CPUs run the int8 and int4 graphs on ONNX Runtime's own slower kernels
+# instead (`edgevl doctor` says which).
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
-ORT_MATMUL = Extension("edgevl.kernels._ort_matmul", sources=["kernels/ort_matmul.c"], extra_compile_args=["-O3"],
-                       optional=True)
+ORT_OPS = Extension("edgevl.kernels._ort_ops", sources=["kernels/ort_ops.c", "kernels/ort_matmul.c",
+                                                     "kernels/ort_attention.c"],
+                    depends=["kernels/ort_ops.h"], extra_compile_args=["-O3"], optional=True)
 
 # export/ and kernels/ sit at the top level (the design card's layout) but install as
 # edgevl.export and edgevl.kernels, so site-packages gets no generic top-level names.
@@ -37,6 +38,6 @@ setup(
                 "onnx>=1.16", "onnxscript>=0.2", "cuda-python>=12", "nvidia-cuda-nvrtc", "matplotlib", "psutil",
                 "threadpoolctl", "hypothesis>=6"],
     },
-    ext_modules=[ORT_MATMUL] if X86_64 else [],
+    ext_modules=[ORT_OPS] if X86_64 else [],
     entry_points={"console_scripts": ["edgevl=edgevl.cli:main"]},
 )

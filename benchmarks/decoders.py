@@ -1,11 +1,11 @@
 """An export's two decoder graphs against each other on this CPU (`python -m benchmarks decoders EXPORT`):
-decoder.onnx on ONNX Runtime's ops and decoder_avx2.onnx on edgevl's Int8MatMul / Int4MatMul, the choice
-edgevl.cpu makes per machine class (EDGEVL_DECODERS_ON_VNNI, and the class without VNNI). Both sessions live in one
-process and take turns, `alternations` times: a prefill of `positions` random token ids, then `steps` greedy decode
-steps, each timed. On a shared VM the host's speed drifts within minutes, so only the pairs taken back to back
-compare; the verdict counts the pairs each graph won. The greedy tokens of the two are compared as well (int8: the
-same integers, the same tokens; int4: the same arithmetic to float rounding, so a near-tie between two logits can
-flip and the tokens part after it).
+decoder.onnx on ONNX Runtime's ops and decoder_avx2.onnx on edgevl's (Int8MatMul / Int4MatMul, GroupQueryAttention),
+the choice edgevl.cpu makes per machine class (EDGEVL_DECODERS_ON_VNNI, and the class without VNNI). Both sessions
+live in one process and take turns, `alternations` times: a prefill of `positions` random token ids, then `steps`
+greedy decode steps, each timed. On a shared VM the host's speed drifts within minutes, so only the pairs taken back
+to back compare; the verdict counts the pairs each graph won. The greedy tokens of the two are compared as well: the
+same arithmetic to float rounding (int8: the same integers, and attention's decode step summed in another order),
+so a near-tie between two logits can flip and the tokens part after it.
 """
 from __future__ import annotations
 
@@ -91,13 +91,12 @@ def format_decoders(result: dict) -> str:
              f"edgevl's default here: {result['default_graph']}", "",
              "| decoder graph | decode ms / step, median (min-max) | prefill ms, median (min-max) |", "|---|---:|---:|"]
     for ops, graph in GRAPHS.items():
-        where = "edgevl's Int8MatMul / Int4MatMul" if ops else "ONNX Runtime's ops"
+        where = "edgevl's ops" if ops else "ONNX Runtime's ops"
         t = result["graphs"][graph]
         lines.append(f"| {graph} ({where}) | {_spread(t['decode_ms'], 2)} | {_spread(t['prefill_ms'], 0)} |")
     same, tokens = result["same_leading_tokens"], result["tokens"]
-    agree = f"all {tokens} the same" if same == tokens else f"the first {same} of {tokens} the same" + (
-        " (int4: the two sum in different orders, and float rounding flips a near-tie)"
-        if result["precision"] == "int4" else "")
+    agree = f"all {tokens} the same" if same == tokens else (
+        f"the first {same} of {tokens} the same (the two sum in different orders, and float rounding flips a near-tie)")
     lines += ["", f"{GRAPHS[True]} {_versus(result, 'decode_ms', 'decodes')}, "
               f"{_versus(result, 'prefill_ms', 'prefills')}; greedy tokens: {agree}"]
     return "\n".join(lines)

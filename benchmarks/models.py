@@ -93,7 +93,7 @@ def ensure_export(source: ModelSource, precision: str, max_tiles: int, log=print
     if record_path.is_file() and (out / "manifest.json").is_file():
         record = json.loads(record_path.read_text())
         if (record.get("max_tiles", 0) >= max_tiles and record.get("source") == str(source.original)
-                and not _missing_cpu_graph(out, precision, runtime, log)):
+                and not _stale_cpu_graph(out, precision, runtime, log)):
             return out, record
     if out.exists():
         shutil.rmtree(out)
@@ -114,14 +114,27 @@ def ensure_export(source: ModelSource, precision: str, max_tiles: int, log=print
     return out, record
 
 
-def _missing_cpu_graph(out: Path, precision: str, runtime: str, log) -> bool:
-    """An int8/int4 export made before edgevl wrote decoder_avx2.onnx for it: x86 CPUs without VNNI would run the
-    slower decoder.onnx, so the benchmarks make it again rather than time what a new export would not run."""
-    graphs = json.loads((out / "manifest.json").read_text()).get("graphs", {})
-    missing = runtime == "onnxruntime" and precision in ("int8", "int4") and not graphs.get("decoder_avx2")
-    if missing:
-        log(f"[bench] {out}: made by an older edgevl (no decoder_avx2.onnx), exporting again")
-    return missing
+def _stale_cpu_graph(out: Path, precision: str, runtime: str, log) -> bool:
+    """An int8/int4 export made by an older edgevl: without decoder_avx2.onnx, or with one whose attention is still
+    ONNX Runtime's GroupQueryAttention (not edgevl's). x86 CPUs without VNNI would run a slower decoder than a new
+    export gives them, so the benchmarks make it again rather than time what a new export would not run."""
+    if runtime != "onnxruntime" or precision not in ("int8", "int4"):
+        return False
+    graph = json.loads((out / "manifest.json").read_text()).get("graphs", {}).get("decoder_avx2")
+    if not graph:
+        why = "no decoder_avx2.onnx"
+    elif any(n.op_type == "GroupQueryAttention" and n.domain != "edgevl" for n in _graph_nodes(out / graph)):
+        why = "decoder_avx2.onnx without edgevl's GroupQueryAttention"
+    else:
+        return False
+    log(f"[bench] {out}: made by an older edgevl ({why}), exporting again")
+    return True
+
+
+def _graph_nodes(path: Path) -> list:
+    import onnx
+
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _export_main(argv) -> int:

@@ -303,7 +303,7 @@ def run_header(result: dict) -> str:
 
 
 def _decoder_graphs(result: dict) -> str:
-    """Which decoder graph each ONNX Runtime row ran (decoder_avx2.onnx: edgevl's Int8MatMul / Int4MatMul)."""
+    """Which decoder graph each ONNX Runtime row ran (decoder_avx2.onnx: edgevl's ops)."""
     graphs = [f"{row['backend']} {row['decoder_graph']}" for row in result["rows"] if row.get("decoder_graph")]
     return " · ".join(graphs) or "none run"
 

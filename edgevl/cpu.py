@@ -14,9 +14,11 @@ export's bytes are the same everywhere: an export made on one machine runs corre
 The u8 x u8 kernels are slower than the u8 x s8 ones they replace, so int8 exports also carry decoder_avx2.onnx: the
 decoder with edgevl's own Int8MatMul op (kernels/ort_matmul.c, a custom-op library built with the package on x86-64),
 whose AVX2 kernel computes the same u8 x s8 integers without saturating (the sign trick). int4 exports carry one too,
-with Int4MatMul: MatMulNBits' arithmetic on a faster AVX2 kernel than MLAS's. Where u8 x s8 saturates (the class
-without VNNI), the library is installed and its products pass a probe, the ONNX Runtime backend runs that graph: the
-same results (int8 bit for bit, int4 to float rounding) and a faster decode (benchmarks/RESULTS.md). Int8MatMul also
+with Int4MatMul: MatMulNBits' arithmetic on a faster AVX2 kernel than MLAS's. Both graphs run attention on edgevl's
+GroupQueryAttention (kernels/ort_attention.c: ONNX Runtime's kernel for prefill, edgevl's for the decode step). Where
+u8 x s8 saturates (the class without VNNI), the library is installed and its products pass a probe, the ONNX Runtime
+backend runs that graph: the same results (int8 prefill bit for bit; decode steps and int4 to float rounding) and a
+faster decode (benchmarks/RESULTS.md). Int8MatMul also
 has AVX-512 VNNI kernels (vpdpbusd: the same integers); on that class without AMX both ops decode faster than MLAS's,
 so int8 and int4 decoders run decoder_avx2.onnx there too (EDGEVL_DECODERS_ON_VNNI).
 """
@@ -112,7 +114,8 @@ class IntegerGemm:
         # a library that does not name its kernels predates the VNNI ones: AVX2
         ops = {"int8": f"Int8MatMul ({self.edgevl_kernel or 'avx2'} kernels)", "int4": "Int4MatMul (avx2 kernels)"}
         return (f"; {' and '.join(self.edgevl_decoders)} decoders on edgevl's "
-                f"{' / '.join(ops[p] for p in self.edgevl_decoders)}: the same results, a faster decode")
+                f"{' / '.join(ops[p] for p in self.edgevl_decoders)} and GroupQueryAttention: the same results, a "
+                "faster decode")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "description": self.describe()}
@@ -165,12 +168,12 @@ def _product_is_exact(precision_mode: bool) -> bool:
 
 @functools.cache
 def matmul_library() -> Path | None:
-    """edgevl's Int8MatMul and Int4MatMul ops for ONNX Runtime (kernels/ort_matmul.c, built with the package on
-    x86-64), or None where this install has none (another architecture, or no C compiler when it was installed) or
+    """edgevl's ops for ONNX Runtime: Int8MatMul, Int4MatMul and GroupQueryAttention (kernels/ort_ops.c, built with
+    the package on x86-64), or None where this install has none (another architecture, or no C compiler when it was installed) or
     this CPU has no AVX2."""
     import importlib.util
 
-    spec = importlib.util.find_spec("edgevl.kernels._ort_matmul")
+    spec = importlib.util.find_spec("edgevl.kernels._ort_ops")
     return Path(spec.origin) if spec is not None and spec.origin and "AVX2" in isa_classes() else None
 
 

@@ -15,6 +15,9 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
   arithmetic around them: its outputs are the graph's, bit for bit.
 - `use_edgevl_int4_matmul`: the int4 decoder with each MatMulNBits as edgevl's Int4MatMul, for the same CPUs: the
   same arithmetic on a kernel that decodes faster than MLAS's; outputs agree to float rounding.
+- `use_edgevl_attention`: in the same graphs, each GroupQueryAttention as edgevl's (kernels/ort_attention.c): ONNX
+  Runtime's kernel for prompts and prefill chunks, bit for bit, and edgevl's for the one-row decode step, which reads
+  each KV head's cache once for all its query heads; the step's outputs agree to float rounding.
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
   SimplifiedLayerNormalization node; ONNX Runtime's own fusion matches only the Div form.
 - `fuse_attention`: each layer's attention as one GroupQueryAttention node (RoPE inside), whose past and present
@@ -108,7 +111,7 @@ def quantize_matmuls_per_token(model: onnx.ModelProto, data: Initializers | None
     return replaced
 
 
-EDGEVL_DOMAIN = "edgevl"  # kernels/ort_matmul.c's custom-op domain
+EDGEVL_DOMAIN = "edgevl"  # the custom-op domain of edgevl's ONNX Runtime ops (kernels/ort_ops.c)
 
 
 def use_edgevl_int8_matmul(model: onnx.ModelProto) -> int:
@@ -170,6 +173,20 @@ def use_edgevl_int4_matmul(model: onnx.ModelProto) -> int:
         del node.attribute[:]
         node.attribute.extend(helper.make_attribute(key, attrs[key]) for key in ("K", "N", "block_size"))
         replaced += 1
+    if replaced:
+        _use_domain(model, EDGEVL_DOMAIN)
+    return replaced
+
+
+def use_edgevl_attention(model: onnx.ModelProto) -> int:
+    """Each com.microsoft GroupQueryAttention (fuse_attention's) as edgevl's GroupQueryAttention: the same inputs,
+    outputs and attributes, the decode step on edgevl's kernel (kernels/ort_attention.c). In place; returns how
+    many."""
+    replaced = 0
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
+            node.domain = EDGEVL_DOMAIN
+            replaced += 1
     if replaced:
         _use_domain(model, EDGEVL_DOMAIN)
     return replaced

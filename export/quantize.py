@@ -156,20 +156,21 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, weights: WeightSch
     return scheme, fused
 
 
-def write_avx2_decoder(decoder_path: Path, out_path: Path) -> tuple[int, str]:
-    """The int8 or int4 decoder graph with edgevl's Int8MatMul / Int4MatMul (cpu_graph.use_edgevl_int8_matmul,
-    use_edgevl_int4_matmul) beside it, reading the same data file; returns how many matmuls it replaced, and the
-    op's name."""
+def write_avx2_decoder(decoder_path: Path, out_path: Path) -> str:
+    """The int8 or int4 decoder graph on edgevl's ops beside it, reading the same data file: each weight matmul as
+    Int8MatMul / Int4MatMul (cpu_graph.use_edgevl_int8_matmul, use_edgevl_int4_matmul) and each attention as edgevl's
+    GroupQueryAttention (cpu_graph.use_edgevl_attention). Returns what it replaced, in words."""
     import onnx
 
-    from .cpu_graph import use_edgevl_int4_matmul, use_edgevl_int8_matmul
+    from .cpu_graph import use_edgevl_attention, use_edgevl_int4_matmul, use_edgevl_int8_matmul
 
     model = onnx.load(str(decoder_path), load_external_data=False)
     replaced, op = use_edgevl_int8_matmul(model), "Int8MatMul"
     if not replaced:
         replaced, op = use_edgevl_int4_matmul(model), "Int4MatMul"
+    layers = use_edgevl_attention(model)
     onnx.save(model, str(out_path))
-    return replaced, op
+    return f"{replaced} matmuls on edgevl's {op}, {layers} attention layers on its GroupQueryAttention"
 
 
 def _quantize_matmuls_nbits(model, data: Initializers, bits: int, block_size: int, log) -> None:

@@ -1,7 +1,7 @@
-/* edgevl's matmuls for ONNX Runtime on x86 CPUs without VNNI and on AVX-512 VNNI ones without AMX: a custom-op
- * library (domain "edgevl", ops Int8MatMul and Int4MatMul), loaded with SessionOptions.register_custom_ops_library.
- * Both run the decoder's weight matmuls of an export's decoder_avx2.onnx (export/cpu_graph.py), where ONNX Runtime's
- * own kernels for them are the slower ones (edgevl.cpu says where).
+/* edgevl's matmuls for ONNX Runtime on x86 CPUs without VNNI and on AVX-512 VNNI ones without AMX: the ops
+ * Int8MatMul and Int4MatMul of edgevl's custom-op library (ort_ops.c). Both run the decoder's weight matmuls of an
+ * export's decoder_avx2.onnx (export/cpu_graph.py), where ONNX Runtime's own kernels for them are the slower ones
+ * (edgevl.cpu says where).
  *
  * Int8MatMul. On AVX2 without VNNI, ONNX Runtime's u8 x s8 integer GEMM pairs products with vpmaddubsw, whose int16
  * sums saturate for full-range operands, so edgevl runs its int8 graphs on the u8 x u8 kernels there (exact,
@@ -20,115 +20,8 @@
  *
  * Int4MatMul: com.microsoft.MatMulNBits as the int4 export uses it (below), on a kernel that streams 4-bit weights
  * faster than MLAS's AVX2 one. The work of both is split over ONNX Runtime's intra-op threads.
- *
- * The ONNX Runtime wheel ships no C headers, so the few API entries used here are declared below by their index
- * in the OrtApi function table, as onnxruntime_c_api.h orders it; ONNX Runtime only ever appends to that table
- * (its ABI promise), and tests/test_cpu.py and tests/test_export.py exercise the entries against the installed
- * runtime. API version 17: ONNX Runtime 1.17, the first with KernelContext_ParallelFor. */
-#include <stddef.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <math.h>
-
-#if !defined(__x86_64__)
-#error "edgevl's matmul ops are x86-64 code (setup.py builds them there only)"
-#endif
-#include <immintrin.h>
-
-typedef struct OrtStatus OrtStatus;
-typedef struct OrtValue OrtValue;
-typedef struct OrtKernelInfo OrtKernelInfo;
-typedef struct OrtKernelContext OrtKernelContext;
-typedef struct OrtSessionOptions OrtSessionOptions;
-typedef struct OrtCustomOpDomain OrtCustomOpDomain;
-typedef struct OrtTensorTypeAndShapeInfo OrtShape;
-typedef void* const* OrtApiTable;  /* const OrtApi*, read as its table of function pointers */
-
-typedef struct OrtApiBase {
-    OrtApiTable (*GetApi)(uint32_t version);
-    const char* (*GetVersionString)(void);
-} OrtApiBase;
-
-enum { ORT_API_VERSION_USED = 17, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
-enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_INT8 = 3 };  /* ONNXTensorElementDataType */
-
-/* OrtApi entries: index, then the type of the function there. */
-#define CREATE_STATUS 0
-typedef OrtStatus* (*CreateStatusFn)(int code, const char* msg);
-#define CREATE_CUSTOM_OP_DOMAIN 26
-typedef OrtStatus* (*CreateCustomOpDomainFn)(const char* domain, OrtCustomOpDomain** out);
-#define CUSTOM_OP_DOMAIN_ADD 27
-typedef OrtStatus* (*CustomOpDomainAddFn)(OrtCustomOpDomain* domain, const void* op);
-#define ADD_CUSTOM_OP_DOMAIN 28
-typedef OrtStatus* (*AddCustomOpDomainFn)(OrtSessionOptions* options, OrtCustomOpDomain* domain);
-#define GET_TENSOR_MUTABLE_DATA 51
-typedef OrtStatus* (*GetTensorMutableDataFn)(const OrtValue* value, void** out);
-#define GET_TENSOR_ELEMENT_TYPE 60
-typedef OrtStatus* (*GetTensorElementTypeFn)(const OrtShape* info, int* out);
-#define GET_DIMENSIONS_COUNT 61
-typedef OrtStatus* (*GetDimensionsCountFn)(const OrtShape* info, size_t* out);
-#define GET_DIMENSIONS 62
-typedef OrtStatus* (*GetDimensionsFn)(const OrtShape* info, int64_t* dims, size_t count);
-#define GET_TENSOR_TYPE_AND_SHAPE 65
-typedef OrtStatus* (*GetTensorTypeAndShapeFn)(const OrtValue* value, OrtShape** out);
-#define KERNEL_INFO_GET_ATTRIBUTE_INT64 86
-typedef OrtStatus* (*KernelInfoGetAttributeInt64Fn)(const OrtKernelInfo* info, const char* name, int64_t* out);
-#define KERNEL_CONTEXT_GET_INPUT 90
-typedef OrtStatus* (*KernelContextGetInputFn)(const OrtKernelContext* ctx, size_t index, const OrtValue** out);
-#define KERNEL_CONTEXT_GET_OUTPUT 91
-typedef OrtStatus* (*KernelContextGetOutputFn)(OrtKernelContext* ctx, size_t index, const int64_t* dims,
-                                               size_t count, OrtValue** out);
-#define RELEASE_STATUS 93
-typedef void (*ReleaseStatusFn)(OrtStatus* status);
-#define RELEASE_TENSOR_TYPE_AND_SHAPE_INFO 99
-typedef void (*ReleaseShapeFn)(OrtShape* info);
-#define KERNEL_INFO_GET_NODE_NAME 244
-typedef OrtStatus* (*KernelInfoGetNodeNameFn)(const OrtKernelInfo* info, char* out, size_t* size);
-#define KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR 249
-typedef OrtStatus* (*KernelInfoGetConstantInputFn)(const OrtKernelInfo* info, size_t index, int* is_constant,
-                                                   const OrtValue** out);
-#define KERNEL_CONTEXT_PARALLEL_FOR 274
-typedef OrtStatus* (*KernelContextParallelForFn)(const OrtKernelContext* ctx, void (*fn)(void*, size_t),
-                                                 size_t total, size_t num_batch, void* user_data);
-
-#define API(table, name, type) ((type)(table)[name])
-
-/* OrtCustomOp as of API version 17 (the fields ONNX Runtime reads for that version). */
-typedef struct OrtCustomOp {
-    uint32_t version;
-    void* (*CreateKernel)(const struct OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info);
-    const char* (*GetName)(const struct OrtCustomOp* op);
-    const char* (*GetExecutionProviderType)(const struct OrtCustomOp* op);
-    int (*GetInputType)(const struct OrtCustomOp* op, size_t index);
-    size_t (*GetInputTypeCount)(const struct OrtCustomOp* op);
-    int (*GetOutputType)(const struct OrtCustomOp* op, size_t index);
-    size_t (*GetOutputTypeCount)(const struct OrtCustomOp* op);
-    void (*KernelCompute)(void* kernel, OrtKernelContext* ctx);
-    void (*KernelDestroy)(void* kernel);
-    int (*GetInputCharacteristic)(const struct OrtCustomOp* op, size_t index);
-    int (*GetOutputCharacteristic)(const struct OrtCustomOp* op, size_t index);
-    int (*GetInputMemoryType)(const struct OrtCustomOp* op, size_t index);
-    int (*GetVariadicInputMinArity)(const struct OrtCustomOp* op);
-    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp* op);
-    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp* op);
-    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp* op);
-    OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info,
-                                 void** kernel);
-    OrtStatus* (*KernelComputeV2)(void* kernel, OrtKernelContext* ctx);
-    void* InferOutputShapeFn;  /* none: ONNX Runtime infers nothing for the output, as for any op without it */
-    int (*GetStartVersion)(const struct OrtCustomOp* op);
-    int (*GetEndVersion)(const struct OrtCustomOp* op);
-} OrtCustomOp;
-
-/* What both ops' kernels start with: the API table, the op's and the node's names (for errors), K and N. */
-typedef struct {
-    OrtApiTable api;
-    const char* op;
-    char name[128];
-    int64_t k, n;
-} Node;
+ */
+#include "ort_ops.h"
 
 /* Weights packed in groups of COLS output columns, 32 K values each, one group after the other:
  * packed[((g * kp / 32) + kb) * COLS * 32 + c * 32 + i] = w[kb * 32 + i][g * COLS + c] (zero past K and N), so a
@@ -143,6 +36,7 @@ enum { PREFETCH_BYTES = 1024 };
 
 typedef struct {
     Node node;
+    int64_t k, n;
     int per_token;
     int vnni;        /* the AVX-512 VNNI kernels (vnni_*), else the AVX2 ones */
     int64_t kp, np;  /* K and N padded to KBLOCK and COLS */
@@ -151,78 +45,25 @@ typedef struct {
     float* w_scale;
 } Kernel;
 
-static OrtStatus* error(const Node* node, int code, const char* what) {
-    char msg[512];
-    snprintf(msg, sizeof msg, "edgevl %s node %s: %s", node->op, node->name, what);
-    return API(node->api, CREATE_STATUS, CreateStatusFn)(code, msg);
-}
-
-/* The node's name and K, N, from its kernel info; an error where the CPU cannot run the ops. */
-static OrtStatus* node_info(Node* node, OrtApiTable api, const char* op, const OrtKernelInfo* info) {
-    node->api = api;
-    node->op = op;
-    size_t size = sizeof node->name;
-    OrtStatus* unnamed = API(api, KERNEL_INFO_GET_NODE_NAME, KernelInfoGetNodeNameFn)(info, node->name, &size);
-    if (unnamed != NULL) {  /* a name longer than the buffer: errors say "?" */
-        API(api, RELEASE_STATUS, ReleaseStatusFn)(unnamed);
-        strcpy(node->name, "?");
-    }
-    return __builtin_cpu_supports("avx2") ? NULL : error(node, ORT_FAIL, "this CPU has no AVX2");
-}
-
-#define RETURN_IF_ERROR(expr)               \
-    do {                                    \
-        OrtStatus* status_ = (expr);        \
-        if (status_ != NULL) return status_; \
-    } while (0)
-
-static size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
-
-/* A tensor's shape and data. */
-typedef struct {
-    int64_t dims[8];
-    size_t rank;
-    void* data;
-} Tensor;
-
-/* Shape and data of a tensor, which must be of `type`. */
-static OrtStatus* tensor(const Node* node, const OrtValue* value, int type, Tensor* t, const char* name) {
-    OrtApiTable api = node->api;
-    OrtShape* shape;
-    int element_type;
-    RETURN_IF_ERROR(API(api, GET_TENSOR_TYPE_AND_SHAPE, GetTensorTypeAndShapeFn)(value, &shape));
-    OrtStatus* status = API(api, GET_TENSOR_ELEMENT_TYPE, GetTensorElementTypeFn)(shape, &element_type);
-    if (status == NULL) status = API(api, GET_DIMENSIONS_COUNT, GetDimensionsCountFn)(shape, &t->rank);
-    if (status == NULL && t->rank > 8) status = error(node, ORT_INVALID_ARGUMENT, "more than 8 dimensions");
-    if (status == NULL) status = API(api, GET_DIMENSIONS, GetDimensionsFn)(shape, t->dims, t->rank);
-    API(api, RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, ReleaseShapeFn)(shape);
-    RETURN_IF_ERROR(status);
-    if (element_type != type) {
-        char what[128];
-        snprintf(what, sizeof what, "%s has element type %d, expected %d", name, element_type, type);
-        return error(node, ORT_INVALID_ARGUMENT, what);
-    }
-    return API(api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(value, &t->data);
-}
-
 /* A call's input x [..., K] and output y [..., N], and the rows of x. */
-static OrtStatus* input_output(const Node* node, OrtKernelContext* ctx, const float** x, float** y, int64_t* rows) {
+static OrtStatus* input_output(const Node* node, int64_t k, int64_t n, OrtKernelContext* ctx, const float** x,
+                                float** y, int64_t* rows) {
     OrtApiTable api = node->api;
     const OrtValue* x_value;
     RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_INPUT, KernelContextGetInputFn)(ctx, 0, &x_value));
     Tensor t;
     RETURN_IF_ERROR(tensor(node, x_value, TYPE_FLOAT, &t, "the input"));
     const size_t rank = t.rank;
-    if (rank < 1 || t.dims[rank - 1] != node->k) {
+    if (rank < 1 || t.dims[rank - 1] != k) {
         char what[128];
         snprintf(what, sizeof what, "the input's last dimension is %lld, the weight's K %lld",
-                 rank ? (long long)t.dims[rank - 1] : -1LL, (long long)node->k);
+                 rank ? (long long)t.dims[rank - 1] : -1LL, (long long)k);
         return error(node, ORT_INVALID_ARGUMENT, what);
     }
     *rows = 1;
     for (size_t i = 0; i + 1 < rank; i++) *rows *= t.dims[i];
     *x = t.data;
-    t.dims[rank - 1] = node->n;
+    t.dims[rank - 1] = n;
     OrtValue* y_value;
     RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_OUTPUT, KernelContextGetOutputFn)(ctx, 0, t.dims, rank, &y_value));
     void* y_data;
@@ -294,15 +135,16 @@ static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernel
     RETURN_IF_ERROR(constant_input(&node, info, 2, TYPE_FLOAT, &st, "the weight scale"));
     if (wt.rank != 2 || st.rank != 1 || st.dims[0] != wt.dims[1] || wt.dims[0] <= 0 || wt.dims[1] <= 0)
         return error(&node, ORT_INVALID_ARGUMENT, "expected a weight [K, N] and a scale [N]");
-    node.k = wt.dims[0];
-    node.n = wt.dims[1];
+    const int64_t k = wt.dims[0], n = wt.dims[1];
 
     Kernel* kernel = calloc(1, sizeof *kernel);
     if (kernel == NULL) return error(&node, ORT_FAIL, "out of memory");
     kernel->node = node;
+    kernel->k = k;
+    kernel->n = n;
     kernel->per_token = per_token != 0;
-    kernel->kp = round_up(node.k, KBLOCK);
-    kernel->np = round_up(node.n, COLS);
+    kernel->kp = round_up(k, KBLOCK);
+    kernel->np = round_up(n, COLS);
     OrtStatus* status = int8_kernels(&node, &kernel->vnni);
     if (status != NULL) {
         free(kernel);
@@ -318,9 +160,9 @@ static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernel
         return error(&node, ORT_FAIL, "out of memory for the packed weight");
     }
     memset(kernel->packed, 0, packed_bytes);
-    memcpy(kernel->w_scale, st.data, node.n * sizeof(float));
+    memcpy(kernel->w_scale, st.data, n * sizeof(float));
     const int8_t* w = wt.data;
-    const int64_t k = node.k, n = node.n, kp = kernel->kp;
+    const int64_t kp = kernel->kp;
     int saw_minus_128 = 0;
     /* Tiles of 32 rows x 64 columns: reads and writes both stay within a few cache lines. */
     for (int64_t n0 = 0; n0 < n; n0 += 64) {
@@ -394,7 +236,7 @@ __attribute__((target("avx2"))) static void to_codes(int8_t* q, int64_t bytes) {
 /* Per-token rows: q = rne((x / m) / (1/127)), clamped to -128..127 (the graph's u8 code minus 128). */
 __attribute__((target("avx2"))) static void quantize_rows_per_token(void* p, size_t r) {
     Work* work = p;
-    const int64_t k = work->kernel->node.k, kp = work->kernel->kp;
+    const int64_t k = work->kernel->k, kp = work->kernel->kp;
     const float* x = work->x + r * k;
     float m = 0.0f;
     __m256 vmax = _mm256_setzero_ps();
@@ -501,7 +343,7 @@ __attribute__((target("avx2"))) static void tile2(const int8_t* a, int64_t kp, c
 __attribute__((target("avx2"))) static void store_tile(const Work* work, int64_t r, int rows, int64_t c,
                                                         int32_t acc[][COLS]) {
     const Kernel* kernel = work->kernel;
-    const int64_t n = kernel->node.n;
+    const int64_t n = kernel->n;
     if (c + COLS <= n) {
         const __m128i correction = _mm_mullo_epi32(_mm_set1_epi32(work->correction),
                                                    _mm_loadu_si128((const __m128i*)(kernel->column_sums + c)));
@@ -714,7 +556,7 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     const float* x = NULL;
     float* y = NULL;
     int64_t rows = 0;
-    RETURN_IF_ERROR(input_output(node, ctx, &x, &y, &rows));
+    RETURN_IF_ERROR(input_output(node, kernel->k, kernel->n, ctx, &x, &y, &rows));
     if (rows == 0) return NULL;
 
     const int64_t per_task = rows > 1 ? COLUMNS_PER_TASK : kernel->vnni ? VNNI_ROW_COLUMNS : AVX2_ROW_COLUMNS;
@@ -736,14 +578,14 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
         else quantize_rows_per_token(&work, 0);
     } else {
         int32_t zero_point;
-        tensor_quantization(work.x, rows * kernel->node.k, &work.a_scale, &zero_point);
+        tensor_quantization(work.x, rows * kernel->k, &work.a_scale, &zero_point);
         work.correction += 128 - zero_point;
         /* Stored as q - 128 (-128..127); the correction (128 - zp) x column sum makes the product q - zp's. */
         for (int64_t r = 0; r < rows; r++) {
             int8_t* q = work.q + r * kernel->kp;
-            quantize_row(work.x + r * kernel->node.k, q, kernel->node.k, 1.0f, work.a_scale,
+            quantize_row(work.x + r * kernel->k, q, kernel->k, 1.0f, work.a_scale,
                          (float)(0 - zero_point), (float)(255 - zero_point), zero_point - 128);
-            memset(q + kernel->node.k, 0, kernel->kp - kernel->node.k);
+            memset(q + kernel->k, 0, kernel->kp - kernel->k);
             if (kernel->vnni) to_codes(q, kernel->kp);
         }
     }
@@ -776,6 +618,7 @@ enum { ROW_GROUPS_PER_TASK = 32 };
 
 typedef struct {
     Node node;
+    int64_t k, n;
     int64_t block, blocks, groups;
     uint8_t* packed;  /* [groups][blocks][block / 32 units][4 column pairs][32 bytes] */
     float* scales;    /* [groups][blocks][8], each column's at the lane its sum comes out in (LANE) */
@@ -798,16 +641,17 @@ static OrtStatus* create4(const OrtCustomOp* op, OrtApiTable api, const OrtKerne
     RETURN_IF_ERROR(node_info(&node, api, "Int4MatMul", info));
     int64_t block;
     KernelInfoGetAttributeInt64Fn attribute = API(api, KERNEL_INFO_GET_ATTRIBUTE_INT64, KernelInfoGetAttributeInt64Fn);
-    RETURN_IF_ERROR(attribute(info, "K", &node.k));
-    RETURN_IF_ERROR(attribute(info, "N", &node.n));
+    int64_t k, n;
+    RETURN_IF_ERROR(attribute(info, "K", &k));
+    RETURN_IF_ERROR(attribute(info, "N", &n));
     RETURN_IF_ERROR(attribute(info, "block_size", &block));
     if (block != 32 && block != 64 && block != 128)
         return error(&node, ORT_INVALID_ARGUMENT, "block_size must be 32, 64 or 128");
-    if (node.k <= 0 || node.n <= 0) return error(&node, ORT_INVALID_ARGUMENT, "K and N must be positive");
+    if (k <= 0 || n <= 0) return error(&node, ORT_INVALID_ARGUMENT, "K and N must be positive");
     Tensor wt, st;
     RETURN_IF_ERROR(constant_input(&node, info, 1, TYPE_UINT8, &wt, "the weight"));
     RETURN_IF_ERROR(constant_input(&node, info, 2, TYPE_FLOAT, &st, "the scales"));
-    const int64_t k = node.k, n = node.n, blocks = (k + block - 1) / block;
+    const int64_t blocks = (k + block - 1) / block;
     int64_t scale_count = 1;
     for (size_t i = 0; i < st.rank; i++) scale_count *= st.dims[i];
     if (wt.rank != 3 || wt.dims[0] != n || wt.dims[1] != blocks || wt.dims[2] != block / 2 || scale_count != n * blocks)
@@ -817,6 +661,8 @@ static OrtStatus* create4(const OrtCustomOp* op, OrtApiTable api, const OrtKerne
     Kernel4* kernel = calloc(1, sizeof *kernel);
     if (kernel == NULL) return error(&node, ORT_FAIL, "out of memory");
     kernel->node = node;
+    kernel->k = k;
+    kernel->n = n;
     kernel->block = block;
     kernel->blocks = blocks;
     kernel->groups = (n + GROUP - 1) / GROUP;
@@ -876,7 +722,7 @@ __attribute__((target("avx2"))) static inline __m128i quantize16(const float* x,
 __attribute__((target("avx2"))) static void quantize_blocks(void* p, size_t r) {
     Work4* work = p;
     const Kernel4* kernel = work->kernel;
-    const int64_t k = kernel->node.k, block = kernel->block, blocks = kernel->blocks;
+    const int64_t k = kernel->k, block = kernel->block, blocks = kernel->blocks;
     const float* x = work->x + r * k;
     int8_t* q = work->q + r * blocks * block * 2;
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -1027,7 +873,7 @@ static void store_group(float* y, int64_t c0, int64_t n, const float lanes[GROUP
 static void multiply_groups(void* p, size_t task) {
     const Work4* work = p;
     const Kernel4* kernel = work->kernel;
-    const int64_t n = kernel->node.n;
+    const int64_t n = kernel->n;
     const int64_t g0 = (int64_t)task * work->per_task;
     const int64_t g1 = g0 + work->per_task < kernel->groups ? g0 + work->per_task : kernel->groups;
     float sums[2][GROUP];
@@ -1058,7 +904,7 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     const float* x = NULL;
     float* y = NULL;
     int64_t rows = 0;
-    RETURN_IF_ERROR(input_output(node, ctx, &x, &y, &rows));
+    RETURN_IF_ERROR(input_output(node, kernel->k, kernel->n, ctx, &x, &y, &rows));
     if (rows == 0) return NULL;
 
     const int64_t blocks = kernel->blocks;
@@ -1088,35 +934,17 @@ static const char* op_name4(const OrtCustomOp* op) { (void)op; return "Int4MatMu
 static int input_type4(const OrtCustomOp* op, size_t i) { (void)op; return i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
 
 static const char* op_name(const OrtCustomOp* op) { (void)op; return "Int8MatMul"; }
-static const char* op_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i == 1 ? TYPE_INT8 : TYPE_FLOAT; }
 static size_t input_count(const OrtCustomOp* op) { (void)op; return 3; }
 static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
-static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }  /* INPUT_OUTPUT_REQUIRED */
-static int default_memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }  /* OrtMemTypeDefault */
-static int one(const OrtCustomOp* op) { (void)op; return 1; }
-static int zero(const OrtCustomOp* op) { (void)op; return 0; }
-static int last_version(const OrtCustomOp* op) { (void)op; return 1 << 30; }
 
-static const OrtCustomOp INT8_MATMUL = {
+const OrtCustomOp EDGEVL_INT8_MATMUL = {
     ORT_API_VERSION_USED, NULL, op_name, op_provider, input_type, input_count, output_type, output_count, NULL,
     destroy, required, required, default_memory, one, zero, one, zero, create, compute, NULL, one, last_version,
 };
 
-static const OrtCustomOp INT4_MATMUL = {
+const OrtCustomOp EDGEVL_INT4_MATMUL = {
     ORT_API_VERSION_USED, NULL, op_name4, op_provider, input_type4, input_count, output_type, output_count, NULL,
     destroy4, required, required, default_memory, one, zero, one, zero, create4, compute4, NULL, one, last_version,
 };
-
-/* Called by ONNX Runtime's register_custom_ops_library. */
-__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
-                                                                    const OrtApiBase* base) {
-    OrtApiTable api = base->GetApi(ORT_API_VERSION_USED);
-    if (api == NULL) return NULL;  /* a runtime older than the API version: it reports the missing op itself */
-    OrtCustomOpDomain* domain;
-    RETURN_IF_ERROR(API(api, CREATE_CUSTOM_OP_DOMAIN, CreateCustomOpDomainFn)("edgevl", &domain));
-    RETURN_IF_ERROR(API(api, CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &INT8_MATMUL));
-    RETURN_IF_ERROR(API(api, CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &INT4_MATMUL));
-    return API(api, ADD_CUSTOM_OP_DOMAIN, AddCustomOpDomainFn)(options, domain);
-}

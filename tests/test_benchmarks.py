@@ -233,32 +233,44 @@ def test_tensorrt_rows_build_plans_from_an_fp32_export(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "plans" / models.EXPORT_RECORD).read_text())["max_tiles"] == 13
 
 
-def test_a_cached_int8_or_int4_export_without_decoder_avx2_is_made_again(monkeypatch, tmp_path):
+def test_a_cached_int8_or_int4_export_an_older_edgevl_made_is_made_again(monkeypatch, tmp_path):
+    """Without decoder_avx2.onnx, or with one whose attention is ONNX Runtime's: made again; current: reused."""
     import subprocess
+
+    import onnx
+    from onnx import helper
 
     from benchmarks import models
 
     source = models.ModelSource("tiny", tmp_path / "original", None, tmp_path)
     made = []
 
+    def write(out, attention_domain=None):
+        graphs = {"decoder": "decoder.onnx"}
+        if attention_domain:
+            graphs["decoder_avx2"] = "decoder_avx2.onnx"
+            node = helper.make_node("GroupQueryAttention", ["q"], ["y"], domain=attention_domain)
+            onnx.save(helper.make_model(helper.make_graph([node], "g", [], [])), str(out / "decoder_avx2.onnx"))
+        (out / "manifest.json").write_text(json.dumps({"graphs": graphs}))
+        (out / models.EXPORT_RECORD).write_text(json.dumps({"max_tiles": 13, "source": str(source.original),
+                                                            "export_s": 1.0, "peak_rss_bytes": 1 << 30}))
+
     def export(args, **kwargs):  # ensure_export's child: writes the export and its record
         out = Path(args[4])
         out.mkdir()
-        (out / "manifest.json").write_text(json.dumps({"graphs": {"decoder_avx2": "decoder_avx2.onnx"}}))
-        (out / models.EXPORT_RECORD).write_text(json.dumps({"max_tiles": 13, "source": str(source.original),
-                                                            "export_s": 1.0, "peak_rss_bytes": 1 << 30}))
+        write(out, "edgevl")
         made.append(args[5])
         return subprocess.CompletedProcess(args, 0, "")
 
     monkeypatch.setattr(models.subprocess, "run", export)
-    for precision in ("int8", "int4", "fp32"):
+    for precision, attention in (("int8", None), ("int4", "com.microsoft"), ("fp32", None)):
         out = source.export_dir(precision)
         out.mkdir()
-        (out / "manifest.json").write_text(json.dumps({"graphs": {"decoder": "decoder.onnx"}}))
-        (out / models.EXPORT_RECORD).write_text(json.dumps({"max_tiles": 13, "source": str(source.original)}))
+        write(out, attention)
         assert models.ensure_export(source, precision, 13, log=lambda _: None)[0] == out
     assert made == ["int8", "int4"]  # fp32 exports have no decoder_avx2.onnx: kept
-    models.ensure_export(source, "int8", 13, log=lambda _: None)
+    for precision in ("int8", "int4"):
+        models.ensure_export(source, precision, 13, log=lambda _: None)
     assert made == ["int8", "int4"]  # now current: reused
 
 
@@ -301,7 +313,7 @@ def test_decoders_times_both_graphs_of_an_export_in_turns(exported, capsys):
                                        else "decoder.onnx")
     assert main(["decoders", str(export), "--positions", "20", "--steps", "2", "--alternations", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "| decoder_avx2.onnx (edgevl's Int8MatMul / Int4MatMul) |" in printed and "of 1 pairs" in printed
+    assert "| decoder_avx2.onnx (edgevl's ops) |" in printed and "of 1 pairs" in printed
     assert "greedy tokens: all 3 the same" in printed and "`python -m benchmarks decoders " in printed
     assert main(["decoders", str(exported("qwen2")), "--steps", "2"]) == 2  # fp32: no decoder_avx2.onnx
     assert "has no decoder_avx2.onnx" in capsys.readouterr().err

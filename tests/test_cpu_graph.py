@@ -9,8 +9,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgevl.cpu import configure_session, matmul_library
-from edgevl.export.cpu_graph import (fuse_attention, fuse_rms_norm, quantize_matmuls_per_token, use_edgevl_int4_matmul,
-                                     use_edgevl_int8_matmul)
+from edgevl.export.cpu_graph import (fuse_attention, fuse_rms_norm, quantize_matmuls_per_token, use_edgevl_attention,
+                                     use_edgevl_int4_matmul, use_edgevl_int8_matmul)
 from edgevl.precisions import INT4, INT8
 
 K, N = 128, 96
@@ -83,8 +83,8 @@ def test_a_one_row_output_is_one_dynamic_quantize_matmul():
 
 
 needs_edgevl_matmul = pytest.mark.skipif(
-    matmul_library() is None, reason="edgevl's Int8MatMul / Int4MatMul are not installed or cannot run here (x86-64 "
-    "with AVX2, a C compiler when edgevl was installed)")
+    matmul_library() is None, reason="edgevl's ops (Int8MatMul, Int4MatMul, GroupQueryAttention) are not installed or "
+    "cannot run here (x86-64 with AVX2, a C compiler when edgevl was installed)")
 
 
 @needs_edgevl_matmul
@@ -195,6 +195,144 @@ def test_int4_matmul_refuses_a_block_size_it_has_no_kernel_for():
         _run(model, np.zeros((1, 2, 64), np.float32))
 
 
+def _gqa_session(domain, heads, kv_heads, head, rows=1, threads=0, scale=0.0):
+    """One GroupQueryAttention as fuse_attention writes it (packed QKV, rotary inside) in `domain`."""
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_k", "past_v", "seqlens_k", "total", "cos",
+                                                    "sin"], ["y", "present_k", "present_v"], name="gqa.0",
+                            domain=domain, num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1,
+                            rotary_interleaved=0)
+    floats = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph(
+        [node], "g", [floats("qkv", [1, rows, (heads + 2 * kv_heads) * head]), floats("past_k", [1, kv_heads, "p", head]),
+                      floats("past_v", [1, kv_heads, "p", head]),
+                      helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+                      helper.make_tensor_value_info("total", TensorProto.INT32, []),
+                      floats("cos", ["c", head // 2]), floats("sin", ["c", head // 2])],
+        [floats(name, None) for name in ("y", "present_k", "present_v")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(domain, 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if domain == "edgevl":
+        options.register_custom_ops_library(str(matmul_library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _rotary_tables(rows, head):
+    angles = np.arange(rows)[:, None] * 10000.0 ** (-np.arange(head // 2) / (head // 2))
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _decode_attention_reference(qkv, past_k, past_v, position, cos, sin, heads, kv_heads, head):
+    """GroupQueryAttention's one-row step in float64, written out: rotate the step's query and key halves at
+    `position`, append key and value after the past's first `position` rows, softmax(q k^T / sqrt(head)) v, query
+    head h on KV head h // (heads / kv_heads)."""
+    x = qkv.reshape(heads + 2 * kv_heads, head).astype(np.float64)
+    half, c, s = head // 2, cos[position].astype(np.float64), sin[position].astype(np.float64)
+    rotate = lambda v: np.concatenate([v[:, :half] * c - v[:, half:] * s, v[:, :half] * s + v[:, half:] * c], 1)  # noqa
+    q, k, v = rotate(x[:heads]), rotate(x[heads:heads + kv_heads]), x[heads + kv_heads:]
+    keys = np.concatenate([past_k[0, :, :position], k[:, None]], 1)
+    values = np.concatenate([past_v[0, :, :position], v[:, None]], 1)
+    out = []
+    for h in range(heads):
+        scores = keys[h // (heads // kv_heads)] @ q[h] / np.sqrt(head)
+        weights = np.exp(scores - scores.max())
+        out.append(weights @ values[h // (heads // kv_heads)] / weights.sum())
+    return np.concatenate(out), k, v
+
+
+@needs_edgevl_matmul
+# Qwen2-0.5B's heads (7 query heads a KV head), InternLM2-1.8B's (2, head 128), Phi-3-mini's (1, head 96), the tiny
+# test models' head 16; head 80, not a multiple of 16, is handed to ONNX Runtime's kernel whole. Positions on both
+# sides of the 64-position chunks the kernel splits the cache into, and past 256 (the first chunk's partial left).
+@pytest.mark.parametrize("heads, kv_heads, head", [(14, 2, 64), (16, 8, 128), (4, 4, 96), (4, 2, 16), (4, 2, 80)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_edgevl_attention_decode_step_computes_group_query_attention(heads, kv_heads, head, threads):
+    """edgevl's GroupQueryAttention on the one-row decode step: its output against GroupQueryAttention written out in
+    float64 and against ONNX Runtime's kernel, the step's rotated key and value written at its row of the cache (in
+    place in one buffer bound as past and present, or after the past's rows copied into a separate present), every
+    other row as it was."""
+    rng = np.random.default_rng(heads + head)
+    ours, onnxruntime = (_gqa_session(d, heads, kv_heads, head, threads=threads) for d in ("edgevl", "com.microsoft"))
+    capacity = 300
+    cos, sin = _rotary_tables(capacity, head)
+    differs = False
+    for position in (0, 1, 63, 64, 65, 130, 299):
+        qkv = rng.standard_normal((1, 1, (heads + 2 * kv_heads) * head)).astype(np.float32)
+        cache = [rng.standard_normal((1, kv_heads, capacity, head)).astype(np.float32) for _ in range(2)]
+        feeds = {"qkv": qkv, "seqlens_k": np.array([position], np.int32), "total": np.array(position + 1, np.int32),
+                 "cos": cos, "sin": sin}
+        want, key, value = _decode_attention_reference(qkv, *cache, position, cos, sin, heads, kv_heads, head)
+        # a separate present: past holds exactly the earlier rows
+        y, present_k, present_v = ours.run(None, {**feeds, "past_k": cache[0][:, :, :position],
+                                                  "past_v": cache[1][:, :, :position]})
+        np.testing.assert_allclose(y[0, 0], want, rtol=1e-5, atol=1e-5)
+        for present, past, row in ((present_k, cache[0], key), (present_v, cache[1], value)):
+            assert present.shape == (1, kv_heads, position + 1, head)
+            np.testing.assert_array_equal(present[:, :, :position], past[:, :, :position])
+            np.testing.assert_allclose(present[0, :, position], row, rtol=1e-6, atol=1e-6)
+        reference = onnxruntime.run(None, {**feeds, "past_k": cache[0], "past_v": cache[1]})
+        # one buffer bound as past and present: written in place, the rows after the step's untouched
+        shared = [ort.OrtValue.ortvalue_from_numpy(c.copy()) for c in cache]
+        binding = ours.io_binding()
+        binding.bind_output("y", "cpu")
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, buffer in zip(("k", "v"), shared):
+            binding.bind_ortvalue_input(f"past_{name}", buffer)
+            binding.bind_ortvalue_output(f"present_{name}", buffer)
+        ours.run_with_iobinding(binding)
+        y = binding.get_outputs()[0].numpy()
+        np.testing.assert_allclose(y, reference[0], rtol=1e-5, atol=1e-5)
+        differs |= not np.array_equal(y, reference[0])
+        for buffer, before, row in zip(shared, cache, (present_k, present_v)):
+            after = buffer.numpy()
+            np.testing.assert_array_equal(np.delete(after, position, axis=2), np.delete(before, position, axis=2))
+            np.testing.assert_array_equal(after[:, :, position], row[:, :, position])
+    # The kernel ran (its sums are ordered unlike ONNX Runtime's), except for the head it hands over.
+    assert differs == (head % 16 == 0)
+
+
+@needs_edgevl_matmul
+def test_edgevl_attention_hands_prefill_to_onnxruntime_bit_for_bit():
+    """A prompt and a later prefill chunk (rows > 1) run ONNX Runtime's own GroupQueryAttention kernel inside
+    edgevl's op: the same outputs and cache, bit for bit."""
+    heads, kv_heads, head, capacity = 14, 2, 64, 128
+    ours, onnxruntime = (_gqa_session(d, heads, kv_heads, head, rows="s") for d in ("edgevl", "com.microsoft"))
+    cos, sin = _rotary_tables(capacity, head)
+    rng = np.random.default_rng(5)
+    past = [np.zeros((1, kv_heads, capacity, head), np.float32) for _ in range(2)]
+    for start, rows in ((0, 40), (40, 30)):
+        feeds = {"qkv": rng.standard_normal((1, rows, (heads + 2 * kv_heads) * head)).astype(np.float32),
+                 "past_k": past[0], "past_v": past[1], "seqlens_k": np.array([start + rows - 1], np.int32),
+                 "total": np.array(start + rows, np.int32), "cos": cos, "sin": sin}
+        got, want = ours.run(None, feeds), onnxruntime.run(None, feeds)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        past = want[1:]
+
+
+@needs_edgevl_matmul
+def test_edgevl_attention_names_the_node_when_seqlens_k_and_the_total_disagree():
+    session = _gqa_session("edgevl", 4, 2, 16)
+    cos, sin = _rotary_tables(8, 16)
+    cache = np.zeros((1, 2, 8, 16), np.float32)
+    feeds = {"qkv": np.zeros((1, 1, 128), np.float32), "past_k": cache, "past_v": cache,
+             "seqlens_k": np.array([3], np.int32), "total": np.array(6, np.int32), "cos": cos, "sin": sin}
+    with pytest.raises(Exception, match=r"GroupQueryAttention node gqa\.0: seqlens_k must be total_sequence_length - 1"):
+        session.run(None, feeds)
+
+
+def test_attention_rewrite_moves_each_group_query_attention_to_edgevl():
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("GroupQueryAttention", ["q"], ["y"], domain="com.microsoft", num_heads=2),
+         helper.make_node("Relu", ["y"], ["z"])], "g", [], []),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    assert use_edgevl_attention(model) == 1
+    assert [(n.op_type, n.domain) for n in model.graph.node] == [("GroupQueryAttention", "edgevl"), ("Relu", "")]
+    assert {o.domain for o in model.opset_import} >= {"edgevl"}
+    assert use_edgevl_attention(model) == 0
+
+
 def test_rms_norm_chain_becomes_one_node_with_the_same_output():
     rng = np.random.default_rng(2)
     gain = rng.uniform(0.5, 2, K).astype(np.float32)
@@ -219,12 +357,13 @@ def test_rms_norm_chain_becomes_one_node_with_the_same_output():
     np.testing.assert_allclose(before, gain * x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6), rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["com.microsoft", pytest.param("edgevl", marks=needs_edgevl_matmul)])
 @pytest.mark.parametrize("family, options", [("qwen2", {}), ("internlm2", {}),
                                              ("phi3", {"original_max_position_embeddings": 10})])
-def test_fused_attention_matches_the_exported_attention(tiny_checkpoint, tmp_path, family, options):
+def test_fused_attention_matches_the_exported_attention(tiny_checkpoint, tmp_path, family, options, attention):
     """GroupQueryAttention (RoPE inside) in place of each layer's exported attention: same logits and KV through
     a prefill and decode steps. Phi-3's LongRoPE switches to its long factors at the second decode step (position 10,
-    the eleventh)."""
+    the eleventh). ONNX Runtime's GroupQueryAttention, and edgevl's (decoder_avx2.onnx's: its own decode step)."""
     from edgevl.backends.torch_backend import TorchBackend
     from edgevl.checkpoint import load_checkpoint
     from edgevl.export.graphs import export_decoder
@@ -241,8 +380,12 @@ def test_fused_attention_matches_the_exported_attention(tiny_checkpoint, tmp_pat
     # The softmax scale went into the QKV projection's query columns (MLAS's one-row GEMM needs alpha 1).
     assert all(helper.get_node_attr_value(n, "scale") == 1.0 for n in gqa)
     assert not any(n.op_type in ("Softmax", "Concat") for n in model.graph.node)
+    options = ort.SessionOptions()
+    if attention == "edgevl":
+        assert use_edgevl_attention(model) == spec["num_layers"]
+        options.register_custom_ops_library(str(matmul_library()))
     reference = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    candidate = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    candidate = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     kv_shape = (1, spec["num_kv_heads"], 0, spec["hidden_size"] // spec["num_heads"])
     # The "shared" layout: one buffer per KV tensor bound as past and present, left holding the previous
     # sequence's rows (a second generation) that the new one must not read.

@@ -48,9 +48,10 @@ class OnnxRuntimeBackend(ExportedBackend):
         """profile_prefix: run the decoder under ONNX Runtime's profiler, its JSON written under this prefix by
         `self.decoder.end_profiling()` (`python -m benchmarks profile`).
         edgevl_ops: the decoder graph. None: the one edgevl.cpu takes for this CPU and precision; True: the export's
-        decoder_avx2.onnx, on edgevl's Int8MatMul / Int4MatMul (an error where the export has none or this CPU cannot
-        run them); False: decoder.onnx, on ONNX Runtime's ops. Both compute the same results (int8 bit for bit, int4
-        to float rounding); `python -m benchmarks decoders` times one against the other."""
+        decoder_avx2.onnx, on edgevl's Int8MatMul / Int4MatMul and GroupQueryAttention (an error where the export has
+        none or this CPU cannot run them); False: decoder.onnx, on ONNX Runtime's ops. Both compute the same results
+        (int8 prefill bit for bit; decode steps and int4 to float rounding); `python -m benchmarks decoders` times one
+        against the other."""
         ort = _ort()
         export_dir = Path(export_dir)
         if device not in _DEVICE_PROVIDERS:
@@ -75,9 +76,9 @@ class OnnxRuntimeBackend(ExportedBackend):
         self.vision = _session(ort, export_dir / manifest.graphs.vision, options, provider)
         if profile_prefix is not None:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-        # The decoder graph this session runs: by default with edgevl's Int8MatMul / Int4MatMul where edgevl.cpu takes
-        # them for this precision (x86 without VNNI; AVX-512 VNNI without AMX) and the export carries the graph; the
-        # same results, faster.
+        # The decoder graph this session runs: by default on edgevl's ops where edgevl.cpu takes them for this
+        # precision (x86 without VNNI; AVX-512 VNNI without AMX) and the export carries the graph; the same results,
+        # faster.
         self.decoder_graph = manifest.graphs.decoder
         if edgevl_ops:
             if device != "cpu" or not manifest.graphs.decoder_avx2:

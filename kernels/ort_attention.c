@@ -1,0 +1,408 @@
+/* edgevl.GroupQueryAttention: com.microsoft.GroupQueryAttention as the CPU decoders use it (export/cpu_graph.py,
+ * fuse_attention), with its own kernel for the one-row decode step and ONNX Runtime's for everything else.
+ *
+ * ONNX Runtime's CPU kernel runs the step's query heads one by one, each reading its KV head's cache again and
+ * paying a GEMM call for one row: 2.2 ms of an 18 ms InternVL2-1B int8 decode step at 662 positions on the 2-core
+ * Zen 4 (benchmarks/RESULTS.md, "What a decode step is made of now"), where the cache it reads is 16 MB. Here each
+ * task takes one KV head and a chunk of positions and computes all of that head's query heads from one pass over
+ * the chunk's keys and values (a softmax partial per chunk: max, sum and weighted values, merged afterwards as
+ * flash-decoding does); the chunks spread a step over the intra-op threads whatever the number of KV heads.
+ *
+ * Same inputs, outputs and attributes as GroupQueryAttention (num_heads, kv_num_heads, scale, do_rotary,
+ * rotary_interleaved): query packed [B, S, (num_heads + 2 kv_num_heads) * head], key and value absent, past_key and
+ * past_value [B, kv, P, head] (one buffer with present's when bound so: written in place), seqlens_k int32 [B],
+ * total_sequence_length int32 [1], cos_cache and sin_cache [rows, rotary / 2]. The one-row step (B = 1, S = 1,
+ * packed, non-interleaved rotary, head a multiple of 16) runs here; any other call (a prompt, chunked prefill) is
+ * handed to ONNX Runtime's own GroupQueryAttention kernel, created with the same attributes (OrtApi CreateOp,
+ * InvokeOp), so prefill is ONNX Runtime's bit for bit and this op only ever changes the decode step. That step
+ * computes what ONNX Runtime's does up to float rounding: the same rotary formula at position seqlens_k, the scale
+ * on Q x K^T, a softmax through a Cephes-style exp polynomial (~1 ulp), all positions 0..seqlens_k. */
+#include "ort_ops.h"
+
+enum { INPUTS = 9, OUTPUTS = 3 };
+enum { QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS_K, TOTAL_LENGTH, COS_CACHE, SIN_CACHE };
+/* Positions a task reads at most; the head sizes the kernel takes (multiples of SLICE, which GroupQueryAttention
+ * asks of any head with rotary, up to MAX_HEAD); query heads weighted together (BLOCK: weigh_values). */
+enum { CHUNK = 64, SLICE = 16, MAX_HEAD = 256, BLOCK = 6 };
+
+typedef struct {
+    Node node;
+    int64_t heads, kv_heads, rotary, interleaved;
+    float scale;
+    OrtOp* gqa;  /* ONNX Runtime's GroupQueryAttention, for every call but the one-row step */
+} Attention;
+
+static void destroy_attention(void* p) {
+    Attention* kernel = p;
+    if (kernel == NULL) return;
+    if (kernel->gqa != NULL) API(kernel->node.api, RELEASE_OP, ReleaseOpFn)(kernel->gqa);
+    free(kernel);
+}
+
+static OrtStatus* create_attention(const OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info, void** out) {
+    (void)op;
+    Node node = {0};
+    RETURN_IF_ERROR(node_info(&node, api, "GroupQueryAttention", info));
+    KernelInfoGetAttributeInt64Fn int64_attribute = API(api, KERNEL_INFO_GET_ATTRIBUTE_INT64,
+                                                        KernelInfoGetAttributeInt64Fn);
+    int64_t heads, kv_heads, rotary, interleaved;
+    float scale;
+    RETURN_IF_ERROR(int64_attribute(info, "num_heads", &heads));
+    RETURN_IF_ERROR(int64_attribute(info, "kv_num_heads", &kv_heads));
+    RETURN_IF_ERROR(int64_attribute(info, "do_rotary", &rotary));
+    RETURN_IF_ERROR(int64_attribute(info, "rotary_interleaved", &interleaved));
+    RETURN_IF_ERROR(API(api, KERNEL_INFO_GET_ATTRIBUTE_FLOAT, KernelInfoGetAttributeFloatFn)(info, "scale", &scale));
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0)
+        return error(&node, ORT_INVALID_ARGUMENT, "num_heads must be a positive multiple of kv_num_heads");
+
+    Attention* kernel = calloc(1, sizeof *kernel);
+    if (kernel == NULL) return error(&node, ORT_FAIL, "out of memory");
+    *kernel = (Attention){node, heads, kv_heads, rotary, interleaved, scale, NULL};
+    /* ONNX Runtime's kernel, given exactly the attributes read above. */
+    const char* names[] = {"num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved"};
+    const int64_t values[] = {heads, kv_heads, rotary, interleaved};
+    OrtOpAttr* attrs[5] = {NULL};
+    CreateOpAttrFn create_attr = API(api, CREATE_OP_ATTR, CreateOpAttrFn);
+    OrtStatus* status = NULL;
+    for (int i = 0; i < 4 && status == NULL; i++) status = create_attr(names[i], &values[i], 1, OP_ATTR_INT, &attrs[i]);
+    if (status == NULL) status = create_attr("scale", &scale, 1, OP_ATTR_FLOAT, &attrs[4]);
+    const char* constraint_names[] = {"T", "M"};
+    const int constraint_types[] = {TYPE_FLOAT, TYPE_INT32};
+    if (status == NULL)
+        status = API(api, CREATE_OP, CreateOpFn)(info, "GroupQueryAttention", "com.microsoft", 1, constraint_names,
+                                                 constraint_types, 2, (const OrtOpAttr* const*)attrs, 5, INPUTS,
+                                                 OUTPUTS, &kernel->gqa);
+    for (int i = 0; i < 5; i++)
+        if (attrs[i] != NULL) API(api, RELEASE_OP_ATTR, ReleaseOpAttrFn)(attrs[i]);
+    if (status != NULL) {
+        destroy_attention(kernel);
+        return status;
+    }
+    *out = kernel;
+    return NULL;
+}
+
+/* One step's work, shared by the tasks: task t takes KV head t / chunks and its chunk t % chunks of positions. */
+typedef struct {
+    const float* q;  /* [heads][head]: the step's queries, rotated */
+    const float* k;  /* [kv][capacity][head]: the cache, the step's row written */
+    const float* v;
+    int64_t capacity, head, group, positions, chunk, chunks;
+    float scale;
+    float* scores;   /* [tasks][group][chunk]: scores, then their exp */
+    float* partial;  /* [tasks][group][head + 2]: sum of exp x value, the chunk's max, the sum of exp */
+} Decode;
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static inline float sum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+AVX2 static inline float max8(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+AVX2 static inline float dot(const float* a, const float* b, int64_t n) {  /* n: a multiple of SLICE */
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    for (int64_t j = 0; j < n; j += SLICE) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    }
+    return sum8(_mm256_add_ps(s0, s1));
+}
+
+/* The scaled dot products of a with the eight rows b[0..8) (row stride and length n, a multiple of 8). */
+AVX2 static inline __m256 dot8(const float* a, const float* b, int64_t n, __m256 scale) {
+    __m256 d[8];
+    for (int r = 0; r < 8; r++) d[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 x = _mm256_loadu_ps(a + j);
+        for (int r = 0; r < 8; r++) d[r] = _mm256_fmadd_ps(x, _mm256_loadu_ps(b + r * n + j), d[r]);
+    }
+    /* lanes 0-3: rows 0-3 then 4-7 over each 128-bit half; the halves added */
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+    return _mm256_mul_ps(sums, scale);
+}
+
+/* exp(x) for x <= 0: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial, times 2^n (~1 ulp); below
+ * -87 (where 2^n leaves the normal floats) it is exp(-87) ~ 1.6e-38, as good as 0 beside the row's maximum's 1. */
+AVX2 static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln2 in two parts: r exact to ~1e-10 */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* One chunk's softmax partial for the scores s[0..n) (replaced by their exp): returns the max, sets *sum. */
+AVX2 static float exp_scores(float* s, int64_t n, float* sum) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + i));
+    float m = max8(m8);
+    for (; i < n; i++) m = s[i] > m ? s[i] : m;
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 total = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
+        _mm256_storeu_ps(s + i, e);
+        total = _mm256_add_ps(total, e);
+    }
+    if (i < n) {  /* the tail through the same polynomial, zeros past it */
+        float tail[8];
+        for (int64_t j = 0; j < 8; j++) tail[j] = i + j < n ? s[i + j] - m : -INFINITY;
+        const __m256 e = exp8(_mm256_loadu_ps(tail));
+        _mm256_storeu_ps(tail, e);
+        for (int64_t j = i; j < n; j++) s[j] = tail[j - i];
+        total = _mm256_add_ps(total, _mm256_blendv_ps(
+            e, _mm256_setzero_ps(), _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)(n - i - 1))))));
+    }
+    *sum = sum8(total);
+    return m;
+}
+
+/* out[g][j..j+16) = sum_i e[g][i] v[i][j..j+16) for `count` query heads, j each multiple of SLICE: 2 x count
+ * accumulators, the value row's 2 registers and a broadcast weight, within AVX2's 16 (count <= BLOCK); called with a
+ * constant count, so the loops unroll. */
+AVX2 static inline __attribute__((always_inline)) void weigh_values(const float* e, int64_t chunk, const float* v,
+                                                                   int64_t n, int64_t head, int count, float* out,
+                                                                   int64_t out_stride) {
+    for (int64_t j = 0; j < head; j += SLICE) {
+        __m256 a[BLOCK][2];
+        for (int g = 0; g < count; g++) a[g][0] = a[g][1] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i++) {
+            const __m256 v0 = _mm256_loadu_ps(v + i * head + j), v1 = _mm256_loadu_ps(v + i * head + j + 8);
+            for (int g = 0; g < count; g++) {
+                const __m256 weight = _mm256_broadcast_ss(e + g * chunk + i);
+                a[g][0] = _mm256_fmadd_ps(weight, v0, a[g][0]);
+                a[g][1] = _mm256_fmadd_ps(weight, v1, a[g][1]);
+            }
+        }
+        for (int g = 0; g < count; g++) {
+            _mm256_storeu_ps(out + g * out_stride + j, a[g][0]);
+            _mm256_storeu_ps(out + g * out_stride + j + 8, a[g][1]);
+        }
+    }
+}
+
+AVX2 static void decode_task(void* p, size_t task) {
+    const Decode* w = p;
+    const int64_t head = w->head, group = w->group, chunk = w->chunk;
+    const int64_t kv = (int64_t)task / w->chunks, p0 = ((int64_t)task % w->chunks) * chunk;
+    const int64_t n = p0 + chunk < w->positions ? chunk : w->positions - p0;
+    const float* k = w->k + (kv * w->capacity + p0) * head;
+    const float* v = w->v + (kv * w->capacity + p0) * head;
+    const float* q = w->q + kv * group * head;
+    float* s = w->scores + task * group * chunk;
+    float* partial = w->partial + task * group * (head + 2);
+    const __m256 scale = _mm256_set1_ps(w->scale);
+    /* Scores eight positions at a time: their eight dot products reduced together. Meanwhile the value rows are
+     * fetched into cache (the weighting below reads them in slices, a pattern the hardware prefetchers follow less
+     * well). */
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int64_t c = 0; c < 8 * head; c += 16) _mm_prefetch((const char*)(v + i * head + c), _MM_HINT_T0);
+        for (int64_t g = 0; g < group; g++) _mm256_storeu_ps(s + g * chunk + i, dot8(q + g * head, k + i * head, head,
+                                                                                      scale));
+    }
+    for (; i < n; i++)
+        for (int64_t g = 0; g < group; g++) s[g * chunk + i] = dot(q + g * head, k + i * head, head) * w->scale;
+    for (int64_t g = 0; g < group; g++)
+        partial[g * (head + 2) + head] = exp_scores(s + g * chunk, n, &partial[g * (head + 2) + head + 1]);
+    /* The value rows once per BLOCK query heads (the chunk stays in L1 for the next block). */
+    for (int64_t g = 0; g < group; g += BLOCK) {
+        const float* e = s + g * chunk;
+        float* out = partial + g * (head + 2);
+        switch (group - g < BLOCK ? group - g : BLOCK) {
+            case 1: weigh_values(e, chunk, v, n, head, 1, out, head + 2); break;
+            case 2: weigh_values(e, chunk, v, n, head, 2, out, head + 2); break;
+            case 3: weigh_values(e, chunk, v, n, head, 3, out, head + 2); break;
+            case 4: weigh_values(e, chunk, v, n, head, 4, out, head + 2); break;
+            case 5: weigh_values(e, chunk, v, n, head, 5, out, head + 2); break;
+            default: weigh_values(e, chunk, v, n, head, BLOCK, out, head + 2); break;
+        }
+    }
+}
+
+/* The chunks' partials merged: out[h] = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) sum_c. */
+static void merge(const Decode* w, int64_t heads, float* out) {
+    const int64_t head = w->head, group = w->group;
+    for (int64_t h = 0; h < heads; h++) {
+        const int64_t kv = h / group, g = h % group;
+        const float* first = w->partial + ((kv * w->chunks) * group + g) * (head + 2);
+        const int64_t stride = group * (head + 2);  /* from one chunk's partial to the next */
+        float m = -INFINITY, total = 0.0f;
+        for (int64_t c = 0; c < w->chunks; c++) m = first[c * stride + head] > m ? first[c * stride + head] : m;
+        float* y = out + h * head;
+        memset(y, 0, head * sizeof(float));
+        for (int64_t c = 0; c < w->chunks; c++) {
+            const float* part = first + c * stride;
+            const float weight = expf(part[head] - m);
+            total += weight * part[head + 1];
+            for (int64_t j = 0; j < head; j++) y[j] += weight * part[j];
+        }
+        for (int64_t j = 0; j < head; j++) y[j] /= total;
+    }
+}
+
+/* x rotated at one position, GroupQueryAttention's non-interleaved rotary over its first `dims` values. */
+AVX2 static void rotate(const float* x, const float* cos, const float* sin, int64_t dims, int64_t head, float* y) {
+    const int64_t half = dims / 2;
+    for (int64_t i = 0; i < half; i++) {
+        y[i] = fmaf(x[i], cos[i], -(x[i + half] * sin[i]));
+        y[i + half] = fmaf(x[i], sin[i], x[i + half] * cos[i]);
+    }
+    memcpy(y + dims, x + dims, (head - dims) * sizeof(float));
+}
+
+typedef struct {
+    const OrtValue* values[INPUTS];
+    Tensor t[INPUTS];  /* rank 0 where the input is absent */
+} Inputs;
+
+/* The one-row step, where it applies: *done = 0 leaves the call to ONNX Runtime's kernel. */
+static OrtStatus* decode_step(const Attention* kernel, OrtKernelContext* ctx, const Inputs* in, int64_t head,
+                              int64_t present_length, OrtValue* const* outputs, int* done) {
+    const Node* node = &kernel->node;
+    const Tensor *query = &in->t[QUERY], *past_k = &in->t[PAST_KEY], *past_v = &in->t[PAST_VALUE];
+    const Tensor *cos = &in->t[COS_CACHE], *sin = &in->t[SIN_CACHE];
+    *done = 0;
+    if (query->dims[0] != 1 || query->dims[1] != 1 || in->values[KEY] != NULL || past_k->rank != 4
+        || past_v->rank != 4 || head % SLICE != 0 || head > MAX_HEAD || kernel->interleaved
+        || (kernel->rotary && (cos->rank != 2 || sin->rank != 2)))
+        return NULL;
+    const int32_t position = ((const int32_t*)in->t[SEQLENS_K].data)[0];
+    const int64_t past_length = past_k->dims[2], rotary = kernel->rotary ? 2 * cos->dims[1] : 0;
+    if (position < 0 || position >= present_length || position > past_length
+        || ((const int32_t*)in->t[TOTAL_LENGTH].data)[0] != position + 1)
+        return error(node, ORT_INVALID_ARGUMENT, "seqlens_k must be total_sequence_length - 1, within the cache");
+    if (kernel->rotary && (cos->dims[0] <= position || sin->dims[0] <= position || sin->dims[1] != cos->dims[1]
+                           || rotary > head))
+        return error(node, ORT_INVALID_ARGUMENT, "cos_cache and sin_cache must have a row for the position and "
+                     "at most head_size / 2 columns");
+
+    OrtApiTable api = node->api;
+    float* present[2];
+    for (int i = 0; i < 2; i++) {
+        void* data;
+        RETURN_IF_ERROR(API(api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(outputs[1 + i], &data));
+        present[i] = data;
+    }
+    float* y;
+    RETURN_IF_ERROR(API(api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(outputs[0], (void**)&y));
+    const int64_t heads = kernel->heads, kv_heads = kernel->kv_heads;
+    const float* x = query->data;
+    const float* past[2] = {past_k->data, past_v->data};
+    const float* angle_cos = kernel->rotary ? (const float*)cos->data + position * cos->dims[1] : NULL;
+    const float* angle_sin = kernel->rotary ? (const float*)sin->data + position * sin->dims[1] : NULL;
+    for (int i = 0; i < 2; i++)  /* a present that is not the past's buffer gets the past's rows first */
+        if (present[i] != past[i])
+            for (int64_t h = 0; h < kv_heads; h++)
+                memcpy(present[i] + h * present_length * head, past[i] + h * past_length * head,
+                       position * head * sizeof(float));
+    for (int64_t h = 0; h < kv_heads; h++) {  /* the step's key (rotated) and value, at row `position` */
+        const float* key = x + (heads + h) * head;
+        float* row = present[0] + (h * present_length + position) * head;
+        if (kernel->rotary) rotate(key, angle_cos, angle_sin, rotary, head, row);
+        else memcpy(row, key, head * sizeof(float));
+        memcpy(present[1] + (h * present_length + position) * head, x + (heads + kv_heads + h) * head,
+               head * sizeof(float));
+    }
+
+    const int64_t positions = position + 1, chunks = (positions + CHUNK - 1) / CHUNK, group = heads / kv_heads;
+    Decode work = {NULL, present[0], present[1], present_length, head, group, positions,
+                   (positions + chunks - 1) / chunks, chunks,
+                   kernel->scale == 0.0f ? 1.0f / sqrtf((float)head) : kernel->scale, NULL, NULL};
+    const size_t tasks = kv_heads * chunks;
+    float* q = malloc(heads * head * sizeof(float));
+    work.scores = malloc(tasks * group * work.chunk * sizeof(float));
+    work.partial = malloc(tasks * group * (head + 2) * sizeof(float));
+    OrtStatus* status = NULL;
+    if (q == NULL || work.scores == NULL || work.partial == NULL) {
+        status = error(node, ORT_FAIL, "out of memory for the attention scores");
+    } else {
+        for (int64_t h = 0; h < heads; h++) {
+            if (kernel->rotary) rotate(x + h * head, angle_cos, angle_sin, rotary, head, q + h * head);
+            else memcpy(q + h * head, x + h * head, head * sizeof(float));
+        }
+        work.q = q;
+        status = API(api, KERNEL_CONTEXT_PARALLEL_FOR, KernelContextParallelForFn)(ctx, decode_task, tasks, 0, &work);
+        if (status == NULL) merge(&work, heads, y);
+    }
+    free(q);
+    free(work.scores);
+    free(work.partial);
+    *done = status == NULL;
+    return status;
+}
+
+static OrtStatus* compute_attention(void* p, OrtKernelContext* ctx) {
+    Attention* kernel = p;
+    const Node* node = &kernel->node;
+    OrtApiTable api = node->api;
+    static const int types[INPUTS] = {TYPE_FLOAT, TYPE_FLOAT, TYPE_FLOAT, TYPE_FLOAT, TYPE_FLOAT, TYPE_INT32,
+                                      TYPE_INT32, TYPE_FLOAT, TYPE_FLOAT};
+    static const char* names[INPUTS] = {"query", "key", "value", "past_key", "past_value", "seqlens_k",
+                                        "total_sequence_length", "cos_cache", "sin_cache"};
+    Inputs in = {0};
+    for (int i = 0; i < INPUTS; i++) {
+        RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_INPUT, KernelContextGetInputFn)(ctx, i, &in.values[i]));
+        if (in.values[i] != NULL) RETURN_IF_ERROR(tensor(node, in.values[i], types[i], &in.t[i], names[i]));
+    }
+    const Tensor* query = &in.t[QUERY];
+    if (query->rank != 3 || in.t[PAST_KEY].rank != 4 || in.values[SEQLENS_K] == NULL
+        || in.values[TOTAL_LENGTH] == NULL)
+        return error(node, ORT_INVALID_ARGUMENT, "expected query [B, S, hidden], past_key [B, kv, P, head], "
+                     "seqlens_k and total_sequence_length");
+    /* The outputs' shapes as GroupQueryAttention computes them (InvokeOp writes into the outputs given). */
+    const int64_t packed = in.values[KEY] == NULL ? kernel->heads + 2 * kernel->kv_heads : kernel->heads;
+    const int64_t head = query->dims[2] / packed;
+    const int64_t total = ((const int32_t*)in.t[TOTAL_LENGTH].data)[0];
+    const int64_t present_length = total > in.t[PAST_KEY].dims[2] ? total : in.t[PAST_KEY].dims[2];
+    const int64_t y_dims[3] = {query->dims[0], query->dims[1], kernel->heads * head};
+    const int64_t kv_dims[4] = {query->dims[0], kernel->kv_heads, present_length, head};
+    OrtValue* outputs[OUTPUTS];
+    KernelContextGetOutputFn output = API(api, KERNEL_CONTEXT_GET_OUTPUT, KernelContextGetOutputFn);
+    RETURN_IF_ERROR(output(ctx, 0, y_dims, 3, &outputs[0]));
+    RETURN_IF_ERROR(output(ctx, 1, kv_dims, 4, &outputs[1]));
+    RETURN_IF_ERROR(output(ctx, 2, kv_dims, 4, &outputs[2]));
+    int done = 0;
+    RETURN_IF_ERROR(decode_step(kernel, ctx, &in, head, present_length, outputs, &done));
+    if (done) return NULL;
+    return API(api, INVOKE_OP, InvokeOpFn)(ctx, kernel->gqa, in.values, INPUTS, outputs, OUTPUTS);
+}
+
+static const char* attention_name(const OrtCustomOp* op) { (void)op; return "GroupQueryAttention"; }
+static int attention_input_type(const OrtCustomOp* op, size_t i) {
+    (void)op;
+    return i == SEQLENS_K || i == TOTAL_LENGTH ? TYPE_INT32 : TYPE_FLOAT;
+}
+static size_t attention_inputs(const OrtCustomOp* op) { (void)op; return INPUTS; }
+static int attention_input_presence(const OrtCustomOp* op, size_t i) {
+    return i == KEY || i == VALUE || i == COS_CACHE || i == SIN_CACHE ? optional(op, i) : required(op, i);
+}
+static int attention_output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static size_t attention_outputs(const OrtCustomOp* op) { (void)op; return OUTPUTS; }
+
+const OrtCustomOp EDGEVL_GROUP_ATTENTION = {
+    ORT_API_VERSION_USED, NULL, attention_name, op_provider, attention_input_type, attention_inputs,
+    attention_output_type, attention_outputs, NULL, destroy_attention, attention_input_presence, required,
+    default_memory, one, zero, one, zero, create_attention, compute_attention, NULL, one, last_version,
+};
