@@ -24,6 +24,10 @@ enum { QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS_K, TOTAL_LENGTH, COS_CAC
 /* Positions a task reads at most; the head sizes the kernel takes (multiples of SLICE, which GroupQueryAttention
  * asks of any head with rotary, up to MAX_HEAD); query heads weighted together (BLOCK: weigh_values). */
 enum { CHUNK = 64, SLICE = 16, MAX_HEAD = 256, BLOCK = 6 };
+/* In a decode step the cache comes from DRAM (the weights streamed through since the last step): one thread over the
+ * InternVL2-1B cache at 662 positions (24 layers, 16 MB), caches flushed first, on the Zen 4: 2.6 ms with the keys
+ * prefetched 16 positions ahead, 2.0-2.3 with 64 (1.0 with the cache warm). */
+enum { KEYS_AHEAD = 64 };
 
 typedef struct {
     Node node;
@@ -215,10 +219,14 @@ AVX2 static void decode_task(void* p, size_t task) {
     const __m256 scale = _mm256_set1_ps(w->scale);
     /* Scores eight positions at a time: their eight dot products reduced together. Meanwhile the value rows are
      * fetched into cache (the weighting below reads them in slices, a pattern the hardware prefetchers follow less
-     * well). */
+     * well), and the key rows KEYS_AHEAD positions on (the next chunk's, which the same thread usually takes next). */
     int64_t i = 0;
+    const int64_t ahead = (w->positions - p0) * head;  /* prefetches stay within the head's rows */
+    for (int64_t c = 0; c < KEYS_AHEAD * head && c < ahead; c += 16) _mm_prefetch((const char*)(k + c), _MM_HINT_T0);
     for (; i + 8 <= n; i += 8) {
         for (int64_t c = 0; c < 8 * head; c += 16) _mm_prefetch((const char*)(v + i * head + c), _MM_HINT_T0);
+        for (int64_t c = (i + KEYS_AHEAD) * head; c < (i + KEYS_AHEAD + 8) * head && c < ahead; c += 16)
+            _mm_prefetch((const char*)(k + c), _MM_HINT_T0);
         for (int64_t g = 0; g < group; g++) _mm256_storeu_ps(s + g * chunk + i, dot8(q + g * head, k + i * head, head,
                                                                                       scale));
     }
