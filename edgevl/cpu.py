@@ -18,9 +18,9 @@ with Int4MatMul: MatMulNBits' arithmetic on a faster AVX2 kernel than MLAS's. Bo
 GroupQueryAttention (kernels/ort_attention.c: ONNX Runtime's kernel for prefill, edgevl's for the decode step). Where
 u8 x s8 saturates (the class without VNNI), the library is installed and its products pass a probe, the ONNX Runtime
 backend runs that graph: the same results (int8 prefill bit for bit; decode steps and int4 to float rounding) and a
-faster decode (benchmarks/RESULTS.md). Int8MatMul also
-has AVX-512 VNNI kernels (vpdpbusd: the same integers); on that class without AMX both ops decode faster than MLAS's,
-so int8 and int4 decoders run decoder_avx2.onnx there too (EDGEVL_DECODERS_ON_VNNI).
+faster decode (benchmarks/RESULTS.md). Int8MatMul also has AVX-512 VNNI kernels (vpdpbusd: the same integers); on
+that class without AMX both ops decode faster than MLAS's, so int8 and int4 decoders run decoder_avx2.onnx there too
+(EDGEVL_DECODERS_ON_VNNI).
 """
 from __future__ import annotations
 
@@ -169,8 +169,8 @@ def _product_is_exact(precision_mode: bool) -> bool:
 @functools.cache
 def matmul_library() -> Path | None:
     """edgevl's ops for ONNX Runtime: Int8MatMul, Int4MatMul and GroupQueryAttention (kernels/ort_ops.c, built with
-    the package on x86-64), or None where this install has none (another architecture, or no C compiler when it was installed) or
-    this CPU has no AVX2."""
+    the package on x86-64), or None where this install has none (another architecture, or no C compiler when it was
+    installed) or this CPU has no AVX2."""
     import importlib.util
 
     spec = importlib.util.find_spec("edgevl.kernels._ort_ops")

@@ -285,8 +285,8 @@ def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_ima
                               "GroupQueryAttention, which the shared KV layout of this precision needs; re-export it "
                               "from the checkpoint with this edgevl")
         log(f"[export] decoder: {scheme}, attention fused (GroupQueryAttention)")
-        replaced = write_avx2_decoder(out_dir / "decoder.onnx", out_dir / "decoder_avx2.onnx")
-        log(f"[export] decoder_avx2.onnx: {replaced}, for the x86 CPUs edgevl.cpu names")
+        on_edgevl_ops = write_avx2_decoder(out_dir / "decoder.onnx", out_dir / "decoder_avx2.onnx")
+        log(f"[export] decoder_avx2.onnx: {on_edgevl_ops}, for the x86 CPUs edgevl.cpu names")
         graphs = replace(graphs, decoder_avx2="decoder_avx2.onnx")
         kv_cache = SHARED_KV
         quantization = {"vision": "static int8 Q/DQ, symmetric; attention and normalisations fp32", "decoder": scheme}

@@ -203,8 +203,8 @@ def _gqa_session(domain, heads, kv_heads, head, rows=1, threads=0, scale=0.0):
                             rotary_interleaved=0)
     floats = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
     graph = helper.make_graph(
-        [node], "g", [floats("qkv", [1, rows, (heads + 2 * kv_heads) * head]), floats("past_k", [1, kv_heads, "p", head]),
-                      floats("past_v", [1, kv_heads, "p", head]),
+        [node], "g", [floats("qkv", [1, rows, (heads + 2 * kv_heads) * head]),
+                      floats("past_k", [1, kv_heads, "p", head]), floats("past_v", [1, kv_heads, "p", head]),
                       helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
                       helper.make_tensor_value_info("total", TensorProto.INT32, []),
                       floats("cos", ["c", head // 2]), floats("sin", ["c", head // 2])],
@@ -318,7 +318,7 @@ def test_edgevl_attention_names_the_node_when_seqlens_k_and_the_total_disagree()
     cache = np.zeros((1, 2, 8, 16), np.float32)
     feeds = {"qkv": np.zeros((1, 1, 128), np.float32), "past_k": cache, "past_v": cache,
              "seqlens_k": np.array([3], np.int32), "total": np.array(6, np.int32), "cos": cos, "sin": sin}
-    with pytest.raises(Exception, match=r"GroupQueryAttention node gqa\.0: seqlens_k must be total_sequence_length - 1"):
+    with pytest.raises(Exception, match=r"GroupQueryAttention node gqa\.0: seqlens_k must be total_sequence_length"):
         session.run(None, feeds)
 
 
