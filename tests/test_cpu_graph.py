@@ -195,19 +195,20 @@ def test_int4_matmul_refuses_a_block_size_it_has_no_kernel_for():
         _run(model, np.zeros((1, 2, 64), np.float32))
 
 
-def _gqa_session(domain, heads, kv_heads, head, rows=1, threads=0, scale=0.0):
-    """One GroupQueryAttention as fuse_attention writes it (packed QKV, rotary inside) in `domain`."""
-    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_k", "past_v", "seqlens_k", "total", "cos",
-                                                    "sin"], ["y", "present_k", "present_v"], name="gqa.0",
-                            domain=domain, num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1,
-                            rotary_interleaved=0)
+def _gqa_session(domain, heads, kv_heads, head, rows=1, threads=0, rotary=True, scale=0.0):
+    """One GroupQueryAttention as fuse_attention writes it (packed QKV, rotary inside unless `rotary` is False) in
+    `domain`."""
+    tables = ["cos", "sin"] if rotary else []
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_k", "past_v", "seqlens_k", "total", *tables],
+                            ["y", "present_k", "present_v"], name="gqa.0", domain=domain, num_heads=heads,
+                            kv_num_heads=kv_heads, scale=scale, do_rotary=int(rotary), rotary_interleaved=0)
     floats = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
     graph = helper.make_graph(
         [node], "g", [floats("qkv", [1, rows, (heads + 2 * kv_heads) * head]),
                       floats("past_k", [1, kv_heads, "p", head]), floats("past_v", [1, kv_heads, "p", head]),
                       helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
                       helper.make_tensor_value_info("total", TensorProto.INT32, []),
-                      floats("cos", ["c", head // 2]), floats("sin", ["c", head // 2])],
+                      *(floats(name, ["c", head // 2]) for name in tables)],
         [floats(name, None) for name in ("y", "present_k", "present_v")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(domain, 1)])
     options = ort.SessionOptions()
@@ -222,19 +223,23 @@ def _rotary_tables(rows, head):
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def _decode_attention_reference(qkv, past_k, past_v, position, cos, sin, heads, kv_heads, head):
+def _decode_attention_reference(qkv, past_k, past_v, position, tables, heads, kv_heads, head, scale):
     """GroupQueryAttention's one-row step in float64, written out: rotate the step's query and key halves at
-    `position`, append key and value after the past's first `position` rows, softmax(q k^T / sqrt(head)) v, query
-    head h on KV head h // (heads / kv_heads)."""
+    `position` (with tables (cos, sin); None: no rotary), append key and value after the past's first `position` rows,
+    softmax(scale q k^T) v (scale 0: 1 / sqrt(head)), query head h on KV head h // (heads / kv_heads)."""
     x = qkv.reshape(heads + 2 * kv_heads, head).astype(np.float64)
-    half, c, s = head // 2, cos[position].astype(np.float64), sin[position].astype(np.float64)
-    rotate = lambda v: np.concatenate([v[:, :half] * c - v[:, half:] * s, v[:, :half] * s + v[:, half:] * c], 1)  # noqa
+    def rotate(v):
+        if tables is None:
+            return v
+        half, c, s = head // 2, tables[0][position].astype(np.float64), tables[1][position].astype(np.float64)
+        return np.concatenate([v[:, :half] * c - v[:, half:] * s, v[:, :half] * s + v[:, half:] * c], 1)
+
     q, k, v = rotate(x[:heads]), rotate(x[heads:heads + kv_heads]), x[heads + kv_heads:]
     keys = np.concatenate([past_k[0, :, :position], k[:, None]], 1)
     values = np.concatenate([past_v[0, :, :position], v[:, None]], 1)
     out = []
     for h in range(heads):
-        scores = keys[h // (heads // kv_heads)] @ q[h] / np.sqrt(head)
+        scores = keys[h // (heads // kv_heads)] @ q[h] * (scale or 1 / np.sqrt(head))
         weights = np.exp(scores - scores.max())
         out.append(weights @ values[h // (heads // kv_heads)] / weights.sum())
     return np.concatenate(out), k, v
@@ -242,26 +247,30 @@ def _decode_attention_reference(qkv, past_k, past_v, position, cos, sin, heads, 
 
 @needs_edgevl_matmul
 # Qwen2-0.5B's heads (7 query heads a KV head), InternLM2-1.8B's (2, head 128), Phi-3-mini's (1, head 96), the tiny
-# test models' head 16; head 80, not a multiple of 16, is handed to ONNX Runtime's kernel whole. Positions on both
-# sides of the 64-position chunks the kernel splits the cache into, and past 256 (the first chunk's partial left).
-@pytest.mark.parametrize("heads, kv_heads, head", [(14, 2, 64), (16, 8, 128), (4, 4, 96), (4, 2, 16), (4, 2, 80)])
+# test models' head 16, head 80; without rotary and with the scale folded away (1, as fuse_attention leaves it) head
+# 32, and head 24, not a multiple of 16, which is handed to ONNX Runtime's kernel whole. Positions on both sides of
+# the 64-position chunks the kernel splits the cache into, and past 256 (the first chunk's partial left).
+@pytest.mark.parametrize("heads, kv_heads, head, rotary, scale", [
+    (14, 2, 64, True, 0.0), (16, 8, 128, True, 0.0), (4, 4, 96, True, 0.0), (4, 2, 16, True, 0.0),
+    (4, 2, 80, True, 0.0), (4, 2, 32, False, 1.0), (4, 2, 24, False, 1.0)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_edgevl_attention_decode_step_computes_group_query_attention(heads, kv_heads, head, threads):
+def test_edgevl_attention_decode_step_computes_group_query_attention(heads, kv_heads, head, rotary, scale, threads):
     """edgevl's GroupQueryAttention on the one-row decode step: its output against GroupQueryAttention written out in
     float64 and against ONNX Runtime's kernel, the step's rotated key and value written at its row of the cache (in
     place in one buffer bound as past and present, or after the past's rows copied into a separate present), every
     other row as it was."""
     rng = np.random.default_rng(heads + head)
-    ours, onnxruntime = (_gqa_session(d, heads, kv_heads, head, threads=threads) for d in ("edgevl", "com.microsoft"))
+    ours, onnxruntime = (_gqa_session(d, heads, kv_heads, head, threads=threads, rotary=rotary, scale=scale)
+                         for d in ("edgevl", "com.microsoft"))
     capacity = 300
-    cos, sin = _rotary_tables(capacity, head)
+    tables = _rotary_tables(capacity, head) if rotary else None
     differs = False
     for position in (0, 1, 63, 64, 65, 130, 299):
         qkv = rng.standard_normal((1, 1, (heads + 2 * kv_heads) * head)).astype(np.float32)
         cache = [rng.standard_normal((1, kv_heads, capacity, head)).astype(np.float32) for _ in range(2)]
         feeds = {"qkv": qkv, "seqlens_k": np.array([position], np.int32), "total": np.array(position + 1, np.int32),
-                 "cos": cos, "sin": sin}
-        want, key, value = _decode_attention_reference(qkv, *cache, position, cos, sin, heads, kv_heads, head)
+                 **(dict(zip(("cos", "sin"), tables)) if rotary else {})}
+        want, key, value = _decode_attention_reference(qkv, *cache, position, tables, heads, kv_heads, head, scale)
         # a separate present: past holds exactly the earlier rows
         y, present_k, present_v = ours.run(None, {**feeds, "past_k": cache[0][:, :, :position],
                                                   "past_v": cache[1][:, :, :position]})
