@@ -270,7 +270,8 @@ static void merge(const Decode* w, int64_t heads, float* out) {
     }
 }
 
-/* x rotated at one position, GroupQueryAttention's non-interleaved rotary over its first `dims` values. */
+/* x rotated at one position, GroupQueryAttention's non-interleaved rotary over its first `dims` values (0: a
+ * copy, for an op without rotary). */
 AVX2 static void rotate(const float* x, const float* cos, const float* sin, int64_t dims, int64_t head, float* y) {
     const int64_t half = dims / 2;
     for (int64_t i = 0; i < half; i++) {
@@ -328,8 +329,7 @@ static OrtStatus* decode_step(const Attention* kernel, OrtKernelContext* ctx, co
     for (int64_t h = 0; h < kv_heads; h++) {  /* the step's key (rotated) and value, at row `position` */
         const float* key = x + (heads + h) * head;
         float* row = present[0] + (h * present_length + position) * head;
-        if (kernel->rotary) rotate(key, angle_cos, angle_sin, rotary, head, row);
-        else memcpy(row, key, head * sizeof(float));
+        rotate(key, angle_cos, angle_sin, rotary, head, row);
         memcpy(present[1] + (h * present_length + position) * head, x + (heads + kv_heads + h) * head,
                head * sizeof(float));
     }
@@ -346,10 +346,7 @@ static OrtStatus* decode_step(const Attention* kernel, OrtKernelContext* ctx, co
     if (q == NULL || work.scores == NULL || work.partial == NULL) {
         status = error(node, ORT_FAIL, "out of memory for the attention scores");
     } else {
-        for (int64_t h = 0; h < heads; h++) {
-            if (kernel->rotary) rotate(x + h * head, angle_cos, angle_sin, rotary, head, q + h * head);
-            else memcpy(q + h * head, x + h * head, head * sizeof(float));
-        }
+        for (int64_t h = 0; h < heads; h++) rotate(x + h * head, angle_cos, angle_sin, rotary, head, q + h * head);
         work.q = q;
         status = API(api, KERNEL_CONTEXT_PARALLEL_FOR, KernelContextParallelForFn)(ctx, decode_task, tasks, 0, &work);
         if (status == NULL) merge(&work, heads, y);
