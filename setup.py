@@ -9,7 +9,9 @@ from setuptools import Extension, setup
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 ORT_OPS = Extension("edgevl.kernels._ort_ops", sources=["kernels/ort_ops.c", "kernels/ort_matmul.c",
                                                      "kernels/ort_attention.c"],
-                    depends=["kernels/ort_ops.h"], extra_compile_args=["-O3"], optional=True)
+                    depends=["kernels/ort_ops.h"], optional=True,
+                    # -ffp-contract=off: no a * b + c fused into one rounding the replaced graph nodes do not make
+                    extra_compile_args=["-O3", "-ffp-contract=off"])
 
 # export/ and kernels/ sit at the top level (the design card's layout) but install as
 # edgevl.export and edgevl.kernels, so site-packages gets no generic top-level names.

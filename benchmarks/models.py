@@ -116,8 +116,9 @@ def ensure_export(source: ModelSource, precision: str, max_tiles: int, log=print
 
 def _stale_cpu_graph(out: Path, precision: str, runtime: str, log) -> bool:
     """An int8/int4 export made by an older edgevl: without decoder_avx2.onnx, or with one whose attention is still
-    ONNX Runtime's GroupQueryAttention (not edgevl's). x86 CPUs without VNNI would run a slower decoder than a new
-    export gives them, so the benchmarks make it again rather than time what a new export would not run."""
+    ONNX Runtime's GroupQueryAttention (not edgevl's) or whose SwiGLU is still its own nodes (not folded into the
+    matmul). x86 CPUs without VNNI would run a slower decoder than a new export gives them, so the benchmarks make it
+    again rather than time what a new export would not run."""
     if runtime != "onnxruntime" or precision not in ("int8", "int4"):
         return False
     graph = json.loads((out / "manifest.json").read_text()).get("graphs", {}).get("decoder_avx2")
@@ -125,6 +126,8 @@ def _stale_cpu_graph(out: Path, precision: str, runtime: str, log) -> bool:
         why = "no decoder_avx2.onnx"
     elif any(n.op_type == "GroupQueryAttention" and n.domain != "edgevl" for n in _graph_nodes(out / graph)):
         why = "decoder_avx2.onnx without edgevl's GroupQueryAttention"
+    elif any(n.op_type == "Split" for n in _graph_nodes(out / graph)):
+        why = "decoder_avx2.onnx without its matmul epilogues"
     else:
         return False
     log(f"[bench] {out}: made by an older edgevl ({why}), exporting again")

@@ -158,19 +158,22 @@ def quantize_decoder_weights(fp32_path: Path, out_path: Path, weights: WeightSch
 
 def write_avx2_decoder(decoder_path: Path, out_path: Path) -> str:
     """The int8 or int4 decoder graph on edgevl's ops beside it, reading the same data file: each weight matmul as
-    Int8MatMul / Int4MatMul (cpu_graph.use_edgevl_int8_matmul, use_edgevl_int4_matmul) and each attention as edgevl's
-    GroupQueryAttention (cpu_graph.use_edgevl_attention). Returns what it replaced, in words."""
+    Int8MatMul / Int4MatMul (cpu_graph.use_edgevl_int8_matmul, use_edgevl_int4_matmul) with the bias, SwiGLU and
+    residual after it folded in (cpu_graph.fuse_matmul_epilogues), and each attention as edgevl's GroupQueryAttention
+    (cpu_graph.use_edgevl_attention). Returns what it replaced, in words."""
     import onnx
 
-    from .cpu_graph import use_edgevl_attention, use_edgevl_int4_matmul, use_edgevl_int8_matmul
+    from .cpu_graph import fuse_matmul_epilogues, use_edgevl_attention, use_edgevl_int4_matmul, use_edgevl_int8_matmul
 
     model = onnx.load(str(decoder_path), load_external_data=False)
     replaced, op = use_edgevl_int8_matmul(model), "Int8MatMul"
     if not replaced:
         replaced, op = use_edgevl_int4_matmul(model), "Int4MatMul"
+    folded = fuse_matmul_epilogues(model, Initializers(decoder_path.parent))
     layers = use_edgevl_attention(model)
     onnx.save(model, str(out_path))
-    return f"{replaced} matmuls on edgevl's {op}, {layers} attention layers on its GroupQueryAttention"
+    return (f"{replaced} matmuls on edgevl's {op} ({folded} nodes after them folded in), {layers} attention layers "
+            "on its GroupQueryAttention")
 
 
 def _quantize_matmuls_nbits(model, data: Initializers, bits: int, block_size: int, log) -> None:

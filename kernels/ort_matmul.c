@@ -20,6 +20,13 @@
  *
  * Int4MatMul: com.microsoft.MatMulNBits as the int4 export uses it (below), on a kernel that streams 4-bit weights
  * faster than MLAS's AVX2 one. The work of both is split over ONNX Runtime's intra-op threads.
+ *
+ * Both also compute what follows a matmul in a decoder layer (export/cpu_graph.py, fuse_matmul_epilogues), so a
+ * decode step runs 7 nodes a layer instead of 13 (ONNX Runtime's cost between small nodes is a share of a step):
+ * optional inputs bias [N] (3) and residual (4, the output's shape), and the attribute swiglu (0 or 1):
+ *     t = y + bias;   swiglu: t[..., j] = (t[j] * logistic(t[j])) * t[j + N/2] for j < N/2;   out = residual + t,
+ * each in the float arithmetic of the ONNX Runtime nodes it replaces (Add; Split, Sigmoid, Mul, Mul, which ONNX
+ * Runtime runs as QuickGelu and Mul with MLAS's FMA3 logistic kernel), so the outputs stay the graph's bit for bit.
  */
 #include "ort_ops.h"
 
@@ -37,6 +44,7 @@ enum { PREFETCH_BYTES = 1024 };
 typedef struct {
     Node node;
     int64_t k, n;
+    int swiglu;      /* the output is the SwiGLU of the matmul's two halves (the epilogue, below) */
     int per_token;
     int vnni;        /* the AVX-512 VNNI kernels (vnni_*), else the AVX2 ones */
     int64_t kp, np;  /* K and N padded to KBLOCK and COLS */
@@ -45,7 +53,7 @@ typedef struct {
     float* w_scale;
 } Kernel;
 
-/* A call's input x [..., K] and output y [..., N], and the rows of x. */
+/* A call's input x [..., K] and output y [..., n], and the rows of x. */
 static OrtStatus* input_output(const Node* node, int64_t k, int64_t n, OrtKernelContext* ctx, const float** x,
                                 float** y, int64_t* rows) {
     OrtApiTable api = node->api;
@@ -72,6 +80,160 @@ static OrtStatus* input_output(const Node* node, int64_t k, int64_t n, OrtKernel
     return NULL;
 }
 
+/* ---- The epilogue: bias, SwiGLU and residual after the matmul (the header's formula) ---- */
+
+/* The attribute swiglu, 0 where the node has none (graphs without the epilogue). */
+static OrtStatus* swiglu_attribute(const Node* node, const OrtKernelInfo* info, int64_t n, int* swiglu) {
+    const int64_t value = optional_attribute(node->api, info, "swiglu", 0);
+    if (value != 0 && value != 1) return error(node, ORT_INVALID_ARGUMENT, "swiglu must be 0 or 1");
+    if (value && n % 2) return error(node, ORT_INVALID_ARGUMENT, "swiglu needs an even N (two halves)");
+    *swiglu = (int)value;
+    return NULL;
+}
+
+typedef struct {
+    const float* m;         /* the matmul's rows [rows, n] (the output itself without swiglu) */
+    float* y;               /* the output [rows, width] */
+    const float* bias;      /* [n] or NULL */
+    const float* residual;  /* [rows, width] or NULL */
+    int64_t n, width;       /* width: n / 2 with swiglu, else n */
+    int swiglu;
+} Epilogue;
+
+/* MLAS's logistic as its FMA3 kernel computes it (the rational approximation Eigen uses, clamped to +-18): the same
+ * operations in the same order, so the same bits. */
+static const float LOGISTIC[] = {-18.0f, 18.0f,
+                                 4.37031012579801e-11f, 1.15627324459942e-07f, 6.08574864600143e-05f,
+                                 8.51377133304701e-03f, 2.48287947061529e-01f,
+                                 6.10247389755681e-13f, 5.76102136993427e-09f, 6.29106785017040e-06f,
+                                 1.70198817374094e-03f, 1.16817656904453e-01f, 9.93151921023180e-01f};
+enum { LOWER, UPPER, A9, A7, A5, A3, A1, B10, B8, B6, B4, B2, B0 };
+
+#define FMA __attribute__((target("avx2,fma")))
+
+FMA static inline __m256 logistic8(__m256 x) {
+#define C(i) _mm256_set1_ps(LOGISTIC[i])
+    x = _mm256_min_ps(C(UPPER), _mm256_max_ps(C(LOWER), x));
+    const __m256 x2 = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_fmadd_ps(x2, C(A9), C(A7));
+    p = _mm256_fmadd_ps(x2, p, C(A5));
+    p = _mm256_fmadd_ps(x2, p, C(A3));
+    p = _mm256_fmadd_ps(x2, p, C(A1));
+    __m256 q = _mm256_fmadd_ps(x2, C(B10), C(B8));
+    q = _mm256_fmadd_ps(x2, q, C(B6));
+    q = _mm256_fmadd_ps(x2, q, C(B4));
+    q = _mm256_fmadd_ps(x2, q, C(B2));
+    q = _mm256_fmadd_ps(x2, q, C(B0));
+    p = _mm256_mul_ps(x, p);
+    return _mm256_max_ps(_mm256_setzero_ps(), _mm256_add_ps(_mm256_div_ps(p, q), _mm256_set1_ps(0.5f)));
+#undef C
+}
+
+/* logistic8 of one value (vmaxps / vminps keep their second operand where the comparison fails, NaN included). */
+FMA static inline float logistic1(float x) {
+    const float* c = LOGISTIC;
+    x = c[LOWER] > x ? c[LOWER] : x;
+    x = c[UPPER] < x ? c[UPPER] : x;
+    const float x2 = x * x;
+    float p = fmaf(x2, c[A9], c[A7]);
+    p = fmaf(x2, p, c[A5]);
+    p = fmaf(x2, p, c[A3]);
+    p = fmaf(x2, p, c[A1]);
+    float q = fmaf(x2, c[B10], c[B8]);
+    q = fmaf(x2, q, c[B6]);
+    q = fmaf(x2, q, c[B4]);
+    q = fmaf(x2, q, c[B2]);
+    q = fmaf(x2, q, c[B0]);
+    const float r = x * p / q + 0.5f;
+    return 0.0f > r ? 0.0f : r;
+}
+
+/* Row r of the output. x * p / q above is (x * p) / q, as the kernel's; the library is built with
+ * -ffp-contract=off, so no multiply and add here are fused into one rounding the graph's nodes do not make. */
+FMA static void finish_row(void* p, size_t r) {
+    const Epilogue* e = p;
+    const float* m = e->m + r * e->n;
+    float* y = e->y + r * e->width;
+    const float* residual = e->residual ? e->residual + r * e->width : NULL;
+    int64_t j = 0;
+    for (; j + 8 <= e->width; j += 8) {
+        __m256 t = _mm256_loadu_ps(m + j);
+        if (e->bias) t = _mm256_add_ps(t, _mm256_loadu_ps(e->bias + j));
+        if (e->swiglu) {
+            __m256 up = _mm256_loadu_ps(m + e->width + j);
+            if (e->bias) up = _mm256_add_ps(up, _mm256_loadu_ps(e->bias + e->width + j));
+            t = _mm256_mul_ps(_mm256_mul_ps(t, logistic8(t)), up);
+        }
+        if (residual) t = _mm256_add_ps(_mm256_loadu_ps(residual + j), t);
+        _mm256_storeu_ps(y + j, t);
+    }
+    for (; j < e->width; j++) {
+        float t = m[j];
+        if (e->bias) t += e->bias[j];
+        if (e->swiglu) {
+            float up = m[e->width + j];
+            if (e->bias) up += e->bias[e->width + j];
+            t = t * logistic1(t) * up;
+        }
+        if (residual) t = residual[j] + t;
+        y[j] = t;
+    }
+}
+
+/* Inputs 3 (bias) and 4 (residual) where the node has them, checked against the matmul's shape. */
+static OrtStatus* epilogue_inputs(const Node* node, OrtKernelContext* ctx, Epilogue* e, int64_t rows) {
+    size_t count;
+    RETURN_IF_ERROR(API(node->api, KERNEL_CONTEXT_GET_INPUT_COUNT, KernelContextGetInputCountFn)(ctx, &count));
+    const float** slots[2] = {&e->bias, &e->residual};
+    const int64_t expected[2] = {e->n, rows * e->width};
+    static const char* names[2] = {"the bias", "the residual"};
+    for (size_t i = 0; i < 2 && 3 + i < count; i++) {
+        const OrtValue* value;
+        RETURN_IF_ERROR(API(node->api, KERNEL_CONTEXT_GET_INPUT, KernelContextGetInputFn)(ctx, 3 + i, &value));
+        if (value == NULL) continue;
+        Tensor t;
+        RETURN_IF_ERROR(tensor(node, value, TYPE_FLOAT, &t, names[i]));
+        int64_t elements = 1;
+        for (size_t d = 0; d < t.rank; d++) elements *= t.dims[d];
+        if (elements != expected[i]) {
+            char what[160];
+            snprintf(what, sizeof what, "%s has %lld values, expected %lld (%s)", names[i], (long long)elements,
+                     (long long)expected[i], i ? "the output's shape" : "N");
+            return error(node, ORT_INVALID_ARGUMENT, what);
+        }
+        *slots[i] = t.data;
+    }
+    return NULL;
+}
+
+/* The output y [..., width] of a matmul of `n` columns, and where the matmul writes: y itself, or with swiglu a
+ * buffer of all n columns (*scratch, the caller frees it). */
+static OrtStatus* epilogue_start(const Node* node, OrtKernelContext* ctx, int64_t k, int64_t n, int swiglu,
+                                 const float** x, float** matmul_out, int64_t* rows, Epilogue* e, float** scratch) {
+    *e = (Epilogue){.n = n, .width = swiglu ? n / 2 : n, .swiglu = swiglu};
+    *scratch = NULL;
+    float* y = NULL;
+    RETURN_IF_ERROR(input_output(node, k, e->width, ctx, x, &y, rows));
+    RETURN_IF_ERROR(epilogue_inputs(node, ctx, e, *rows));
+    e->y = y;
+    if (swiglu && *rows) {
+        *scratch = malloc(*rows * n * sizeof(float));
+        if (*scratch == NULL) return error(node, ORT_FAIL, "out of memory for the matmul's two halves");
+    }
+    e->m = *matmul_out = swiglu ? *scratch : y;
+    return NULL;
+}
+
+/* After the matmul: the epilogue over every row (ONNX Runtime's threads for several rows), where there is one. */
+static OrtStatus* epilogue_finish(const Node* node, OrtKernelContext* ctx, Epilogue* e, int64_t rows) {
+    if (!e->bias && !e->residual && !e->swiglu) return NULL;
+    if (rows == 1) {
+        finish_row(e, 0);
+        return NULL;
+    }
+    return API(node->api, KERNEL_CONTEXT_PARALLEL_FOR, KernelContextParallelForFn)(ctx, finish_row, rows, 0, e);
+}
+
 /* A weight input that must be a constant initializer of `type` (packed once, when the kernel is created). */
 static OrtStatus* constant_input(const Node* node, const OrtKernelInfo* info, size_t index, int type, Tensor* t,
                                  const char* name) {
@@ -92,9 +254,9 @@ static int has_vnni(void) {
            && __builtin_cpu_supports("avx512vl");
 }
 
-/* For edgevl.cpu (ctypes): the Int8MatMul kernels this CPU runs, 1 AVX2 | 2 AVX-512 VNNI (0: no AVX2). */
+/* For edgevl.cpu (ctypes): the Int8MatMul kernels this CPU runs, 1 AVX2 | 2 AVX-512 VNNI (0: no AVX2 and FMA). */
 __attribute__((visibility("default"))) int EdgevlInt8MatMulKernels(void) {
-    return __builtin_cpu_supports("avx2") ? 1 | (has_vnni() ? 2 : 0) : 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 | (has_vnni() ? 2 : 0) : 0;
 }
 
 static OrtStatus* int8_kernels(const Node* node, int* vnni) {
@@ -146,6 +308,7 @@ static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernel
     kernel->kp = round_up(k, KBLOCK);
     kernel->np = round_up(n, COLS);
     OrtStatus* status = int8_kernels(&node, &kernel->vnni);
+    if (status == NULL) status = swiglu_attribute(&node, info, n, &kernel->swiglu);
     if (status != NULL) {
         free(kernel);
         return status;
@@ -554,10 +717,15 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     Kernel* kernel = p;
     const Node* node = &kernel->node;
     const float* x = NULL;
-    float* y = NULL;
+    float *y = NULL, *scratch = NULL;
     int64_t rows = 0;
-    RETURN_IF_ERROR(input_output(node, kernel->k, kernel->n, ctx, &x, &y, &rows));
-    if (rows == 0) return NULL;
+    Epilogue epilogue;
+    OrtStatus* status = epilogue_start(node, ctx, kernel->k, kernel->n, kernel->swiglu, &x, &y, &rows, &epilogue,
+                                       &scratch);
+    if (status != NULL || rows == 0) {
+        free(scratch);
+        return status;
+    }
 
     const int64_t per_task = rows > 1 ? COLUMNS_PER_TASK : kernel->vnni ? VNNI_ROW_COLUMNS : AVX2_ROW_COLUMNS;
     Work work = {kernel, x, y, NULL, NULL, rows, per_task, 1.0f / 127.0f, kernel->vnni ? -128 : 0};
@@ -568,11 +736,11 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     if (work.q == NULL || work.row_scale == NULL) {
         free(work.q);
         free(work.row_scale);
+        free(scratch);
         return error(node, ORT_FAIL, "out of memory for the quantized input");
     }
     KernelContextParallelForFn parallel_for = API(node->api, KERNEL_CONTEXT_PARALLEL_FOR,
                                                   KernelContextParallelForFn);
-    OrtStatus* status = NULL;
     if (kernel->per_token) {
         if (rows > 1) status = parallel_for(ctx, quantize_rows_per_token, rows, 0, &work);
         else quantize_rows_per_token(&work, 0);
@@ -594,8 +762,10 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
         size_t tasks = (kernel->np + per_task - 1) / per_task;
         status = parallel_for(ctx, multiply_task, tasks, 0, &work);
     }
+    if (status == NULL) status = epilogue_finish(node, ctx, &epilogue, rows);
     free(work.q);
     free(work.row_scale);
+    free(scratch);
     return status;
 }
 
@@ -619,6 +789,7 @@ enum { ROW_GROUPS_PER_TASK = 32 };
 typedef struct {
     Node node;
     int64_t k, n;
+    int swiglu;
     int64_t block, blocks, groups;
     uint8_t* packed;  /* [groups][blocks][block / 32 units][4 column pairs][32 bytes] */
     float* scales;    /* [groups][blocks][8], each column's at the lane its sum comes out in (LANE) */
@@ -648,6 +819,8 @@ static OrtStatus* create4(const OrtCustomOp* op, OrtApiTable api, const OrtKerne
     if (block != 32 && block != 64 && block != 128)
         return error(&node, ORT_INVALID_ARGUMENT, "block_size must be 32, 64 or 128");
     if (k <= 0 || n <= 0) return error(&node, ORT_INVALID_ARGUMENT, "K and N must be positive");
+    int swiglu = 0;
+    RETURN_IF_ERROR(swiglu_attribute(&node, info, n, &swiglu));
     Tensor wt, st;
     RETURN_IF_ERROR(constant_input(&node, info, 1, TYPE_UINT8, &wt, "the weight"));
     RETURN_IF_ERROR(constant_input(&node, info, 2, TYPE_FLOAT, &st, "the scales"));
@@ -663,6 +836,7 @@ static OrtStatus* create4(const OrtCustomOp* op, OrtApiTable api, const OrtKerne
     kernel->node = node;
     kernel->k = k;
     kernel->n = n;
+    kernel->swiglu = swiglu;
     kernel->block = block;
     kernel->blocks = blocks;
     kernel->groups = (n + GROUP - 1) / GROUP;
@@ -902,10 +1076,15 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     Kernel4* kernel = p;
     const Node* node = &kernel->node;
     const float* x = NULL;
-    float* y = NULL;
+    float *y = NULL, *scratch = NULL;
     int64_t rows = 0;
-    RETURN_IF_ERROR(input_output(node, kernel->k, kernel->n, ctx, &x, &y, &rows));
-    if (rows == 0) return NULL;
+    Epilogue epilogue;
+    OrtStatus* status = epilogue_start(node, ctx, kernel->k, kernel->n, kernel->swiglu, &x, &y, &rows, &epilogue,
+                                       &scratch);
+    if (status != NULL || rows == 0) {
+        free(scratch);
+        return status;
+    }
 
     const int64_t blocks = kernel->blocks;
     const int64_t per_task = rows == 1 ? ROW_GROUPS_PER_TASK : GROUPS_PER_TASK;
@@ -913,7 +1092,6 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     work.q = aligned_alloc(64, round_up(rows * blocks * kernel->block * 2, 64));
     work.a_scale = malloc(rows * blocks * sizeof(float));
     work.offset = malloc(rows * blocks * sizeof(int32_t));
-    OrtStatus* status = NULL;
     if (work.q == NULL || work.a_scale == NULL || work.offset == NULL) {
         status = error(node, ORT_FAIL, "out of memory for the quantized input");
     } else {
@@ -924,9 +1102,11 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
         if (status == NULL)
             status = parallel_for(ctx, multiply_groups, (kernel->groups + per_task - 1) / per_task, 0, &work);
     }
+    if (status == NULL) status = epilogue_finish(node, ctx, &epilogue, rows);
     free(work.q);
     free(work.a_scale);
     free(work.offset);
+    free(scratch);
     return status;
 }
 
@@ -935,16 +1115,19 @@ static int input_type4(const OrtCustomOp* op, size_t i) { (void)op; return i == 
 
 static const char* op_name(const OrtCustomOp* op) { (void)op; return "Int8MatMul"; }
 static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i == 1 ? TYPE_INT8 : TYPE_FLOAT; }
-static size_t input_count(const OrtCustomOp* op) { (void)op; return 3; }
+static size_t input_count(const OrtCustomOp* op) { (void)op; return 5; }
+static int weights_then_epilogue(const OrtCustomOp* op, size_t i) { return i < 3 ? required(op, i) : optional(op, i); }
 static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
 
 const OrtCustomOp EDGEVL_INT8_MATMUL = {
     ORT_API_VERSION_USED, NULL, op_name, op_provider, input_type, input_count, output_type, output_count, NULL,
-    destroy, required, required, default_memory, one, zero, one, zero, create, compute, NULL, one, last_version,
+    destroy, weights_then_epilogue, required, default_memory, one, zero, one, zero, create, compute, NULL, one,
+    last_version,
 };
 
 const OrtCustomOp EDGEVL_INT4_MATMUL = {
     ORT_API_VERSION_USED, NULL, op_name4, op_provider, input_type4, input_count, output_type, output_count, NULL,
-    destroy4, required, required, default_memory, one, zero, one, zero, create4, compute4, NULL, one, last_version,
+    destroy4, weights_then_epilogue, required, default_memory, one, zero, one, zero, create4, compute4, NULL, one,
+    last_version,
 };

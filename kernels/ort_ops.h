@@ -63,6 +63,8 @@ typedef OrtStatus* (*GetTensorTypeAndShapeFn)(const OrtValue* value, OrtShape** 
 typedef OrtStatus* (*KernelInfoGetAttributeFloatFn)(const OrtKernelInfo* info, const char* name, float* out);
 #define KERNEL_INFO_GET_ATTRIBUTE_INT64 86
 typedef OrtStatus* (*KernelInfoGetAttributeInt64Fn)(const OrtKernelInfo* info, const char* name, int64_t* out);
+#define KERNEL_CONTEXT_GET_INPUT_COUNT 88
+typedef OrtStatus* (*KernelContextGetInputCountFn)(const OrtKernelContext* ctx, size_t* out);
 #define KERNEL_CONTEXT_GET_INPUT 90
 typedef OrtStatus* (*KernelContextGetInputFn)(const OrtKernelContext* ctx, size_t index, const OrtValue** out);
 #define KERNEL_CONTEXT_GET_OUTPUT 91
@@ -147,7 +149,18 @@ static inline OrtStatus* node_info(Node* node, OrtApiTable api, const char* op, 
         API(api, RELEASE_STATUS, ReleaseStatusFn)(unnamed);
         strcpy(node->name, "?");
     }
-    return __builtin_cpu_supports("avx2") ? NULL : error(node, ORT_FAIL, "this CPU has no AVX2");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+               ? NULL : error(node, ORT_FAIL, "this CPU has no AVX2 and FMA");
+}
+
+/* An int attribute the node may leave out (`fallback` then): ONNX Runtime answers a missing one with an error. */
+static inline int64_t optional_attribute(OrtApiTable api, const OrtKernelInfo* info, const char* name,
+                                         int64_t fallback) {
+    int64_t value;
+    OrtStatus* missing = API(api, KERNEL_INFO_GET_ATTRIBUTE_INT64, KernelInfoGetAttributeInt64Fn)(info, name, &value);
+    if (missing == NULL) return value;
+    API(api, RELEASE_STATUS, ReleaseStatusFn)(missing);
+    return fallback;
 }
 
 #define RETURN_IF_ERROR(expr)               \

@@ -4,6 +4,7 @@ test), only that every figure was measured, is consistent, and lands in the JSON
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,8 @@ def test_tensorrt_rows_build_plans_from_an_fp32_export(monkeypatch, tmp_path):
 
 
 def test_a_cached_int8_or_int4_export_an_older_edgevl_made_is_made_again(monkeypatch, tmp_path):
-    """Without decoder_avx2.onnx, or with one whose attention is ONNX Runtime's: made again; current: reused."""
+    """Without decoder_avx2.onnx, or with one whose attention is ONNX Runtime's or whose SwiGLU is not folded into
+    its matmul (a Split left): made again; current: reused."""
     import subprocess
 
     import onnx
@@ -245,12 +247,13 @@ def test_a_cached_int8_or_int4_export_an_older_edgevl_made_is_made_again(monkeyp
     source = models.ModelSource("tiny", tmp_path / "original", None, tmp_path)
     made = []
 
-    def write(out, attention_domain=None):
+    def write(out, attention_domain=None, split=False):
         graphs = {"decoder": "decoder.onnx"}
         if attention_domain:
             graphs["decoder_avx2"] = "decoder_avx2.onnx"
-            node = helper.make_node("GroupQueryAttention", ["q"], ["y"], domain=attention_domain)
-            onnx.save(helper.make_model(helper.make_graph([node], "g", [], [])), str(out / "decoder_avx2.onnx"))
+            nodes = [helper.make_node("GroupQueryAttention", ["q"], ["y"], domain=attention_domain)]
+            nodes += [helper.make_node("Split", ["y"], ["a", "b"], num_outputs=2)] if split else []
+            onnx.save(helper.make_model(helper.make_graph(nodes, "g", [], [])), str(out / "decoder_avx2.onnx"))
         (out / "manifest.json").write_text(json.dumps({"graphs": graphs}))
         (out / models.EXPORT_RECORD).write_text(json.dumps({"max_tiles": 13, "source": str(source.original),
                                                             "export_s": 1.0, "peak_rss_bytes": 1 << 30}))
@@ -272,6 +275,11 @@ def test_a_cached_int8_or_int4_export_an_older_edgevl_made_is_made_again(monkeyp
     for precision in ("int8", "int4"):
         models.ensure_export(source, precision, 13, log=lambda _: None)
     assert made == ["int8", "int4"]  # now current: reused
+    shutil.rmtree(source.export_dir("int8"))
+    source.export_dir("int8").mkdir()
+    write(source.export_dir("int8"), "edgevl", split=True)
+    models.ensure_export(source, "int8", 13, log=lambda _: None)
+    assert made == ["int8", "int4", "int8"]
 
 
 def test_decode_profile_splits_a_token_by_op_type(exported, capsys):

@@ -9,21 +9,21 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgevl.cpu import configure_session, matmul_library
-from edgevl.export.cpu_graph import (fuse_attention, fuse_rms_norm, quantize_matmuls_per_token, use_edgevl_attention,
-                                     use_edgevl_int4_matmul, use_edgevl_int8_matmul)
+from edgevl.export.cpu_graph import (fuse_attention, fuse_matmul_epilogues, fuse_rms_norm, quantize_matmuls_per_token,
+                                     use_edgevl_attention, use_edgevl_int4_matmul, use_edgevl_int8_matmul)
 from edgevl.precisions import INT4, INT8
 
 K, N = 128, 96
 
 
-def _run(model, x, threads=0):
+def _run(model, x, threads=0, **inputs):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     configure_session(options)  # exact integer products on x86 without VNNI too
     if any(o.domain == "edgevl" for o in model.opset_import):
         options.register_custom_ops_library(str(matmul_library()))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return session.run(None, {"x": x, **inputs})[0]
 
 
 def _matmul_model(weight, rows="s"):
@@ -193,6 +193,120 @@ def test_int4_matmul_refuses_a_block_size_it_has_no_kernel_for():
     model.opset_import.append(helper.make_opsetid("edgevl", 1))
     with pytest.raises(Exception, match=r"Int4MatMul node layer\.mlp: block_size must be 32, 64 or 128"):
         _run(model, np.zeros((1, 2, 64), np.float32))
+
+
+def _layer_tail_model(op, k, n, tail, rng, rows="s"):
+    """edgevl's `op` (Int8MatMul per token, or Int4MatMul) of n columns, then what a decoder layer puts after such a
+    matmul (`tail`: "bias", "swiglu" or "residual", joined by "+"), as the exported graph writes it, value_info
+    included (fuse_matmul_epilogues reads the shapes)."""
+    if op == "Int8MatMul":
+        w = rng.integers(-127, 128, (k, n), dtype=np.int8)
+        initializers = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(
+            rng.uniform(0.002, 0.02, n).astype(np.float32), "s")]
+        matmul = helper.make_node(op, ["x", "w", "s"], ["m"], name="layer.mlp", domain="edgevl", per_token=1)
+    else:
+        block = 32
+        initializers = [numpy_helper.from_array(rng.integers(0, 256, (n, -(-k // block), block // 2), dtype=np.uint8),
+                                                "w"),
+                        numpy_helper.from_array(rng.uniform(0.002, 0.02, (n, -(-k // block))).astype(np.float32), "s")]
+        matmul = helper.make_node(op, ["x", "w", "s"], ["m"], name="layer.mlp", domain="edgevl", K=k, N=n,
+                                  block_size=block)
+    nodes, width, last = [matmul], n, "m"
+    shapes = {"m": n}
+    if "bias" in tail:
+        initializers.append(numpy_helper.from_array((3 * rng.standard_normal(n)).astype(np.float32), "b"))
+        nodes.append(helper.make_node("Add", [last, "b"], ["biased"]))
+        last = "biased"
+        shapes[last] = n
+    if "swiglu" in tail:
+        width = n // 2
+        nodes += [helper.make_node("Split", [last], ["gate", "up"], axis=2, num_outputs=2),
+                  helper.make_node("Sigmoid", ["gate"], ["sig"]), helper.make_node("Mul", ["gate", "sig"], ["silu"]),
+                  helper.make_node("Mul", ["silu", "up"], ["gated"])]
+        shapes.update(gate=width, up=width, sig=width, silu=width, gated=width)
+        last = "gated"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, k])]
+    if "residual" in tail:
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, rows, width]))
+        nodes.append(helper.make_node("Add", ["r", last], ["summed"]))
+        shapes["summed"] = width
+        last = "summed"
+    nodes[-1].output[0] = "y"
+    shapes["y"] = shapes.pop(last)
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                  [1, rows, width])], initializers,
+                              value_info=[helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, rows, size])
+                                          for name, size in shapes.items() if name != "y"])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("edgevl", 1)])
+
+
+@needs_edgevl_matmul
+@pytest.mark.parametrize("op", ["Int8MatMul", "Int4MatMul"])
+# n 26: 13 columns a half, 8 on the vector path and 5 after it; 96: vector only
+@pytest.mark.parametrize("tail, n", [("bias", 26), ("residual", 26), ("bias+swiglu+residual", 26), ("swiglu", 96),
+                                     ("swiglu+residual", 96)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_epilogue_gives_the_graphs_outputs_bit_for_bit(op, tail, n, threads):
+    """fuse_matmul_epilogues folds the bias Add, the SwiGLU (Split, Sigmoid, Mul, Mul, which ONNX Runtime runs as
+    QuickGelu and Mul on MLAS's logistic) and the residual Add into edgevl's matmul, computed in those nodes' float
+    arithmetic: the same outputs bit for bit, for prefill- and decode-sized inputs whose gate values span the logistic's
+    whole range, its +-18 clamp included."""
+    rng = np.random.default_rng(13)
+    k = 64
+    model = _layer_tail_model(op, k, n, tail, rng)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    assert fuse_matmul_epilogues(fused) == len(model.graph.node) - 1
+    [node] = fused.graph.node
+    bias = "b" if "bias" in tail else ""
+    assert list(node.input) == ["x", "w", "s"] + ([bias, "r"] if "residual" in tail else [bias] if bias else [])
+    assert [a.i for a in node.attribute if a.name == "swiglu"] == ([1] if "swiglu" in tail else [])
+    x = (rng.standard_normal((1, 37, k)) * np.geomspace(1e-3, 30, 37)[:, None]).astype(np.float32)
+    x[0, 5] = 0
+    width = n // 2 if "swiglu" in tail else n
+    r = rng.standard_normal((1, 37, width)).astype(np.float32)
+    for rows in (slice(None), slice(4, 5)):
+        inputs = {"r": r[:, rows]} if "residual" in tail else {}
+        np.testing.assert_array_equal(_run(fused, x[:, rows], threads, **inputs),
+                                      _run(model, x[:, rows], threads, **inputs))
+    if "swiglu" in tail:  # the gate values the comparison went through
+        gate = onnx.ModelProto()
+        gate.CopyFrom(model)
+        gate.graph.output[0].name = "gate"
+        gate.graph.output[0].type.tensor_type.shape.dim[2].dim_value = n // 2
+        values = np.abs(_run(gate, x, threads, **({"r": r} if "residual" in tail else {})))
+        assert values.max() > 18 and (values < 1).mean() > 0.05
+
+
+def test_epilogue_rewrite_leaves_what_the_op_does_not_compute():
+    """Not folded: a residual that broadcasts, a Split that is not into halves of the last axis, a gate read again,
+    an output something else reads."""
+    rng = np.random.default_rng(3)
+    broadcast = _layer_tail_model("Int8MatMul", 32, 16, "residual", rng)
+    broadcast.graph.input[1].type.tensor_type.shape.dim[1].dim_value = 1
+    uneven = _layer_tail_model("Int8MatMul", 32, 16, "swiglu", rng)
+    uneven.graph.initializer.append(numpy_helper.from_array(np.array([6, 10], np.int64), "sizes"))
+    uneven.graph.node[1].input.append("sizes")
+    del uneven.graph.node[1].attribute[:]
+    uneven.graph.node[1].attribute.append(helper.make_attribute("axis", 2))
+    other_axis = _layer_tail_model("Int8MatMul", 32, 16, "swiglu", rng)
+    other_axis.graph.node[1].attribute[0].i = 1
+    gate_read_again = _layer_tail_model("Int8MatMul", 32, 16, "swiglu", rng)
+    gate_read_again.graph.output.append(helper.make_tensor_value_info("gate", TensorProto.FLOAT, [1, "s", 8]))
+    for model in (broadcast, uneven, other_axis, gate_read_again):
+        assert fuse_matmul_epilogues(model) == 0
+    read_twice = _layer_tail_model("Int8MatMul", 32, 16, "bias+residual", rng)
+    read_twice.graph.output.append(helper.make_tensor_value_info("biased", TensorProto.FLOAT, [1, "s", 16]))
+    assert fuse_matmul_epilogues(read_twice) == 1  # the bias only: its sum is an output
+    assert [n.op_type for n in read_twice.graph.node] == ["Int8MatMul", "Add"]
+
+
+@needs_edgevl_matmul
+def test_matmul_epilogue_names_the_node_when_the_residual_is_not_the_outputs_shape():
+    model = _layer_tail_model("Int8MatMul", 32, 16, "residual", np.random.default_rng(4))
+    fuse_matmul_epilogues(model)
+    with pytest.raises(Exception, match=r"Int8MatMul node layer\.mlp: the residual has 32 values, expected 48"):
+        _run(model, np.ones((1, 3, 32), np.float32), r=np.ones((1, 2, 16), np.float32))
 
 
 def _gqa_session(domain, heads, kv_heads, head, rows=1, threads=0, rotary=True, scale=0.0):

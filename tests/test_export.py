@@ -232,6 +232,12 @@ def test_decoder_avx2_gives_the_decoders_logits(exported, family, precision, mon
     op, replaced = ("Int8MatMul", {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}) if precision == "int8" else (
         "Int4MatMul", {"MatMulNBits"})
     assert ops.count(op) == 4 * 2 + 1 and not replaced & set(ops)
+    # each layer's SwiGLU and both residual Adds (Qwen2's QKV bias too) folded into the matmuls before them
+    assert not {"Split", "Sigmoid", "Mul"} & set(ops)
+    epilogues = sorted((len(n.input), [a.i for a in n.attribute if a.name == "swiglu"]) for n in graph.node
+                       if n.op_type == op)
+    bias = [(4, [])] * 2 if family == "qwen2" else [(3, [])] * 2
+    assert epilogues == sorted([(3, []), *bias, *[(3, [1])] * 2, *[(5, [])] * 4]), epilogues
     assert [n.domain for n in graph.node if n.op_type == "GroupQueryAttention"] == ["edgevl"] * 2
     assert {e.value for t in graph.initializer for e in t.external_data if e.key == "location"} == {"decoder.onnx.data"}
     standard, avx2 = (OnnxRuntimeBackend(out, read_manifest(out), edgevl_ops=ops) for ops in (False, True))
