@@ -107,7 +107,7 @@ class IntegerGemm:
             return text + self._edgevl_ops()
         if self.edgevl_matmul is None:
             return text + ("; edgevl's faster Int8MatMul / Int4MatMul are not installed (x86-64, a C compiler at "
-                           "install) or this CPU has no AVX2")
+                           "install) or this CPU has no AVX2 and FMA")
         return text + _OPS_PROBE_WRONG
 
     def _edgevl_ops(self) -> str:
@@ -170,7 +170,7 @@ def _product_is_exact(precision_mode: bool) -> bool:
 def matmul_library() -> Path | None:
     """edgevl's ops for ONNX Runtime: Int8MatMul, Int4MatMul and GroupQueryAttention (kernels/ort_ops.c, built with
     the package on x86-64), or None where this install has none (another architecture, or no C compiler when it was
-    installed) or this CPU has no AVX2."""
+    installed) or this CPU has no AVX2 and FMA."""
     import importlib.util
 
     spec = importlib.util.find_spec("edgevl.kernels._ort_ops")
@@ -222,8 +222,8 @@ def checked_matmul_library() -> Path:
     asks for those ops whatever this CPU's choice (OnnxRuntimeBackend(edgevl_ops=True)); a RuntimeError says why not."""
     library = matmul_library()
     if library is None:
-        raise RuntimeError("edgevl's Int8MatMul / Int4MatMul are not installed here: they need x86-64 with AVX2, and a "
-                           "C compiler when edgevl was installed (pip install -e . builds them)")
+        raise RuntimeError("edgevl's Int8MatMul / Int4MatMul are not installed here: they need x86-64 with AVX2 and "
+                           "FMA, and a C compiler when edgevl was installed (pip install -e . builds them)")
     if not _edgevl_matmul_is_exact(library):
         raise RuntimeError(f"edgevl's Int8MatMul / Int4MatMul ({library}) computed a probe product wrong on this CPU")
     return library

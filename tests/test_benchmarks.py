@@ -307,7 +307,7 @@ def test_decode_profile_splits_a_token_by_op_type(exported, capsys):
 
 
 @pytest.mark.skipif(matmul_library() is None, reason="edgevl's Int8MatMul / Int4MatMul are not installed or cannot "
-                    "run here (x86-64 with AVX2, a C compiler when edgevl was installed)")
+                    "run here (x86-64 with AVX2 and FMA, a C compiler when edgevl was installed)")
 def test_decoders_times_both_graphs_of_an_export_in_turns(exported, capsys):
     from benchmarks.decoders import GRAPHS, compare_decoders
 

@@ -199,7 +199,7 @@ def test_int8_backend_records_its_integer_path_and_refuses_an_inexact_one(export
 
 needs_edgevl_matmul = pytest.mark.skipif(
     cpu.matmul_library() is None, reason="edgevl's Int8MatMul / Int4MatMul are not installed or cannot run here "
-    "(x86-64 with AVX2, a C compiler when edgevl was installed)")
+    "(x86-64 with AVX2 and FMA, a C compiler when edgevl was installed)")
 
 
 def _edgevl_matmul_session(model, threads=1):

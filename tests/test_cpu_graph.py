@@ -84,7 +84,7 @@ def test_a_one_row_output_is_one_dynamic_quantize_matmul():
 
 needs_edgevl_matmul = pytest.mark.skipif(
     matmul_library() is None, reason="edgevl's ops (Int8MatMul, Int4MatMul, GroupQueryAttention) are not installed or "
-    "cannot run here (x86-64 with AVX2, a C compiler when edgevl was installed)")
+    "cannot run here (x86-64 with AVX2 and FMA, a C compiler when edgevl was installed)")
 
 
 @needs_edgevl_matmul

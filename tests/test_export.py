@@ -216,7 +216,7 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
 
 
 @pytest.mark.skipif(cpu.matmul_library() is None, reason="edgevl's Int8MatMul / Int4MatMul are not installed or cannot "
-                    "run here (x86-64 with AVX2, a C compiler when edgevl was installed)")
+                    "run here (x86-64 with AVX2 and FMA, a C compiler when edgevl was installed)")
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_avx2_gives_the_decoders_logits(exported, family, precision, monkeypatch, tmp_path):
