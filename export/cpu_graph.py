@@ -234,7 +234,7 @@ def fuse_matmul_epilogues(model: onnx.ModelProto, data: Initializers | None = No
         node.output[0] = out
         if swiglu:
             node.attribute.append(helper.make_attribute("swiglu", 1))
-        remove.update(id(n) for n in chain)
+        remove.update(id(folded_node) for folded_node in chain)
         folded += len(chain)
     if folded:
         _replace_nodes(graph, [n for n in graph.node if id(n) not in remove])
@@ -267,10 +267,11 @@ def _swiglu(split, x: str, n: int, shapes: dict, inits: dict, readers: _Readers,
     """Split(x) into halves a, b on the last axis, then Mul(Mul(a, Sigmoid(a)), b): those nodes, or None."""
     if split is None or len(split.output) != 2 or n % 2 or shapes.get(x) is None:
         return None
-    axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0)
-    sizes = split.input[1] if len(split.input) > 1 else ""
-    if axis not in (-1, len(shapes[x]) - 1) or (sizes and (
-            sizes not in inits or data.array(inits[sizes]).tolist() != [n // 2, n // 2])):
+    attrs = {a.name: helper.get_attribute_value(a) for a in split.attribute}
+    sizes = split.input[1] if len(split.input) > 1 and split.input[1] else None  # opset 13 on; before, an attribute
+    halves = [n // 2, n // 2]
+    if (attrs.get("axis", 0) not in (-1, len(shapes[x]) - 1) or list(attrs.get("split", halves)) != halves
+            or (sizes and (sizes not in inits or data.array(inits[sizes]).tolist() != halves))):
         return None
     gate, up = split.output
     users = readers.all(gate)

@@ -289,11 +289,13 @@ def test_epilogue_rewrite_leaves_what_the_op_does_not_compute():
     uneven.graph.node[1].input.append("sizes")
     del uneven.graph.node[1].attribute[:]
     uneven.graph.node[1].attribute.append(helper.make_attribute("axis", 2))
+    uneven_attribute = _layer_tail_model("Int8MatMul", 32, 16, "swiglu", rng)  # opsets before 13
+    uneven_attribute.graph.node[1].attribute.append(helper.make_attribute("split", [6, 10]))
     other_axis = _layer_tail_model("Int8MatMul", 32, 16, "swiglu", rng)
     other_axis.graph.node[1].attribute[0].i = 1
     gate_read_again = _layer_tail_model("Int8MatMul", 32, 16, "swiglu", rng)
     gate_read_again.graph.output.append(helper.make_tensor_value_info("gate", TensorProto.FLOAT, [1, "s", 8]))
-    for model in (broadcast, uneven, other_axis, gate_read_again):
+    for model in (broadcast, uneven, uneven_attribute, other_axis, gate_read_again):
         assert fuse_matmul_epilogues(model) == 0
     read_twice = _layer_tail_model("Int8MatMul", 32, 16, "bias+residual", rng)
     read_twice.graph.output.append(helper.make_tensor_value_info("biased", TensorProto.FLOAT, [1, "s", 16]))
