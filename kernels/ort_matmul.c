@@ -91,14 +91,17 @@ static OrtStatus* swiglu_attribute(const Node* node, const OrtKernelInfo* info, 
     return NULL;
 }
 
+/* One call of either op: its input and output, and the epilogue's. */
 typedef struct {
-    const float* m;         /* the matmul's rows [rows, n] (the output itself without swiglu) */
+    const float* x;         /* the input [rows, K] */
+    int64_t rows;
+    float* m;               /* where the matmul writes its [rows, n]: y, or with swiglu a buffer of the call's own */
     float* y;               /* the output [rows, width] */
     const float* bias;      /* [n] or NULL */
     const float* residual;  /* [rows, width] or NULL */
     int64_t n, width;       /* width: n / 2 with swiglu, else n */
     int swiglu;
-} Epilogue;
+} Call;
 
 /* MLAS's logistic as its FMA3 kernel computes it (the rational approximation Eigen uses, clamped to +-18): the same
  * operations in the same order, so the same bits. */
@@ -129,7 +132,8 @@ FMA static inline __m256 logistic8(__m256 x) {
 #undef C
 }
 
-/* logistic8 of one value (vmaxps / vminps keep their second operand where the comparison fails, NaN included). */
+/* logistic8 of one value: vmaxps / vminps keep their second operand where the comparison fails (NaN included), and
+ * x * p / q is (x * p) / q, as there. */
 FMA static inline float logistic1(float x) {
     const float* c = LOGISTIC;
     x = c[LOWER] > x ? c[LOWER] : x;
@@ -148,31 +152,31 @@ FMA static inline float logistic1(float x) {
     return 0.0f > r ? 0.0f : r;
 }
 
-/* Row r of the output. x * p / q above is (x * p) / q, as the kernel's; the library is built with
- * -ffp-contract=off, so no multiply and add here are fused into one rounding the graph's nodes do not make. */
+/* Row r of the output. The library is built with -ffp-contract=off, so no multiply and add here or above are fused
+ * into one rounding the graph's nodes do not make. */
 FMA static void finish_row(void* p, size_t r) {
-    const Epilogue* e = p;
-    const float* m = e->m + r * e->n;
-    float* y = e->y + r * e->width;
-    const float* residual = e->residual ? e->residual + r * e->width : NULL;
+    const Call* c = p;
+    const float* m = c->m + r * c->n;
+    float* y = c->y + r * c->width;
+    const float* residual = c->residual ? c->residual + r * c->width : NULL;
     int64_t j = 0;
-    for (; j + 8 <= e->width; j += 8) {
+    for (; j + 8 <= c->width; j += 8) {
         __m256 t = _mm256_loadu_ps(m + j);
-        if (e->bias) t = _mm256_add_ps(t, _mm256_loadu_ps(e->bias + j));
-        if (e->swiglu) {
-            __m256 up = _mm256_loadu_ps(m + e->width + j);
-            if (e->bias) up = _mm256_add_ps(up, _mm256_loadu_ps(e->bias + e->width + j));
+        if (c->bias) t = _mm256_add_ps(t, _mm256_loadu_ps(c->bias + j));
+        if (c->swiglu) {
+            __m256 up = _mm256_loadu_ps(m + c->width + j);
+            if (c->bias) up = _mm256_add_ps(up, _mm256_loadu_ps(c->bias + c->width + j));
             t = _mm256_mul_ps(_mm256_mul_ps(t, logistic8(t)), up);
         }
         if (residual) t = _mm256_add_ps(_mm256_loadu_ps(residual + j), t);
         _mm256_storeu_ps(y + j, t);
     }
-    for (; j < e->width; j++) {
+    for (; j < c->width; j++) {
         float t = m[j];
-        if (e->bias) t += e->bias[j];
-        if (e->swiglu) {
-            float up = m[e->width + j];
-            if (e->bias) up += e->bias[e->width + j];
+        if (c->bias) t += c->bias[j];
+        if (c->swiglu) {
+            float up = m[c->width + j];
+            if (c->bias) up += c->bias[c->width + j];
             t = t * logistic1(t) * up;
         }
         if (residual) t = residual[j] + t;
@@ -181,11 +185,11 @@ FMA static void finish_row(void* p, size_t r) {
 }
 
 /* Inputs 3 (bias) and 4 (residual) where the node has them, checked against the matmul's shape. */
-static OrtStatus* epilogue_inputs(const Node* node, OrtKernelContext* ctx, Epilogue* e, int64_t rows) {
+static OrtStatus* epilogue_inputs(const Node* node, OrtKernelContext* ctx, Call* c) {
     size_t count;
     RETURN_IF_ERROR(API(node->api, KERNEL_CONTEXT_GET_INPUT_COUNT, KernelContextGetInputCountFn)(ctx, &count));
-    const float** slots[2] = {&e->bias, &e->residual};
-    const int64_t expected[2] = {e->n, rows * e->width};
+    const float** slots[2] = {&c->bias, &c->residual};
+    const int64_t expected[2] = {c->n, c->rows * c->width};
     static const char* names[2] = {"the bias", "the residual"};
     for (size_t i = 0; i < 2 && 3 + i < count; i++) {
         const OrtValue* value;
@@ -206,32 +210,29 @@ static OrtStatus* epilogue_inputs(const Node* node, OrtKernelContext* ctx, Epilo
     return NULL;
 }
 
-/* The output y [..., width] of a matmul of `n` columns, and where the matmul writes: y itself, or with swiglu a
- * buffer of all n columns (*scratch, the caller frees it). */
-static OrtStatus* epilogue_start(const Node* node, OrtKernelContext* ctx, int64_t k, int64_t n, int swiglu,
-                                 const float** x, float** matmul_out, int64_t* rows, Epilogue* e, float** scratch) {
-    *e = (Epilogue){.n = n, .width = swiglu ? n / 2 : n, .swiglu = swiglu};
-    *scratch = NULL;
-    float* y = NULL;
-    RETURN_IF_ERROR(input_output(node, k, e->width, ctx, x, &y, rows));
-    RETURN_IF_ERROR(epilogue_inputs(node, ctx, e, *rows));
-    e->y = y;
-    if (swiglu && *rows) {
-        *scratch = malloc(*rows * n * sizeof(float));
-        if (*scratch == NULL) return error(node, ORT_FAIL, "out of memory for the matmul's two halves");
+/* A call's input, output and epilogue inputs (the output [..., width] for a matmul of `n` columns), and where the
+ * matmul writes. */
+static OrtStatus* start_call(const Node* node, OrtKernelContext* ctx, int64_t k, int64_t n, int swiglu, Call* c) {
+    *c = (Call){.n = n, .width = swiglu ? n / 2 : n, .swiglu = swiglu};
+    RETURN_IF_ERROR(input_output(node, k, c->width, ctx, &c->x, &c->y, &c->rows));
+    RETURN_IF_ERROR(epilogue_inputs(node, ctx, c));
+    c->m = c->y;
+    if (swiglu && c->rows) {
+        c->m = malloc(c->rows * n * sizeof(float));
+        if (c->m == NULL) return error(node, ORT_FAIL, "out of memory for the matmul's two halves");
     }
-    e->m = *matmul_out = swiglu ? *scratch : y;
     return NULL;
 }
 
-/* After the matmul: the epilogue over every row (ONNX Runtime's threads for several rows), where there is one. */
-static OrtStatus* epilogue_finish(const Node* node, OrtKernelContext* ctx, Epilogue* e, int64_t rows) {
-    if (!e->bias && !e->residual && !e->swiglu) return NULL;
-    if (rows == 1) {
-        finish_row(e, 0);
-        return NULL;
+/* After the matmul (`status` its outcome): the epilogue over every row, on ONNX Runtime's threads for several. */
+static OrtStatus* end_call(const Node* node, OrtKernelContext* ctx, Call* c, OrtStatus* status) {
+    if (status == NULL && (c->bias || c->residual || c->swiglu)) {
+        if (c->rows == 1) finish_row(c, 0);
+        else status = API(node->api, KERNEL_CONTEXT_PARALLEL_FOR, KernelContextParallelForFn)(ctx, finish_row,
+                                                                                            c->rows, 0, c);
     }
-    return API(node->api, KERNEL_CONTEXT_PARALLEL_FOR, KernelContextParallelForFn)(ctx, finish_row, rows, 0, e);
+    if (c->m != c->y) free(c->m);
+    return status;
 }
 
 /* A weight input that must be a constant initializer of `type` (packed once, when the kernel is created). */
@@ -716,19 +717,13 @@ __attribute__((target("avx2"))) static void tensor_quantization(const float* x, 
 static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     Kernel* kernel = p;
     const Node* node = &kernel->node;
-    const float* x = NULL;
-    float *y = NULL, *scratch = NULL;
-    int64_t rows = 0;
-    Epilogue epilogue;
-    OrtStatus* status = epilogue_start(node, ctx, kernel->k, kernel->n, kernel->swiglu, &x, &y, &rows, &epilogue,
-                                       &scratch);
-    if (status != NULL || rows == 0) {
-        free(scratch);
-        return status;
-    }
+    Call call;
+    RETURN_IF_ERROR(start_call(node, ctx, kernel->k, kernel->n, kernel->swiglu, &call));
+    const int64_t rows = call.rows;
+    if (rows == 0) return NULL;
 
     const int64_t per_task = rows > 1 ? COLUMNS_PER_TASK : kernel->vnni ? VNNI_ROW_COLUMNS : AVX2_ROW_COLUMNS;
-    Work work = {kernel, x, y, NULL, NULL, rows, per_task, 1.0f / 127.0f, kernel->vnni ? -128 : 0};
+    Work work = {kernel, call.x, call.m, NULL, NULL, rows, per_task, 1.0f / 127.0f, kernel->vnni ? -128 : 0};
     /* the VNNI kernels read several rows in whole fours (one row, as multiply_row, only itself) */
     const int64_t q_rows = kernel->vnni && rows > 1 ? (int64_t)round_up(rows, 4) : rows;
     work.q = aligned_alloc(64, round_up(q_rows * kernel->kp, 64));
@@ -736,11 +731,11 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     if (work.q == NULL || work.row_scale == NULL) {
         free(work.q);
         free(work.row_scale);
-        free(scratch);
-        return error(node, ORT_FAIL, "out of memory for the quantized input");
+        return end_call(node, ctx, &call, error(node, ORT_FAIL, "out of memory for the quantized input"));
     }
     KernelContextParallelForFn parallel_for = API(node->api, KERNEL_CONTEXT_PARALLEL_FOR,
                                                   KernelContextParallelForFn);
+    OrtStatus* status = NULL;
     if (kernel->per_token) {
         if (rows > 1) status = parallel_for(ctx, quantize_rows_per_token, rows, 0, &work);
         else quantize_rows_per_token(&work, 0);
@@ -762,11 +757,9 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
         size_t tasks = (kernel->np + per_task - 1) / per_task;
         status = parallel_for(ctx, multiply_task, tasks, 0, &work);
     }
-    if (status == NULL) status = epilogue_finish(node, ctx, &epilogue, rows);
     free(work.q);
     free(work.row_scale);
-    free(scratch);
-    return status;
+    return end_call(node, ctx, &call, status);
 }
 
 
@@ -1075,23 +1068,18 @@ static void multiply_groups(void* p, size_t task) {
 static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     Kernel4* kernel = p;
     const Node* node = &kernel->node;
-    const float* x = NULL;
-    float *y = NULL, *scratch = NULL;
-    int64_t rows = 0;
-    Epilogue epilogue;
-    OrtStatus* status = epilogue_start(node, ctx, kernel->k, kernel->n, kernel->swiglu, &x, &y, &rows, &epilogue,
-                                       &scratch);
-    if (status != NULL || rows == 0) {
-        free(scratch);
-        return status;
-    }
+    Call call;
+    RETURN_IF_ERROR(start_call(node, ctx, kernel->k, kernel->n, kernel->swiglu, &call));
+    const int64_t rows = call.rows;
+    if (rows == 0) return NULL;
 
     const int64_t blocks = kernel->blocks;
     const int64_t per_task = rows == 1 ? ROW_GROUPS_PER_TASK : GROUPS_PER_TASK;
-    Work4 work = {kernel, x, y, NULL, NULL, NULL, rows, per_task};
+    Work4 work = {kernel, call.x, call.m, NULL, NULL, NULL, rows, per_task};
     work.q = aligned_alloc(64, round_up(rows * blocks * kernel->block * 2, 64));
     work.a_scale = malloc(rows * blocks * sizeof(float));
     work.offset = malloc(rows * blocks * sizeof(int32_t));
+    OrtStatus* status = NULL;
     if (work.q == NULL || work.a_scale == NULL || work.offset == NULL) {
         status = error(node, ORT_FAIL, "out of memory for the quantized input");
     } else {
@@ -1102,12 +1090,10 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
         if (status == NULL)
             status = parallel_for(ctx, multiply_groups, (kernel->groups + per_task - 1) / per_task, 0, &work);
     }
-    if (status == NULL) status = epilogue_finish(node, ctx, &epilogue, rows);
     free(work.q);
     free(work.a_scale);
     free(work.offset);
-    free(scratch);
-    return status;
+    return end_call(node, ctx, &call, status);
 }
 
 static const char* op_name4(const OrtCustomOp* op) { (void)op; return "Int4MatMul"; }
