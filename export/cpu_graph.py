@@ -294,12 +294,7 @@ def fuse_rms_norm(model: onnx.ModelProto, data: Initializers | None = None) -> i
     """x -> Pow(2) -> ReduceMean(-1) -> Add(eps) -> Sqrt -> Reciprocal -> Mul(x, .) -> Mul(weight, .) becomes
     SimplifiedLayerNormalization(x, weight, epsilon=eps). In place; returns how many were fused."""
     graph, data = model.graph, data or Initializers()
-    inits, consumers = _initializers(graph), _consumers(graph)
-
-    def only_consumer(node, op_type):
-        users = consumers.get(node.output[0], [])
-        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
-
+    inits, readers = _initializers(graph), _Readers(graph)
     fused, remove, insert_at = 0, set(), {}
     for pow_node in graph.node:
         if pow_node.op_type != "Pow" or _scalar(inits, pow_node.input[1], data) != 2:
@@ -307,7 +302,7 @@ def fuse_rms_norm(model: onnx.ModelProto, data: Initializers | None = None) -> i
         x = pow_node.input[0]
         chain = [pow_node]
         for op_type in ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul", "Mul"):
-            nxt = only_consumer(chain[-1], op_type)
+            nxt = readers.only(chain[-1].output[0], op_type)
             if nxt is None:
                 break
             chain.append(nxt)
