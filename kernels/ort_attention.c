@@ -97,21 +97,19 @@ typedef struct {
     float* partial;  /* [tasks][group][head + 2]: sum of exp x value, the chunk's max, the sum of exp */
 } Decode;
 
-#define AVX2 __attribute__((target("avx2,fma")))
-
-AVX2 static inline float sum8(__m256 v) {
+AVX2_FMA static inline float sum8(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-AVX2 static inline float max8(__m256 v) {
+AVX2_FMA static inline float max8(__m256 v) {
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 
-AVX2 static inline float dot(const float* a, const float* b, int64_t n) {  /* n: a multiple of SLICE */
+AVX2_FMA static inline float dot(const float* a, const float* b, int64_t n) {  /* n: a multiple of SLICE */
     __m256 s0 = _mm256_setzero_ps(), s1 = s0;
     for (int64_t j = 0; j < n; j += SLICE) {
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
@@ -121,7 +119,7 @@ AVX2 static inline float dot(const float* a, const float* b, int64_t n) {  /* n:
 }
 
 /* The scaled dot products of a with the eight rows b[0..8) (row stride and length n, a multiple of 8). */
-AVX2 static inline __m256 dot8(const float* a, const float* b, int64_t n, __m256 scale) {
+AVX2_FMA static inline __m256 dot8(const float* a, const float* b, int64_t n, __m256 scale) {
     __m256 d[8];
     for (int r = 0; r < 8; r++) d[r] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; j += 8) {
@@ -137,7 +135,7 @@ AVX2 static inline __m256 dot8(const float* a, const float* b, int64_t n, __m256
 
 /* exp(x) for x <= 0: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial, times 2^n (~1 ulp); below
  * -87 (where 2^n leaves the normal floats) it is exp(-87) ~ 1.6e-38, as good as 0 beside the row's maximum's 1. */
-AVX2 static inline __m256 exp8(__m256 x) {
+AVX2_FMA static inline __m256 exp8(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -155,7 +153,7 @@ AVX2 static inline __m256 exp8(__m256 x) {
 }
 
 /* One chunk's softmax partial for the scores s[0..n) (replaced by their exp): returns the max, sets *sum. */
-AVX2 static float exp_scores(float* s, int64_t n, float* sum) {
+AVX2_FMA static float exp_scores(float* s, int64_t n, float* sum) {
     __m256 m8 = _mm256_set1_ps(-INFINITY);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + i));
@@ -185,7 +183,7 @@ AVX2 static float exp_scores(float* s, int64_t n, float* sum) {
 /* out[g][j..j+16) = sum_i e[g][i] v[i][j..j+16) for `count` query heads, j each multiple of SLICE: 2 x count
  * accumulators, the value row's 2 registers and a broadcast weight, within AVX2's 16 (count <= BLOCK); called with a
  * constant count, so the loops unroll. */
-AVX2 static inline __attribute__((always_inline)) void weigh_values(const float* e, int64_t chunk, const float* v,
+AVX2_FMA static inline __attribute__((always_inline)) void weigh_values(const float* e, int64_t chunk, const float* v,
                                                                    int64_t n, int64_t head, int count, float* out,
                                                                    int64_t out_stride) {
     for (int64_t j = 0; j < head; j += SLICE) {
@@ -206,7 +204,7 @@ AVX2 static inline __attribute__((always_inline)) void weigh_values(const float*
     }
 }
 
-AVX2 static void decode_task(void* p, size_t task) {
+AVX2_FMA static void decode_task(void* p, size_t task) {
     const Decode* w = p;
     const int64_t head = w->head, group = w->group, chunk = w->chunk;
     const int64_t kv = (int64_t)task / w->chunks, p0 = ((int64_t)task % w->chunks) * chunk;
@@ -272,7 +270,7 @@ static void merge(const Decode* w, int64_t heads, float* out) {
 
 /* x rotated at one position, GroupQueryAttention's non-interleaved rotary over its first `dims` values (0: a
  * copy, for an op without rotary). */
-AVX2 static void rotate(const float* x, const float* cos, const float* sin, int64_t dims, int64_t head, float* y) {
+AVX2_FMA static void rotate(const float* x, const float* cos, const float* sin, int64_t dims, int64_t head, float* y) {
     const int64_t half = dims / 2;
     for (int64_t i = 0; i < half; i++) {
         y[i] = fmaf(x[i], cos[i], -(x[i + half] * sin[i]));

@@ -112,9 +112,7 @@ static const float LOGISTIC[] = {-18.0f, 18.0f,
                                  1.70198817374094e-03f, 1.16817656904453e-01f, 9.93151921023180e-01f};
 enum { LOWER, UPPER, A9, A7, A5, A3, A1, B10, B8, B6, B4, B2, B0 };
 
-#define FMA __attribute__((target("avx2,fma")))
-
-FMA static inline __m256 logistic8(__m256 x) {
+AVX2_FMA static inline __m256 logistic8(__m256 x) {
 #define C(i) _mm256_set1_ps(LOGISTIC[i])
     x = _mm256_min_ps(C(UPPER), _mm256_max_ps(C(LOWER), x));
     const __m256 x2 = _mm256_mul_ps(x, x);
@@ -134,7 +132,7 @@ FMA static inline __m256 logistic8(__m256 x) {
 
 /* logistic8 of one value: vmaxps / vminps keep their second operand where the comparison fails (NaN included), and
  * x * p / q is (x * p) / q, as there. */
-FMA static inline float logistic1(float x) {
+AVX2_FMA static inline float logistic1(float x) {
     const float* c = LOGISTIC;
     x = c[LOWER] > x ? c[LOWER] : x;
     x = c[UPPER] < x ? c[UPPER] : x;
@@ -154,7 +152,7 @@ FMA static inline float logistic1(float x) {
 
 /* Row r of the output. The library is built with -ffp-contract=off, so no multiply and add here or above are fused
  * into one rounding the graph's nodes do not make. */
-FMA static void finish_row(void* p, size_t r) {
+AVX2_FMA static void finish_row(void* p, size_t r) {
     const Call* c = p;
     const float* m = c->m + r * c->n;
     float* y = c->y + r * c->width;
@@ -935,14 +933,13 @@ __attribute__((target("avx2"))) static inline __m256i pair_sums(__m256i t0, __m2
                              _mm256_hadd_epi32(_mm256_madd_epi16(t2, ones), _mm256_madd_epi16(t3, ones)));
 }
 
-__attribute__((target("avx2,fma"))) static inline __m256 scaled(__m256 acc, __m256i sums, int32_t offset,
-                                                                 float a_scale, const float* scales) {
+AVX2_FMA static inline __m256 scaled(__m256 acc, __m256i sums, int32_t offset, float a_scale, const float* scales) {
     const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, _mm256_set1_epi32(offset)));
     return _mm256_fmadd_ps(exact, _mm256_mul_ps(_mm256_set1_ps(a_scale), _mm256_loadu_ps(scales)), acc);
 }
 
 /* One or two rows x one group of 8 columns over all of K; y[row][LANE[c]] for column c. */
-__attribute__((target("avx2,fma"))) static void group1(const Work4* work, int64_t r, int64_t g, float y[2][GROUP]) {
+AVX2_FMA static void group1(const Work4* work, int64_t r, int64_t g, float y[2][GROUP]) {
     const Kernel4* kernel = work->kernel;
     const int64_t blocks = kernel->blocks, units = kernel->block / UNIT;
     const __m256i nibble = _mm256_set1_epi8(15);
@@ -966,8 +963,7 @@ __attribute__((target("avx2,fma"))) static void group1(const Work4* work, int64_
 }
 
 /* One row by two groups `span` groups apart at once: two weight streams in flight (tile1_streams). */
-__attribute__((target("avx2,fma"))) static void group1_pair(const Work4* work, int64_t r, int64_t g, int64_t span,
-                                                            float y[2][GROUP]) {
+AVX2_FMA static void group1_pair(const Work4* work, int64_t r, int64_t g, int64_t span, float y[2][GROUP]) {
     const Kernel4* kernel = work->kernel;
     const int64_t blocks = kernel->blocks, units = kernel->block / UNIT;
     const __m256i nibble = _mm256_set1_epi8(15);
@@ -998,8 +994,7 @@ __attribute__((target("avx2,fma"))) static void group1_pair(const Work4* work, i
     _mm256_storeu_ps(y[1], acc1);
 }
 
-__attribute__((target("avx2,fma"))) static void group2(const Work4* work, int64_t r, int64_t g,
-                                                       float y[2][GROUP]) {
+AVX2_FMA static void group2(const Work4* work, int64_t r, int64_t g, float y[2][GROUP]) {
     const Kernel4* kernel = work->kernel;
     const int64_t blocks = kernel->blocks, units = kernel->block / UNIT;
     const __m256i nibble = _mm256_set1_epi8(15);

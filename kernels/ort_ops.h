@@ -99,6 +99,9 @@ typedef OrtStatus* (*KernelContextParallelForFn)(const OrtKernelContext* ctx, vo
 
 #define API(table, name, type) ((type)(table)[name])
 
+/* The ops' floating-point code: AVX2 with FMA, what node_info requires of the CPU. */
+#define AVX2_FMA __attribute__((target("avx2,fma")))
+
 /* OrtCustomOp as of API version 17 (the fields ONNX Runtime reads for that version). */
 typedef struct OrtCustomOp {
     uint32_t version;
