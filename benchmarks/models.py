@@ -122,11 +122,12 @@ def _stale_cpu_graph(out: Path, precision: str, runtime: str, log) -> bool:
     if runtime != "onnxruntime" or precision not in ("int8", "int4"):
         return False
     graph = json.loads((out / "manifest.json").read_text()).get("graphs", {}).get("decoder_avx2")
+    nodes = _graph_nodes(out / graph) if graph else []
     if not graph:
         why = "no decoder_avx2.onnx"
-    elif any(n.op_type == "GroupQueryAttention" and n.domain != "edgevl" for n in _graph_nodes(out / graph)):
+    elif any(n.op_type == "GroupQueryAttention" and n.domain != "edgevl" for n in nodes):
         why = "decoder_avx2.onnx without edgevl's GroupQueryAttention"
-    elif any(n.op_type == "Split" for n in _graph_nodes(out / graph)):
+    elif any(n.op_type == "Split" for n in nodes):
         why = "decoder_avx2.onnx without its matmul epilogues"
     else:
         return False
