@@ -20,7 +20,8 @@ u8 x s8 saturates (the class without VNNI), the library is installed and its pro
 backend runs that graph: the same results (int8 prefill bit for bit; decode steps and int4 to float rounding) and a
 faster decode (benchmarks/RESULTS.md). Int8MatMul also has AVX-512 VNNI kernels (vpdpbusd: the same integers); on
 that class without AMX both ops decode faster than MLAS's, so int8 and int4 decoders run decoder_avx2.onnx there too
-(EDGEVL_DECODERS_ON_VNNI).
+(EDGEVL_DECODERS_ON_VNNI). And AMX ones for several rows (tdpbusd, the same integers again): with them int8 prefills
+and decodes faster than MLAS's AMX kernels, so AMX machines run int8 decoders on decoder_avx2.onnx as well.
 """
 from __future__ import annotations
 
@@ -86,10 +87,10 @@ class IntegerGemm:
     precision_mode: bool  # edgevl sets session.x64quantprecision (u8 x u8 kernels) on its sessions
     exact: bool  # with edgevl's session options, the product is exact: int8 graphs are computed as exported
     # edgevl's Int8MatMul / Int4MatMul passed their probe here (True) or not (False); None: not installed, or a class
-    # whose decoders keep ONNX Runtime's kernels (AMX, AVX-VNNI, ARM), so not probed
+    # whose decoders keep ONNX Runtime's kernels (AVX-VNNI, ARM), so not probed
     edgevl_matmul: bool | None = None
     # the decoder precisions that run on those ops here (an export's decoder_avx2.onnx): "int8" and "int4" where
-    # u8 x s8 saturates and on AVX-512 VNNI without AMX (EDGEVL_DECODERS_ON_VNNI)
+    # u8 x s8 saturates and on AVX-512 VNNI without AMX, "int8" on AMX (EDGEVL_DECODERS_ON_VNNI)
     edgevl_decoders: tuple[str, ...] = ()
     edgevl_kernel: str | None = None  # the kernels Int8MatMul takes here (int8_matmul_kernel); None: not installed
 
@@ -177,12 +178,13 @@ def matmul_library() -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin and "AVX2" in isa_classes() else None
 
 
-MATMUL_KERNEL_ENV = "EDGEVL_MATMUL_KERNEL"  # "avx2" or "avx512-vnni": the Int8MatMul kernels, where not the widest
+# "avx2", "avx512-vnni" or "amx": the Int8MatMul kernels, where not the widest this CPU runs
+MATMUL_KERNEL_ENV = "EDGEVL_MATMUL_KERNEL"
 
 
 @functools.cache
 def int8_matmul_kernels() -> tuple[str, ...]:
-    """The kernels edgevl's Int8MatMul can run on this CPU ("avx2", "avx512-vnni"), as the library's own cpuid
+    """The kernels edgevl's Int8MatMul can run on this CPU ("avx2", "avx512-vnni", "amx"), as the library's own cpuid
     check finds them (under qemu, the emulated CPU's); empty without the library, or with one built before it said
     (an editable install's stale build: `pip install -e .` rebuilds it)."""
     library = matmul_library()
@@ -190,7 +192,7 @@ def int8_matmul_kernels() -> tuple[str, ...]:
         found = ctypes.CDLL(str(library)).EdgevlInt8MatMulKernels() if library is not None else 0
     except AttributeError:
         return ()
-    return tuple(name for bit, name in ((1, "avx2"), (2, "avx512-vnni")) if found & bit)
+    return tuple(name for bit, name in ((1, "avx2"), (2, "avx512-vnni"), (4, "amx")) if found & bit)
 
 
 def int8_matmul_kernel() -> str | None:
@@ -199,22 +201,33 @@ def int8_matmul_kernel() -> str | None:
     return os.environ.get(MATMUL_KERNEL_ENV) or (kernels[-1] if kernels else None)
 
 
+def matmul_probe_feeds() -> tuple[dict, dict]:
+    """MATMUL_PROBE_MODEL's inputs and exact outputs: the probe operands' 4 rows repeated to 36, so the ops' kernels
+    for several rows run whole blocks and a part of one (Int8MatMul's AMX blocks are 32 rows, its VNNI ones 4)."""
+    import numpy as np
+
+    a, _, exact8 = probe_operands()
+    x4, _, exact4 = int4_probe_operands()
+    tile = lambda v: np.tile(v, (9, 1))  # noqa: E731
+    return ({"x8": tile(a.astype(np.float32) - 128), "x4": tile(x4.astype(np.float32))},
+            {"y8": tile(exact8), "y4": tile(exact4)})
+
+
 def _edgevl_matmul_is_exact(library: Path) -> bool:
     """Both ops' probe products (MATMUL_PROBE_MODEL); False also where the library does not load or run (reported
     by IntegerGemm.describe, then not used)."""
     import numpy as np
     import onnxruntime as ort
 
-    a, _, exact8 = probe_operands()
-    x4, _, exact4 = int4_probe_operands()
+    feeds, exact = matmul_probe_feeds()
     options = ort.SessionOptions()
     try:
         options.register_custom_ops_library(str(library))
         session = ort.InferenceSession(str(MATMUL_PROBE_MODEL), options, providers=["CPUExecutionProvider"])
-        y8, y4 = session.run(["y8", "y4"], {"x8": a.astype(np.float32) - 128, "x4": x4.astype(np.float32)})
+        outputs = session.run(list(exact), feeds)
     except Exception:  # OSError, or one of ONNX Runtime's error classes (which derive from Exception only)
         return False
-    return bool(np.array_equal(y8, exact8) and np.array_equal(y4, exact4))
+    return all(np.array_equal(y, e) for y, e in zip(outputs, exact.values()))
 
 
 def checked_matmul_library() -> Path:
@@ -231,9 +244,12 @@ def checked_matmul_library() -> Path:
 
 # Where u8 x s8 is exact, the decoder precisions whose graphs run on edgevl's ops anyway, by MLAS's kernel: on AVX-512
 # VNNI without AMX Int8MatMul's VNNI kernels decode faster than MLAS's chain of six nodes a matmul and prefill as fast,
-# and Int4MatMul (its one-row tasks) decodes and prefills faster than MatMulNBits; AMX prefills int8 4x faster on
-# MLAS (benchmarks/RESULTS.md, "Int8MatMul on AVX-512 VNNI" and "Int4MatMul on AVX-512 VNNI").
-EDGEVL_DECODERS_ON_VNNI = {"AVX-512 VNNI": ("int8", "int4")}
+# and Int4MatMul (its one-row tasks) decodes and prefills faster than MatMulNBits; on AMX Int8MatMul's AMX kernels
+# (prefill on tiles, the VNNI ones for a decode step) prefill and decode faster than MLAS's AMX ones
+# (benchmarks/RESULTS.md, "Int8MatMul on AVX-512 VNNI", "Int4MatMul on AVX-512 VNNI" and "Int8MatMul on AMX").
+EDGEVL_DECODERS_ON_VNNI = {"AVX-512 VNNI": ("int8", "int4"), "AMX": ("int8",)}
+# The Int8MatMul kernels int8 needs for that, by MLAS's kernel (named others are slower than MLAS's)
+INT8_KERNELS_ON_VNNI = {"AVX-512 VNNI": "avx512-vnni", "AMX": "amx"}
 
 
 @functools.cache
@@ -243,10 +259,9 @@ def integer_gemm() -> IntegerGemm:
     kernel = _mlas_kernel(isa_classes())
     library, edgevl_kernel = matmul_library(), int8_matmul_kernel()
     if _product_is_exact(precision_mode=False):
-        # Int8MatMul's AVX2 kernels (named by EDGEVL_MATMUL_KERNEL) decode slower than MLAS's VNNI ones; Int4MatMul has
-        # only AVX2 kernels, so int4 does not depend on that choice
+        # Int4MatMul has only AVX2 kernels, so int4 does not depend on EDGEVL_MATMUL_KERNEL
         decoders = tuple(p for p in EDGEVL_DECODERS_ON_VNNI.get(kernel, ())
-                         if p != "int8" or edgevl_kernel == "avx512-vnni")
+                         if p != "int8" or edgevl_kernel == INT8_KERNELS_ON_VNNI[kernel])
         if not decoders or library is None:
             return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True, edgevl_kernel=edgevl_kernel)
         exact = _edgevl_matmul_is_exact(library)

@@ -1,14 +1,15 @@
-/* edgevl's matmuls for ONNX Runtime on x86 CPUs without VNNI and on AVX-512 VNNI ones without AMX: the ops
- * Int8MatMul and Int4MatMul of edgevl's custom-op library (ort_ops.c). Both run the decoder's weight matmuls of an
- * export's decoder_avx2.onnx (export/cpu_graph.py), where ONNX Runtime's own kernels for them are the slower ones
- * (edgevl.cpu says where).
+/* edgevl's matmuls for ONNX Runtime on x86 CPUs without VNNI, with AVX-512 VNNI and with AMX: the ops Int8MatMul and
+ * Int4MatMul of edgevl's custom-op library (ort_ops.c). Both run the decoder's weight matmuls of an export's
+ * decoder_avx2.onnx (export/cpu_graph.py), where ONNX Runtime's own kernels for them are the slower ones (edgevl.cpu
+ * says where).
  *
  * Int8MatMul. On AVX2 without VNNI, ONNX Runtime's u8 x s8 integer GEMM pairs products with vpmaddubsw, whose int16
  * sums saturate for full-range operands, so edgevl runs its int8 graphs on the u8 x u8 kernels there (exact,
  * slower). This op computes the same integers with the sign trick llama.cpp's Q8_0 dot product uses: both operands
  * are symmetric (activations -128..127 after removing the zero point 128, weights -127..127), so
  *     a * w = |a| * (w with a's sign)    and    |a| <= 128, |w| <= 127  ->  a vpmaddubsw pair sum <= 32512,
- * which never saturates. One exact int32 sum per output, scaled exactly as the graph it replaces:
+ * which never saturates. With AVX-512 VNNI (vpdpbusd) and AMX (tdpbusd, for several rows) it sums u8 x s8 products
+ * with no int16 step, the same integers. One exact int32 sum per output, scaled exactly as the graph it replaces:
  *   per_token = 1: the export's per-token chain (export/cpu_graph.py, quantize_matmuls_per_token):
  *       m = max|x| over the row;  q = clamp(rne((x / m) / (1/127)) + 128, 0, 255);
  *       y = (float(sum (q - 128) w) * ((1/127) * w_scale[n])) * m
@@ -30,6 +31,9 @@
  */
 #include "ort_ops.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 /* Weights packed in groups of COLS output columns, 32 K values each, one group after the other:
  * packed[((g * kp / 32) + kb) * COLS * 32 + c * 32 + i] = w[kb * 32 + i][g * COLS + c] (zero past K and N), so a
  * tile of COLS outputs streams one contiguous run of memory. */
@@ -40,6 +44,9 @@ enum { COLS = 4, KBLOCK = 32, COLUMNS_PER_TASK = 64 };
 enum { VNNI_ROW_COLUMNS = 128, AVX2_ROW_COLUMNS = 256 };
 /* The weight stream is prefetched this far ahead of a tile's loads (8 k-blocks of one group). */
 enum { PREFETCH_BYTES = 1024 };
+/* AMX: a tile register holds 16 rows of 64 bytes (A: 16 rows x 64 K codes; B: 16 K quads x 16 columns x 4; C: 16 x
+ * 16 int32 sums); the kernels below work on blocks of 2 x 2 C tiles. From AMX_MIN_ROWS rows on a call takes them. */
+enum { AMX_K = 64, AMX_TILE = 16, AMX_BLOCK = 2 * AMX_TILE, AMX_MIN_ROWS = 16 };
 
 typedef struct {
     Node node;
@@ -47,6 +54,7 @@ typedef struct {
     int swiglu;      /* the output is the SwiGLU of the matmul's two halves (the epilogue, below) */
     int per_token;
     int vnni;        /* the AVX-512 VNNI kernels (vnni_*), else the AVX2 ones */
+    int amx;         /* several rows on AMX tiles (amx_*; one row keeps the VNNI kernels) */
     int64_t kp, np;  /* K and N padded to KBLOCK and COLS */
     int8_t* packed;
     int32_t* column_sums;  /* sum over K of each column of w (DynamicQuantizeMatMul's zero-point correction) */
@@ -245,31 +253,47 @@ static OrtStatus* constant_input(const Node* node, const OrtKernelInfo* info, si
     return tensor(node, value, type, t, name);
 }
 
-/* Which int8 kernels this CPU runs: AVX-512 VNNI where it has it, else AVX2. Both compute the same integers;
- * EDGEVL_MATMUL_KERNEL=avx2 or avx512-vnni names one (tests compare the two on one machine, and
- * benchmarks/isa_mask.py shows a class without VNNI the AVX2 ones), an error where this CPU cannot run it. */
+/* Which int8 kernels this CPU runs: AMX (with the VNNI kernels for one row) where it has it, else AVX-512 VNNI, else
+ * AVX2. All compute the same integers; EDGEVL_MATMUL_KERNEL=avx2, avx512-vnni or amx names one (tests compare them on
+ * one machine, and benchmarks/isa_mask.py shows a class without VNNI the AVX2 ones), an error where this CPU cannot
+ * run it. */
 static int has_vnni(void) {
     return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
            && __builtin_cpu_supports("avx512vl");
 }
 
-/* For edgevl.cpu (ctypes): the Int8MatMul kernels this CPU runs, 1 AVX2 | 2 AVX-512 VNNI (0: no AVX2 and FMA). */
-__attribute__((visibility("default"))) int EdgevlInt8MatMulKernels(void) {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 | (has_vnni() ? 2 : 0) : 0;
+/* AMX needs the tile instructions and Linux's leave to use their state (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XTILEDATA, once for the whole process; ONNX Runtime asks for it too where MLAS takes AMX). */
+static int has_amx(void) {
+    static int permitted = -1;
+    if (!(has_vnni() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8"))) return 0;
+    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return permitted;
 }
 
-static OrtStatus* int8_kernels(const Node* node, int* vnni) {
+/* For edgevl.cpu (ctypes): the Int8MatMul kernels this CPU runs, 1 AVX2 | 2 AVX-512 VNNI | 4 AMX (0: no AVX2 and
+ * FMA). */
+__attribute__((visibility("default"))) int EdgevlInt8MatMulKernels(void) {
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+    return 1 | (has_vnni() ? 2 : 0) | (has_amx() ? 4 : 0);
+}
+
+static OrtStatus* int8_kernels(const Node* node, int* vnni, int* amx) {
     const char* named = getenv("EDGEVL_MATMUL_KERNEL");
     if (named == NULL || *named == 0) {
+        *amx = has_amx();
         *vnni = has_vnni();
     } else if (strcmp(named, "avx2") == 0) {
-        *vnni = 0;
+        *vnni = *amx = 0;
     } else if (strcmp(named, "avx512-vnni") == 0 && has_vnni()) {
         *vnni = 1;
+        *amx = 0;
+    } else if (strcmp(named, "amx") == 0 && has_amx()) {
+        *vnni = *amx = 1;
     } else {
-        char what[160];
-        snprintf(what, sizeof what, "EDGEVL_MATMUL_KERNEL=%.40s: expected avx2 or avx512-vnni, one this CPU has (%s)",
-                 named, has_vnni() ? "both" : "avx2 only");
+        char what[200];
+        snprintf(what, sizeof what, "EDGEVL_MATMUL_KERNEL=%.40s: expected avx2, avx512-vnni or amx, one this CPU has "
+                 "(%s)", named, has_amx() ? "all three" : has_vnni() ? "avx2 and avx512-vnni" : "avx2 only");
         return error(node, ORT_INVALID_ARGUMENT, what);
     }
     return NULL;
@@ -304,9 +328,9 @@ static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernel
     kernel->k = k;
     kernel->n = n;
     kernel->per_token = per_token != 0;
-    kernel->kp = round_up(k, KBLOCK);
+    OrtStatus* status = int8_kernels(&node, &kernel->vnni, &kernel->amx);
+    kernel->kp = round_up(k, kernel->amx ? AMX_K : KBLOCK);
     kernel->np = round_up(n, COLS);
-    OrtStatus* status = int8_kernels(&node, &kernel->vnni);
     if (status == NULL) status = swiglu_attribute(&node, info, n, &kernel->swiglu);
     if (status != NULL) {
         free(kernel);
@@ -676,12 +700,133 @@ static void vnni_multiply_columns(const Work* work, int64_t c0, int64_t c1) {
     if (!fours) multiply_row(work, 0, c0, c1, vnni_tile1_streams, vnni_tile1);
 }
 
+/* ---- The AMX kernels (Sapphire Rapids and later), for several rows: _tile_dpbusd sums u8 x s8 products in groups
+ * of four as vpdpbusd does, so the activations are the VNNI kernels' u8 codes and the same correction applies: the
+ * same integers. B tiles want each K quad's 16 columns side by side, which the packed layout (kept for the one-row
+ * kernels: one copy of the weights) is not, so a task first gathers its columns' weights into that order (its panel,
+ * in L2), then passes every 32 rows of activations over it. A tile's rows, columns and K past the data are zeros
+ * (the q buffer is whole blocks of rows, K is padded to AMX_K, the panel to whole tiles), and only real outputs are
+ * stored. */
+#define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2")))
+
+typedef struct {  /* LDTILECFG's 64-byte operand, palette 1 */
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Columns [c, c + AMX_TILE) of the packed weight as a B tile's rows: panel[kq][j] = w[4 kq .. 4 kq + 3][c + j] (four
+ * bytes), zero past np. Per k-block, each of the tile's four groups is two zmm of (column, quad) dwords: one
+ * permutation per half of the quads puts them in (quad, column) order, and a 4 x 4 transpose of 128-bit lanes over the
+ * four groups makes each quad's row of 16 columns. */
+AMX_TARGET static void amx_panel(const Kernel* kernel, int64_t c, int32_t* panel) {
+    const int64_t kp = kernel->kp;
+    /* (quad q, column j) of a group's quads 0-3, then 4-7, from its two zmm (columns 0 and 1, then 2 and 3) */
+    const __m512i first = _mm512_set_epi32(27, 19, 11, 3, 26, 18, 10, 2, 25, 17, 9, 1, 24, 16, 8, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(4));
+    for (int64_t kb = 0; kb < kp / KBLOCK; kb++) {
+        __m512i low[COLS], high[COLS];  /* per group: quads 0-3 and 4-7 of its four columns */
+        for (int g = 0; g < COLS; g++) {
+            if (c + g * COLS >= kernel->np) {
+                low[g] = high[g] = _mm512_setzero_si512();
+                continue;
+            }
+            const int8_t* w = kernel->packed + (c + g * COLS) * kp + kb * COLS * KBLOCK;
+            const __m512i a = _mm512_load_si512((const void*)w), b = _mm512_load_si512((const void*)(w + 64));
+            low[g] = _mm512_permutex2var_epi32(a, first, b);
+            high[g] = _mm512_permutex2var_epi32(a, second, b);
+        }
+        int32_t* out = panel + kb * (KBLOCK / 4) * AMX_TILE;
+        for (int h = 0; h < 2; h++, out += 4 * AMX_TILE) {
+            const __m512i* e = h ? high : low;
+            const __m512i t0 = _mm512_shuffle_i32x4(e[0], e[1], 0x44), t1 = _mm512_shuffle_i32x4(e[0], e[1], 0xEE);
+            const __m512i t2 = _mm512_shuffle_i32x4(e[2], e[3], 0x44), t3 = _mm512_shuffle_i32x4(e[2], e[3], 0xEE);
+            _mm512_store_si512((void*)out, _mm512_shuffle_i32x4(t0, t2, 0x88));
+            _mm512_store_si512((void*)(out + AMX_TILE), _mm512_shuffle_i32x4(t0, t2, 0xDD));
+            _mm512_store_si512((void*)(out + 2 * AMX_TILE), _mm512_shuffle_i32x4(t1, t3, 0x88));
+            _mm512_store_si512((void*)(out + 3 * AMX_TILE), _mm512_shuffle_i32x4(t1, t3, 0xDD));
+        }
+    }
+}
+
+/* Rows r .. r + rows - 1 of columns [c, c + AMX_TILE) from their sums (row stride AMX_BLOCK), scaled as store_tile
+ * does, element by element the same float operations; columns past N are neither read nor written. */
+AMX_TARGET static void amx_store(const Work* work, int64_t r, int rows, int64_t c, const int32_t* sums) {
+    const Kernel* kernel = work->kernel;
+    const int64_t n = kernel->n;
+    const __mmask16 real = c + AMX_TILE <= n ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+    const __m512i correction = _mm512_mullo_epi32(_mm512_set1_epi32(work->correction),
+                                                  _mm512_maskz_loadu_epi32(real, kernel->column_sums + c));
+    const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(work->a_scale), _mm512_maskz_loadu_ps(real, kernel->w_scale + c));
+    for (int i = 0; i < rows; i++) {
+        const __m512i exact = _mm512_add_epi32(_mm512_loadu_si512((const void*)(sums + i * AMX_BLOCK)), correction);
+        __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scale);
+        if (kernel->per_token) y = _mm512_mul_ps(y, _mm512_set1_ps(work->row_scale[r + i]));
+        _mm512_mask_storeu_ps(work->y + (r + i) * n + c, real, y);
+    }
+}
+
+/* Rows [r, r + 32) by the two tiles of columns whose panels are b0 and b1: four C tiles, stored to sums[32][32]. */
+AMX_TARGET static void amx_block(const int8_t* a, int64_t kp, const int32_t* b0, const int32_t* b1,
+                                 int32_t sums[AMX_BLOCK][AMX_BLOCK]) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k0 = 0; k0 < kp; k0 += AMX_K) {
+        _tile_loadd(4, a + k0, kp);
+        _tile_loadd(5, a + AMX_TILE * kp + k0, kp);
+        _tile_loadd(6, b0 + k0 / 4 * AMX_TILE, AMX_K);
+        _tile_loadd(7, b1 + k0 / 4 * AMX_TILE, AMX_K);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+    }
+    const int64_t stride = AMX_BLOCK * sizeof(int32_t);
+    _tile_stored(0, &sums[0][0], stride);
+    _tile_stored(1, &sums[0][AMX_TILE], stride);
+    _tile_stored(2, &sums[AMX_TILE][0], stride);
+    _tile_stored(3, &sums[AMX_TILE][AMX_TILE], stride);
+}
+
+/* Columns [c0, c1) of every row (c0 a multiple of AMX_BLOCK): the panel gathered, then each block of 32 rows. A task
+ * whose panel cannot be allocated takes the VNNI kernels: the same integers. */
+AMX_TARGET static void amx_multiply_columns(const Work* work, int64_t c0, int64_t c1) {
+    const Kernel* kernel = work->kernel;
+    const int64_t kp = kernel->kp, tiles = round_up(c1 - c0, AMX_BLOCK) / AMX_TILE, tile_ints = kp / 4 * AMX_TILE;
+    int32_t* panel = aligned_alloc(64, tiles * tile_ints * sizeof(int32_t));
+    if (panel == NULL) {
+        vnni_multiply_columns(work, c0, c1);
+        return;
+    }
+    for (int64_t t = 0; t < tiles; t++) amx_panel(kernel, c0 + t * AMX_TILE, panel + t * tile_ints);
+    TileConfig config = {.palette = 1};
+    for (int i = 0; i < 8; i++) {
+        config.bytes_per_row[i] = AMX_K;
+        config.rows[i] = AMX_TILE;
+    }
+    _tile_loadconfig(&config);
+    int32_t sums[AMX_BLOCK][AMX_BLOCK];
+    for (int64_t r = 0; r < work->rows; r += AMX_BLOCK) {
+        const int rows = work->rows - r < AMX_BLOCK ? (int)(work->rows - r) : AMX_BLOCK;
+        for (int64_t t = 0; t < tiles; t += 2) {
+            amx_block(work->q + r * kp, kp, panel + t * tile_ints, panel + (t + 1) * tile_ints, sums);
+            for (int h = 0; h < 2 && c0 + (t + h) * AMX_TILE < c1; h++)
+                amx_store(work, r, rows, c0 + (t + h) * AMX_TILE, &sums[0][h * AMX_TILE]);
+        }
+    }
+    _tile_release();
+    free(panel);
+}
+
 /* One of ONNX Runtime's parallel tasks: columns [task * per_task, ...) of every row, on the kernel's class. */
 static void multiply_task(void* p, size_t task) {
     const Work* work = p;
     const int64_t c0 = (int64_t)task * work->per_task;
     const int64_t c1 = c0 + work->per_task < work->kernel->np ? c0 + work->per_task : work->kernel->np;
-    if (work->kernel->vnni) vnni_multiply_columns(work, c0, c1);
+    if (work->kernel->amx && work->rows >= AMX_MIN_ROWS) amx_multiply_columns(work, c0, c1);
+    else if (work->kernel->vnni) vnni_multiply_columns(work, c0, c1);
     else multiply_columns(work, c0, c1);
 }
 
@@ -722,8 +867,11 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
 
     const int64_t per_task = rows > 1 ? COLUMNS_PER_TASK : kernel->vnni ? VNNI_ROW_COLUMNS : AVX2_ROW_COLUMNS;
     Work work = {kernel, call.x, call.m, NULL, NULL, rows, per_task, 1.0f / 127.0f, kernel->vnni ? -128 : 0};
-    /* the VNNI kernels read several rows in whole fours (one row, as multiply_row, only itself) */
-    const int64_t q_rows = kernel->vnni && rows > 1 ? (int64_t)round_up(rows, 4) : rows;
+    /* the VNNI kernels read several rows in whole fours, the AMX ones in whole blocks (one row, as multiply_row, only
+     * itself) */
+    const int64_t q_rows = kernel->amx && rows >= AMX_MIN_ROWS ? (int64_t)round_up(rows, AMX_BLOCK)
+                           : kernel->vnni && rows > 1          ? (int64_t)round_up(rows, 4)
+                                                                : rows;
     work.q = aligned_alloc(64, round_up(q_rows * kernel->kp, 64));
     work.row_scale = malloc(rows * sizeof(float));
     if (work.q == NULL || work.row_scale == NULL) {

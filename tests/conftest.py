@@ -99,7 +99,7 @@ def kept_selftest_exports(exported):
     return seed
 
 
-@pytest.fixture(params=["avx2", "avx512-vnni"])
+@pytest.fixture(params=["avx2", "avx512-vnni", "amx"])
 def int8_kernel(request, monkeypatch):
     """Each of Int8MatMul's kernels this CPU runs, named through EDGEVL_MATMUL_KERNEL (read when a session is built):
     both compute the same integers, so every bit-for-bit test holds for each."""

@@ -145,27 +145,29 @@ if isa_mask.active_class():
 
 
 @pytest.mark.skipif(not (_X86 and _VNNI), reason="checks the VNNI/AMX class: this CPU has no VNNI or is not x86")
-def test_vnni_cpus_keep_the_fast_u8s8_kernels():
-    gemm = cpu.integer_gemm()
-    assert gemm.u8s8_exact and not gemm.precision_mode
-    # int8 and int4 decoders on edgevl's ops exactly where MLAS's kernel is AVX-512 VNNI (not AMX, not AVX-VNNI), int8
-    # only while Int8MatMul takes its VNNI kernels (EDGEVL_MATMUL_KERNEL unset or avx512-vnni)
-    vnni_ops = gemm.kernel == "AVX-512 VNNI" and cpu.matmul_library() is not None
-    int8 = ("int8",) if cpu.int8_matmul_kernel() == "avx512-vnni" else ()
-    assert gemm.edgevl_decoders == ((*int8, "int4") if vnni_ops else ())
-    assert gemm.edgevl_matmul is (True if vnni_ops else None)
-
-
-@pytest.mark.skipif(not (_X86 and _VNNI and cpu.integer_gemm().kernel == "AVX-512 VNNI" and cpu.matmul_library()),
-                    reason="checks AVX-512 VNNI without AMX, with edgevl's ops installed: this CPU or install is not")
-def test_naming_int8matmuls_avx2_kernels_on_vnni_keeps_int4_on_edgevls_op(monkeypatch):
-    monkeypatch.setenv(cpu.MATMUL_KERNEL_ENV, "avx2")
+@pytest.mark.parametrize("named", [None, "avx2", "avx512-vnni", "amx"])
+def test_vnni_cpus_keep_the_fast_u8s8_kernels(named, monkeypatch):
+    """u8 x s8 stays on MLAS's kernels; decoders run on edgevl's ops where those are faster: int4 on AVX-512 VNNI
+    without AMX, int8 there and on AMX only on Int8MatMul's kernels for that class (the widest, unless
+    EDGEVL_MATMUL_KERNEL names slower ones), none on AVX-VNNI."""
+    if named is not None and named not in cpu.int8_matmul_kernels():
+        pytest.skip(f"Int8MatMul's {named} kernels need a CPU with it; this one runs {cpu.int8_matmul_kernels()}")
+    if named is not None:
+        monkeypatch.setenv(cpu.MATMUL_KERNEL_ENV, named)
     cpu.integer_gemm.cache_clear()
     try:
         gemm = cpu.integer_gemm()
-        # Int8MatMul's AVX2 kernels are slower than MLAS's VNNI ones: int8 back on decoder.onnx; Int4MatMul unchanged
-        assert gemm.edgevl_decoders == ("int4",) and gemm.edgevl_matmul
-        assert "int4 decoders on edgevl's Int4MatMul (avx2 kernels)" in gemm.describe()
+        assert gemm.u8s8_exact and not gemm.precision_mode
+        kernel = cpu.int8_matmul_kernel()
+        expected = {"AVX-512 VNNI": (("int8",) if kernel == "avx512-vnni" else ()) + ("int4",),
+                    "AMX": ("int8",) if kernel == "amx" else ()}.get(gemm.kernel, ())
+        expected = expected if cpu.matmul_library() is not None else ()
+        assert gemm.edgevl_decoders == expected
+        assert gemm.edgevl_matmul is (True if expected else None)
+        if "int4" in expected:
+            assert "int4 decoders on edgevl's Int4MatMul (avx2 kernels)" in gemm.describe()
+        if "int8" in expected:
+            assert f"Int8MatMul ({kernel} kernels)" in gemm.describe()
     finally:
         monkeypatch.undo()
         cpu.integer_gemm.cache_clear()
@@ -235,10 +237,11 @@ def test_edgevl_matmuls_are_exact(threads, int8_kernel):
     -128..127 quantize to their own codes (scale 1, zero point 128), Int4MatMul's -127..127 with 127 in each row
     to themselves (scale 1), so the outputs are the exact integers."""
     session = _edgevl_matmul_session(onnx.load(cpu.MATMUL_PROBE_MODEL), threads)
-    x4, _, exact4 = cpu.int4_probe_operands()
-    y8, y4 = session.run(["y8", "y4"], {"x8": A.astype(np.float32) - 128, "x4": x4.astype(np.float32)})
-    np.testing.assert_array_equal(y8, EXACT)
-    np.testing.assert_array_equal(y4, exact4)
+    feeds, exact = cpu.matmul_probe_feeds()
+    np.testing.assert_array_equal(feeds["x8"][4:8], A.astype(np.float32) - 128)
+    np.testing.assert_array_equal(exact["y8"][4:8], EXACT)
+    for name, y in zip(exact, session.run(list(exact), feeds)):
+        np.testing.assert_array_equal(y, exact[name])
     assert cpu.integer_gemm().edgevl_matmul in (None, True)  # None: this class keeps ONNX Runtime's kernels
 
 
@@ -267,7 +270,7 @@ def test_int8_matmul_refuses_weights_it_cannot_compute_exactly(monkeypatch):
     with pytest.raises(Exception, match=r"layer\.mlp.*constant initializers"):
         _edgevl_matmul_session(_int8_matmul_model(W, weight_as_input=True))
     monkeypatch.setenv(cpu.MATMUL_KERNEL_ENV, "avx9")
-    with pytest.raises(Exception, match=r"layer\.mlp.*EDGEVL_MATMUL_KERNEL=avx9: expected avx2 or avx512-vnni"):
+    with pytest.raises(Exception, match=r"layer\.mlp.*EDGEVL_MATMUL_KERNEL=avx9: expected avx2, avx512-vnni or amx"):
         _edgevl_matmul_session(_int8_matmul_model(W))
     monkeypatch.delenv(cpu.MATMUL_KERNEL_ENV)
     unchecked = _int8_matmul_model(W)

@@ -96,15 +96,15 @@ needs_edgevl_matmul = pytest.mark.skipif(
 def test_edgevl_int8_matmul_gives_the_quantized_graphs_outputs_bit_for_bit(k, n, threads, int8_kernel):
     """decoder_avx2.onnx's rewrite: each per-token chain and the one-row DynamicQuantizeMatMul become one Int8MatMul
     computing the same quantization, integers and float scaling, so its outputs equal ONNX Runtime's exactly
-    (prefill-sized and decode-sized inputs, row counts that end a block of four rows at each place, an outlier row, an
-    all-zero row)."""
+    (prefill-sized and decode-sized inputs, row counts that end a block of four rows at each place, either side of
+    where AMX takes over and past its blocks of 32, an outlier row, an all-zero row)."""
     rng = np.random.default_rng(7)
     weight = rng.standard_normal((k, n)).astype(np.float32)
     x = rng.standard_normal((1, 37, k)).astype(np.float32)
     x[0, 2] *= 1000
     x[0, 5] = 0
     for rows, inputs in (("s", x), ("s", x[:, :1]), ("s", x[:, :6]), ("s", x[:, :7]), ("s", x[:, :8]),
-                         (1, x[:, 4:5])):
+                         ("s", x[:, :15]), ("s", x[:, :16]), (1, x[:, 4:5])):
         model = _matmul_model(weight, rows)
         quantize_matmuls_per_token(model)
         rewritten = onnx.ModelProto()
