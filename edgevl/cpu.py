@@ -20,8 +20,8 @@ u8 x s8 saturates (the class without VNNI), the library is installed and its pro
 backend runs that graph: the same results (int8 prefill bit for bit; decode steps and int4 to float rounding) and a
 faster decode (benchmarks/RESULTS.md). Int8MatMul also has AVX-512 VNNI kernels (vpdpbusd: the same integers); on
 that class without AMX both ops decode faster than MLAS's, so int8 and int4 decoders run decoder_avx2.onnx there too
-(EDGEVL_DECODERS_ON_VNNI). And AMX ones for several rows (tdpbusd, the same integers again): with them int8 prefills
-and decodes faster than MLAS's AMX kernels, so AMX machines run int8 decoders on decoder_avx2.onnx as well.
+(EDGEVL_DECODERS_ON_VNNI). Both ops also have AMX kernels for several rows (tdpbusd, the same integers again): with
+them int8 and int4 prefill and decode faster than on MLAS's AMX kernels, so AMX machines run decoder_avx2.onnx too.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class IntegerGemm:
     # whose decoders keep ONNX Runtime's kernels (AVX-VNNI, ARM), so not probed
     edgevl_matmul: bool | None = None
     # the decoder precisions that run on those ops here (an export's decoder_avx2.onnx): "int8" and "int4" where
-    # u8 x s8 saturates and on AVX-512 VNNI without AMX, "int8" on AMX (EDGEVL_DECODERS_ON_VNNI)
+    # u8 x s8 saturates, on AVX-512 VNNI and on AMX (EDGEVL_DECODERS_ON_VNNI)
     edgevl_decoders: tuple[str, ...] = ()
     edgevl_kernel: str | None = None  # the kernels Int8MatMul takes here (int8_matmul_kernel); None: not installed
 
@@ -112,8 +112,10 @@ class IntegerGemm:
         return text + _OPS_PROBE_WRONG
 
     def _edgevl_ops(self) -> str:
-        # a library that does not name its kernels predates the VNNI ones: AVX2
-        ops = {"int8": f"Int8MatMul ({self.edgevl_kernel or 'avx2'} kernels)", "int4": "Int4MatMul (avx2 kernels)"}
+        # a library that does not name its kernels predates the VNNI ones: AVX2; Int4MatMul's are AVX2 or AMX
+        kernel = self.edgevl_kernel or "avx2"
+        ops = {"int8": f"Int8MatMul ({kernel} kernels)",
+               "int4": f"Int4MatMul ({'amx' if kernel == 'amx' else 'avx2'} kernels)"}
         return (f"; {' and '.join(self.edgevl_decoders)} decoders on edgevl's "
                 f"{' / '.join(ops[p] for p in self.edgevl_decoders)} and GroupQueryAttention: the same results, a "
                 "faster decode")
@@ -242,14 +244,13 @@ def checked_matmul_library() -> Path:
     return library
 
 
-# Where u8 x s8 is exact, the decoder precisions whose graphs run on edgevl's ops anyway, by MLAS's kernel: on AVX-512
-# VNNI without AMX Int8MatMul's VNNI kernels decode faster than MLAS's chain of six nodes a matmul and prefill as fast,
-# and Int4MatMul (its one-row tasks) decodes and prefills faster than MatMulNBits; on AMX Int8MatMul's AMX kernels
-# (prefill on tiles, the VNNI ones for a decode step) prefill and decode faster than MLAS's AMX ones
-# (benchmarks/RESULTS.md, "Int8MatMul on AVX-512 VNNI", "Int4MatMul on AVX-512 VNNI" and "Int8MatMul on AMX").
-EDGEVL_DECODERS_ON_VNNI = {"AVX-512 VNNI": ("int8", "int4"), "AMX": ("int8",)}
-# The Int8MatMul kernels int8 needs for that, by MLAS's kernel (named others are slower than MLAS's)
-INT8_KERNELS_ON_VNNI = {"AVX-512 VNNI": "avx512-vnni", "AMX": "amx"}
+# Where u8 x s8 is exact, the decoder precisions whose graphs run on edgevl's ops anyway, by MLAS's kernel, each with
+# the kernels (EDGEVL_MATMUL_KERNEL's names; None: any) it needs for that. On AVX-512 VNNI without AMX Int8MatMul's VNNI
+# kernels decode faster than MLAS's chain of six nodes a matmul and prefill as fast, and Int4MatMul (its one-row
+# tasks) decodes and prefills faster than MatMulNBits. On AMX both ops' AMX kernels (several rows on tiles) prefill
+# faster than MLAS's AMX GEMM and MatMulNBits, and their one-row kernels decode faster (benchmarks/RESULTS.md,
+# "Int8MatMul on AVX-512 VNNI", "Int4MatMul on AVX-512 VNNI" and "Int8MatMul and Int4MatMul on AMX").
+EDGEVL_DECODERS_ON_VNNI = {"AVX-512 VNNI": {"int8": "avx512-vnni", "int4": None}, "AMX": {"int8": "amx", "int4": "amx"}}
 
 
 @functools.cache
@@ -259,9 +260,8 @@ def integer_gemm() -> IntegerGemm:
     kernel = _mlas_kernel(isa_classes())
     library, edgevl_kernel = matmul_library(), int8_matmul_kernel()
     if _product_is_exact(precision_mode=False):
-        # Int4MatMul has only AVX2 kernels, so int4 does not depend on EDGEVL_MATMUL_KERNEL
-        decoders = tuple(p for p in EDGEVL_DECODERS_ON_VNNI.get(kernel, ())
-                         if p != "int8" or edgevl_kernel == INT8_KERNELS_ON_VNNI[kernel])
+        decoders = tuple(p for p, needs in EDGEVL_DECODERS_ON_VNNI.get(kernel, {}).items()
+                         if needs in (None, edgevl_kernel))
         if not decoders or library is None:
             return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True, edgevl_kernel=edgevl_kernel)
         exact = _edgevl_matmul_is_exact(library)

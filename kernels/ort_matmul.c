@@ -253,10 +253,10 @@ static OrtStatus* constant_input(const Node* node, const OrtKernelInfo* info, si
     return tensor(node, value, type, t, name);
 }
 
-/* Which int8 kernels this CPU runs: AMX (with the VNNI kernels for one row) where it has it, else AVX-512 VNNI, else
- * AVX2. All compute the same integers; EDGEVL_MATMUL_KERNEL=avx2, avx512-vnni or amx names one (tests compare them on
- * one machine, and benchmarks/isa_mask.py shows a class without VNNI the AVX2 ones), an error where this CPU cannot
- * run it. */
+/* Which kernels this CPU runs: AMX for several rows where it has it (Int8MatMul's one row on its VNNI kernels,
+ * Int4MatMul's on its AVX2 ones), else Int8MatMul's AVX-512 VNNI where it has that, else AVX2. All compute the same
+ * integers; EDGEVL_MATMUL_KERNEL=avx2, avx512-vnni or amx names one (tests compare them on one machine, and
+ * benchmarks/isa_mask.py shows a class without VNNI the AVX2 ones), an error where this CPU cannot run it. */
 static int has_vnni(void) {
     return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
            && __builtin_cpu_supports("avx512vl");
@@ -278,7 +278,7 @@ __attribute__((visibility("default"))) int EdgevlInt8MatMulKernels(void) {
     return 1 | (has_vnni() ? 2 : 0) | (has_amx() ? 4 : 0);
 }
 
-static OrtStatus* int8_kernels(const Node* node, int* vnni, int* amx) {
+static OrtStatus* matmul_kernels(const Node* node, int* vnni, int* amx) {
     const char* named = getenv("EDGEVL_MATMUL_KERNEL");
     if (named == NULL || *named == 0) {
         *amx = has_amx();
@@ -328,7 +328,7 @@ static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernel
     kernel->k = k;
     kernel->n = n;
     kernel->per_token = per_token != 0;
-    OrtStatus* status = int8_kernels(&node, &kernel->vnni, &kernel->amx);
+    OrtStatus* status = matmul_kernels(&node, &kernel->vnni, &kernel->amx);
     kernel->kp = round_up(k, kernel->amx ? AMX_K : KBLOCK);
     kernel->np = round_up(n, COLS);
     if (status == NULL) status = swiglu_attribute(&node, info, n, &kernel->swiglu);
@@ -715,37 +715,43 @@ typedef struct {  /* LDTILECFG's 64-byte operand, palette 1 */
     uint8_t rows[16];
 } TileConfig;
 
-/* Columns [c, c + AMX_TILE) of the packed weight as a B tile's rows: panel[kq][j] = w[4 kq .. 4 kq + 3][c + j] (four
- * bytes), zero past np. Per k-block, each of the tile's four groups is two zmm of (column, quad) dwords: one
- * permutation per half of the quads puts them in (quad, column) order, and a 4 x 4 transpose of 128-bit lanes over the
- * four groups makes each quad's row of 16 columns. */
-AMX_TARGET static void amx_panel(const Kernel* kernel, int64_t c, int32_t* panel) {
-    const int64_t kp = kernel->kp;
-    /* (quad q, column j) of a group's quads 0-3, then 4-7, from its two zmm (columns 0 and 1, then 2 and 3) */
+/* 32 K values of 16 columns as a B tile's 8 rows: in[i] holds columns 2i and 2i + 1, each as 8 (column, quad)
+ * dwords (4 K values); out[q * AMX_TILE + j] = quad q of column j. Per four columns, one permutation per half of the
+ * quads puts them in (quad, column) order, and a 4 x 4 transpose of 128-bit lanes over the four makes each quad's row
+ * of 16 columns. */
+AMX_TARGET static void amx_transpose(const __m512i in[8], int32_t* out) {
+    /* (quad q, column j) of quads 0-3, then 4-7, of four columns from two zmm (columns 0 and 1, then 2 and 3) */
     const __m512i first = _mm512_set_epi32(27, 19, 11, 3, 26, 18, 10, 2, 25, 17, 9, 1, 24, 16, 8, 0);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(4));
+    __m512i low[4], high[4];
+    for (int g = 0; g < 4; g++) {
+        low[g] = _mm512_permutex2var_epi32(in[2 * g], first, in[2 * g + 1]);
+        high[g] = _mm512_permutex2var_epi32(in[2 * g], second, in[2 * g + 1]);
+    }
+    for (int h = 0; h < 2; h++, out += 4 * AMX_TILE) {
+        const __m512i* e = h ? high : low;
+        const __m512i t0 = _mm512_shuffle_i32x4(e[0], e[1], 0x44), t1 = _mm512_shuffle_i32x4(e[0], e[1], 0xEE);
+        const __m512i t2 = _mm512_shuffle_i32x4(e[2], e[3], 0x44), t3 = _mm512_shuffle_i32x4(e[2], e[3], 0xEE);
+        _mm512_store_si512((void*)out, _mm512_shuffle_i32x4(t0, t2, 0x88));
+        _mm512_store_si512((void*)(out + AMX_TILE), _mm512_shuffle_i32x4(t0, t2, 0xDD));
+        _mm512_store_si512((void*)(out + 2 * AMX_TILE), _mm512_shuffle_i32x4(t1, t3, 0x88));
+        _mm512_store_si512((void*)(out + 3 * AMX_TILE), _mm512_shuffle_i32x4(t1, t3, 0xDD));
+    }
+}
+
+/* Columns [c, c + AMX_TILE) of the packed weight as a B tile's rows: panel[kq][j] = w[4 kq .. 4 kq + 3][c + j] (four
+ * bytes), zero past np. A k-block of a packed group is two zmm of (column, quad) dwords already. */
+AMX_TARGET static void amx_panel(const Kernel* kernel, int64_t c, int32_t* panel) {
+    const int64_t kp = kernel->kp;
     for (int64_t kb = 0; kb < kp / KBLOCK; kb++) {
-        __m512i low[COLS], high[COLS];  /* per group: quads 0-3 and 4-7 of its four columns */
-        for (int g = 0; g < COLS; g++) {
-            if (c + g * COLS >= kernel->np) {
-                low[g] = high[g] = _mm512_setzero_si512();
-                continue;
-            }
+        __m512i in[8];
+        for (int g = 0; g < 4; g++) {
             const int8_t* w = kernel->packed + (c + g * COLS) * kp + kb * COLS * KBLOCK;
-            const __m512i a = _mm512_load_si512((const void*)w), b = _mm512_load_si512((const void*)(w + 64));
-            low[g] = _mm512_permutex2var_epi32(a, first, b);
-            high[g] = _mm512_permutex2var_epi32(a, second, b);
+            const int real = c + g * COLS < kernel->np;
+            in[2 * g] = real ? _mm512_load_si512((const void*)w) : _mm512_setzero_si512();
+            in[2 * g + 1] = real ? _mm512_load_si512((const void*)(w + 64)) : _mm512_setzero_si512();
         }
-        int32_t* out = panel + kb * (KBLOCK / 4) * AMX_TILE;
-        for (int h = 0; h < 2; h++, out += 4 * AMX_TILE) {
-            const __m512i* e = h ? high : low;
-            const __m512i t0 = _mm512_shuffle_i32x4(e[0], e[1], 0x44), t1 = _mm512_shuffle_i32x4(e[0], e[1], 0xEE);
-            const __m512i t2 = _mm512_shuffle_i32x4(e[2], e[3], 0x44), t3 = _mm512_shuffle_i32x4(e[2], e[3], 0xEE);
-            _mm512_store_si512((void*)out, _mm512_shuffle_i32x4(t0, t2, 0x88));
-            _mm512_store_si512((void*)(out + AMX_TILE), _mm512_shuffle_i32x4(t0, t2, 0xDD));
-            _mm512_store_si512((void*)(out + 2 * AMX_TILE), _mm512_shuffle_i32x4(t1, t3, 0x88));
-            _mm512_store_si512((void*)(out + 3 * AMX_TILE), _mm512_shuffle_i32x4(t1, t3, 0xDD));
-        }
+        amx_transpose(in, panel + kb * (KBLOCK / 4) * AMX_TILE);
     }
 }
 
@@ -766,16 +772,28 @@ AMX_TARGET static void amx_store(const Work* work, int64_t r, int rows, int64_t 
     }
 }
 
-/* Rows [r, r + 32) by the two tiles of columns whose panels are b0 and b1: four C tiles, stored to sums[32][32]. */
-AMX_TARGET static void amx_block(const int8_t* a, int64_t kp, const int32_t* b0, const int32_t* b1,
-                                 int32_t sums[AMX_BLOCK][AMX_BLOCK]) {
+/* This thread's tiles: C in tiles 0-3 (16 x 16 int32), A in 4 and 5 (16 rows x `step` K codes), B in 6 and 7 (the
+ * same K as step / 4 rows of 16 columns x 4). */
+AMX_TARGET static void amx_configure(int step) {
+    TileConfig config = {.palette = 1};
+    for (int i = 0; i < 8; i++) {
+        config.bytes_per_row[i] = i == 4 || i == 5 ? step : AMX_K;
+        config.rows[i] = i >= 6 ? step / 4 : AMX_TILE;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* Rows [r, r + 32) (a, `stride` bytes apart) by the two tiles of columns whose panels are b0 and b1, over K [k0, k1)
+ * in steps of `step`: four C tiles, stored to sums[32][32]. */
+AMX_TARGET static void amx_block(const int8_t* a, int64_t stride, const int32_t* b0, const int32_t* b1, int64_t k0,
+                                 int64_t k1, int64_t step, int32_t sums[AMX_BLOCK][AMX_BLOCK]) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t k0 = 0; k0 < kp; k0 += AMX_K) {
-        _tile_loadd(4, a + k0, kp);
-        _tile_loadd(5, a + AMX_TILE * kp + k0, kp);
+    for (; k0 < k1; k0 += step) {
+        _tile_loadd(4, a + k0, stride);
+        _tile_loadd(5, a + AMX_TILE * stride + k0, stride);
         _tile_loadd(6, b0 + k0 / 4 * AMX_TILE, AMX_K);
         _tile_loadd(7, b1 + k0 / 4 * AMX_TILE, AMX_K);
         _tile_dpbusd(0, 4, 6);
@@ -783,11 +801,11 @@ AMX_TARGET static void amx_block(const int8_t* a, int64_t kp, const int32_t* b0,
         _tile_dpbusd(2, 5, 6);
         _tile_dpbusd(3, 5, 7);
     }
-    const int64_t stride = AMX_BLOCK * sizeof(int32_t);
-    _tile_stored(0, &sums[0][0], stride);
-    _tile_stored(1, &sums[0][AMX_TILE], stride);
-    _tile_stored(2, &sums[AMX_TILE][0], stride);
-    _tile_stored(3, &sums[AMX_TILE][AMX_TILE], stride);
+    const int64_t row_bytes = AMX_BLOCK * sizeof(int32_t);
+    _tile_stored(0, &sums[0][0], row_bytes);
+    _tile_stored(1, &sums[0][AMX_TILE], row_bytes);
+    _tile_stored(2, &sums[AMX_TILE][0], row_bytes);
+    _tile_stored(3, &sums[AMX_TILE][AMX_TILE], row_bytes);
 }
 
 /* Columns [c0, c1) of every row (c0 a multiple of AMX_BLOCK): the panel gathered, then each block of 32 rows. A task
@@ -801,17 +819,12 @@ AMX_TARGET static void amx_multiply_columns(const Work* work, int64_t c0, int64_
         return;
     }
     for (int64_t t = 0; t < tiles; t++) amx_panel(kernel, c0 + t * AMX_TILE, panel + t * tile_ints);
-    TileConfig config = {.palette = 1};
-    for (int i = 0; i < 8; i++) {
-        config.bytes_per_row[i] = AMX_K;
-        config.rows[i] = AMX_TILE;
-    }
-    _tile_loadconfig(&config);
+    amx_configure(AMX_K);
     int32_t sums[AMX_BLOCK][AMX_BLOCK];
     for (int64_t r = 0; r < work->rows; r += AMX_BLOCK) {
         const int rows = work->rows - r < AMX_BLOCK ? (int)(work->rows - r) : AMX_BLOCK;
         for (int64_t t = 0; t < tiles; t += 2) {
-            amx_block(work->q + r * kp, kp, panel + t * tile_ints, panel + (t + 1) * tile_ints, sums);
+            amx_block(work->q + r * kp, kp, panel + t * tile_ints, panel + (t + 1) * tile_ints, 0, kp, AMX_K, sums);
             for (int h = 0; h < 2 && c0 + (t + h) * AMX_TILE < c1; h++)
                 amx_store(work, r, rows, c0 + (t + h) * AMX_TILE, &sums[0][h * AMX_TILE]);
         }
@@ -929,6 +942,7 @@ typedef struct {
     Node node;
     int64_t k, n;
     int swiglu;
+    int amx;  /* several rows on AMX tiles (amx4_*) */
     int64_t block, blocks, groups;
     uint8_t* packed;  /* [groups][blocks][block / 32 units][4 column pairs][32 bytes] */
     float* scales;    /* [groups][blocks][8], each column's at the lane its sum comes out in (LANE) */
@@ -979,6 +993,12 @@ static OrtStatus* create4(const OrtCustomOp* op, OrtApiTable api, const OrtKerne
     kernel->block = block;
     kernel->blocks = blocks;
     kernel->groups = (n + GROUP - 1) / GROUP;
+    int vnni;  /* Int4MatMul has no VNNI kernels of its own */
+    OrtStatus* status = matmul_kernels(&node, &vnni, &kernel->amx);
+    if (status != NULL) {
+        free(kernel);
+        return status;
+    }
     const size_t bytes = kernel->groups * blocks * GROUP * block / 2;
     kernel->packed = aligned_alloc(64, round_up(bytes, 64));
     kernel->scales = calloc(kernel->groups * blocks * GROUP, sizeof(float));
@@ -1014,6 +1034,8 @@ typedef struct {
     const float* x;
     float* y;
     int8_t* q;         /* [rows][K padded to blocks][2]: per 32 K, q 0..15 twice, then q 16..31 twice */
+    uint8_t* codes;    /* the AMX kernels' instead: [rows padded to AMX_BLOCK][K padded to blocks], q + 128 */
+    int* out_of_memory;  /* set by an AMX task whose panel could not be allocated */
     float* a_scale;    /* [rows][blocks] */
     int32_t* offset;   /* [rows][blocks]: 8 x the sum of q, the codes' zero point times the activations */
     int64_t rows;
@@ -1031,13 +1053,15 @@ __attribute__((target("avx2"))) static inline __m128i quantize16(const float* x,
 }
 
 /* MLAS's QuantizeARow_CompInt8 for one row: per block amax, a_scale = amax / 127, q = rne(x * (127 / amax)), in
- * the kernel's layout: per 32 K, q 0..15 twice (32 bytes), then q 16..31 twice. A block's values past K are 0. */
+ * the AVX2 kernels' layout: per 32 K, q 0..15 twice (32 bytes), then q 16..31 twice; or for the AMX ones as u8 codes
+ * q + 128 in order. A block's values past K are 0. */
 __attribute__((target("avx2"))) static void quantize_blocks(void* p, size_t r) {
     Work4* work = p;
     const Kernel4* kernel = work->kernel;
     const int64_t k = kernel->k, block = kernel->block, blocks = kernel->blocks;
     const float* x = work->x + r * k;
-    int8_t* q = work->q + r * blocks * block * 2;
+    const int64_t values = blocks * block;  /* a row's: K padded to whole blocks */
+    const __m128i top = _mm_set1_epi8((char)0x80);
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     float padded[128];
     for (int64_t b = 0; b < blocks; b++, x += block) {
@@ -1055,8 +1079,12 @@ __attribute__((target("avx2"))) static void quantize_blocks(void* p, size_t r) {
         const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
         const __m256 inverse = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
         __m256i sum = _mm256_setzero_si256();
-        for (int64_t i = 0; i < block; i += 16, q += 32)
-            _mm256_store_si256((__m256i*)q, _mm256_broadcastsi128_si256(quantize16(v + i, inverse, &sum)));
+        for (int64_t i = 0; i < block; i += 16) {
+            const __m128i q16 = quantize16(v + i, inverse, &sum);
+            const int64_t at = r * values + b * block + i;
+            if (work->codes) _mm_storeu_si128((__m128i*)(work->codes + at), _mm_xor_si128(q16, top));
+            else _mm256_store_si256((__m256i*)(work->q + 2 * at), _mm256_broadcastsi128_si256(q16));
+        }
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
@@ -1180,12 +1208,110 @@ static void store_group(float* y, int64_t c0, int64_t n, const float lanes[GROUP
     for (int j = 0; j < GROUP && c0 + j < n; j++) y[c0 + j] = lanes[LANE[j]];
 }
 
+/* ---- Int4MatMul on AMX tiles, for several rows: the same integer sum per block, sum q (code - 8), as the AVX2
+ * kernels (u8 codes q + 128 by s8 weights code - 8, less 128 x the block's sum of code - 8 per column), then the same
+ * float steps in the same order (one fma per block), so the outputs are the AVX2 kernels' bit for bit. A task
+ * unpacks its columns' codes into B tiles' order (its panel), with each block's column sums and scales. */
+
+/* Columns [c, c + AMX_TILE) (c a multiple of GROUP): panel [K padded to blocks / 4][16] of code - 8 four at a time,
+ * sums [blocks][16] of code - 8 over each block, scales [blocks][16]; zero past the packed groups. */
+AMX_TARGET static void amx4_panel(const Kernel4* kernel, int64_t c, int32_t* panel, int32_t* sums, float* scales) {
+    const int64_t blocks = kernel->blocks, block = kernel->block, units = block / UNIT;
+    const __m256i nibble = _mm256_set1_epi8(15);
+    const __m512i eight = _mm512_set1_epi8(8), ones = _mm512_set1_epi8(1);
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t u = 0; u < units; u++) {
+            __m512i in[8];  /* columns c + 2i and c + 2i + 1: a pair's 32 bytes, each column's 32 K in order */
+            for (int i = 0; i < 8; i++) {
+                const int64_t col = c + 2 * i, g = col / GROUP;
+                if (g >= kernel->groups) {
+                    in[i] = _mm512_setzero_si512();
+                    continue;
+                }
+                const uint8_t* w = kernel->packed + (((g * blocks + b) * units + u) * 4 + col % GROUP / 2) * 32;
+                const __m256i v = _mm256_load_si256((const __m256i*)w);
+                const __m256i low = _mm256_and_si256(v, nibble);  /* K 0..15 of both columns */
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);  /* K 16..31 */
+                const __m512i lanes = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+                in[i] = _mm512_sub_epi8(_mm512_shuffle_i64x2(lanes, lanes, _MM_SHUFFLE(3, 1, 2, 0)), eight);
+            }
+            amx_transpose(in, panel + (b * block + u * UNIT) / 4 * AMX_TILE);
+        }
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t kq = b * block / 4; kq < (b + 1) * block / 4; kq++)
+            sum = _mm512_dpbusd_epi32(sum, ones, _mm512_load_si512((const void*)(panel + kq * AMX_TILE)));
+        _mm512_storeu_si512((void*)(sums + b * AMX_TILE), sum);
+        for (int j = 0; j < AMX_TILE; j++) {
+            const int64_t g = (c + j) / GROUP, at = (g * blocks + b) * GROUP + LANE[(c + j) % GROUP];
+            scales[b * AMX_TILE + j] = g < kernel->groups ? kernel->scales[at] : 0.0f;
+        }
+    }
+}
+
+/* Groups [g0, g1) of every row: the panels, then per 32 rows and two tiles of columns, each block's four C tiles
+ * scaled into float sums. */
+AMX_TARGET static void amx4_multiply_groups(const Work4* work, int64_t g0, int64_t g1) {
+    const Kernel4* kernel = work->kernel;
+    const int64_t n = kernel->n, blocks = kernel->blocks, block = kernel->block, values = blocks * block;
+    const int64_t c0 = g0 * GROUP, c1 = g1 * GROUP, tiles = round_up(c1 - c0, AMX_BLOCK) / AMX_TILE;
+    const int64_t tile_ints = values / 4 * AMX_TILE, tile_blocks = blocks * AMX_TILE;
+    int32_t* panel = aligned_alloc(64, tiles * (tile_ints + 2 * tile_blocks) * sizeof(int32_t));
+    if (panel == NULL) {
+        __atomic_store_n(work->out_of_memory, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    int32_t* column_sums = panel + tiles * tile_ints;
+    float* scales = (float*)(column_sums + tiles * tile_blocks);
+    for (int64_t t = 0; t < tiles; t++)
+        amx4_panel(kernel, c0 + t * AMX_TILE, panel + t * tile_ints, column_sums + t * tile_blocks,
+                   scales + t * tile_blocks);
+    const int64_t step = block < AMX_K ? block : AMX_K;
+    amx_configure((int)step);
+    int32_t sums[AMX_BLOCK][AMX_BLOCK];
+    __m512 acc[AMX_BLOCK][2];
+    for (int64_t r = 0; r < work->rows; r += AMX_BLOCK) {
+        const int rows = work->rows - r < AMX_BLOCK ? (int)(work->rows - r) : AMX_BLOCK;
+        for (int64_t t = 0; t < tiles; t += 2) {
+            for (int i = 0; i < rows; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+            for (int64_t b = 0; b < blocks; b++) {
+                amx_block((const int8_t*)work->codes + r * values, values, panel + t * tile_ints,
+                          panel + (t + 1) * tile_ints, b * block, (b + 1) * block, step, sums);
+                for (int h = 0; h < 2; h++) {
+                    const int64_t at = (t + h) * tile_blocks + b * AMX_TILE;
+                    /* 128 x the block's sum of code - 8 per column */
+                    const __m512i correction = _mm512_slli_epi32(_mm512_loadu_si512((const void*)(column_sums + at)),
+                                                                 7);
+                    const __m512 scale = _mm512_loadu_ps(scales + at);
+                    for (int i = 0; i < rows; i++) {
+                        const __m512i exact = _mm512_sub_epi32(_mm512_loadu_si512((const void*)&sums[i][h * AMX_TILE]),
+                                                               correction);
+                        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(work->a_scale[(r + i) * blocks + b]), scale);
+                        acc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), s, acc[i][h]);
+                    }
+                }
+            }
+            for (int h = 0; h < 2; h++) {
+                const int64_t c = c0 + (t + h) * AMX_TILE;
+                if (c >= c1 || c >= n) continue;
+                const __mmask16 real = c + AMX_TILE <= n ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+                for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(work->y + (r + i) * n + c, real, acc[i][h]);
+            }
+        }
+    }
+    _tile_release();
+    free(panel);
+}
+
 static void multiply_groups(void* p, size_t task) {
     const Work4* work = p;
     const Kernel4* kernel = work->kernel;
     const int64_t n = kernel->n;
     const int64_t g0 = (int64_t)task * work->per_task;
     const int64_t g1 = g0 + work->per_task < kernel->groups ? g0 + work->per_task : kernel->groups;
+    if (work->codes) {
+        amx4_multiply_groups(work, g0, g1);
+        return;
+    }
     float sums[2][GROUP];
     int64_t r = 0;
     for (; r + 2 <= work->rows; r += 2) {
@@ -1216,24 +1342,32 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     const int64_t rows = call.rows;
     if (rows == 0) return NULL;
 
-    const int64_t blocks = kernel->blocks;
+    const int64_t blocks = kernel->blocks, values = blocks * kernel->block;
+    const int amx = kernel->amx && rows >= AMX_MIN_ROWS;
+    /* AMX tasks: whole tiles of columns (GROUPS_PER_TASK groups: two tile pairs) */
     const int64_t per_task = rows == 1 ? ROW_GROUPS_PER_TASK : GROUPS_PER_TASK;
-    Work4 work = {kernel, call.x, call.m, NULL, NULL, NULL, rows, per_task};
-    work.q = aligned_alloc(64, round_up(rows * blocks * kernel->block * 2, 64));
+    int out_of_memory = 0;
+    Work4 work = {.kernel = kernel, .x = call.x, .y = call.m, .out_of_memory = &out_of_memory, .rows = rows,
+                  .per_task = per_task};
+    if (amx) work.codes = aligned_alloc(64, round_up(round_up(rows, AMX_BLOCK) * values, 64));
+    else work.q = aligned_alloc(64, round_up(rows * values * 2, 64));
     work.a_scale = malloc(rows * blocks * sizeof(float));
     work.offset = malloc(rows * blocks * sizeof(int32_t));
     OrtStatus* status = NULL;
-    if (work.q == NULL || work.a_scale == NULL || work.offset == NULL) {
+    if ((work.q == NULL && work.codes == NULL) || work.a_scale == NULL || work.offset == NULL) {
         status = error(node, ORT_FAIL, "out of memory for the quantized input");
     } else {
         KernelContextParallelForFn parallel_for = API(node->api, KERNEL_CONTEXT_PARALLEL_FOR,
                                                       KernelContextParallelForFn);
+        if (amx) memset(work.codes + rows * values, 0, (round_up(rows, AMX_BLOCK) - rows) * values);
         if (rows > 1) status = parallel_for(ctx, quantize_blocks, rows, 0, &work);
         else quantize_blocks(&work, 0);
         if (status == NULL)
             status = parallel_for(ctx, multiply_groups, (kernel->groups + per_task - 1) / per_task, 0, &work);
+        if (status == NULL && out_of_memory) status = error(node, ORT_FAIL, "out of memory for the AMX tiles' panel");
     }
     free(work.q);
+    free(work.codes);
     free(work.a_scale);
     free(work.offset);
     return end_call(node, ctx, &call, status);

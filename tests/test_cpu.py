@@ -147,8 +147,8 @@ if isa_mask.active_class():
 @pytest.mark.skipif(not (_X86 and _VNNI), reason="checks the VNNI/AMX class: this CPU has no VNNI or is not x86")
 @pytest.mark.parametrize("named", [None, "avx2", "avx512-vnni", "amx"])
 def test_vnni_cpus_keep_the_fast_u8s8_kernels(named, monkeypatch):
-    """u8 x s8 stays on MLAS's kernels; decoders run on edgevl's ops where those are faster: int4 on AVX-512 VNNI
-    without AMX, int8 there and on AMX only on Int8MatMul's kernels for that class (the widest, unless
+    """u8 x s8 stays on MLAS's kernels; decoders run on edgevl's ops where those are faster: on AVX-512 VNNI without
+    AMX int4 always and int8 on Int8MatMul's VNNI kernels, on AMX both on the ops' AMX kernels (the widest, unless
     EDGEVL_MATMUL_KERNEL names slower ones), none on AVX-VNNI."""
     if named is not None and named not in cpu.int8_matmul_kernels():
         pytest.skip(f"Int8MatMul's {named} kernels need a CPU with it; this one runs {cpu.int8_matmul_kernels()}")
@@ -160,12 +160,12 @@ def test_vnni_cpus_keep_the_fast_u8s8_kernels(named, monkeypatch):
         assert gemm.u8s8_exact and not gemm.precision_mode
         kernel = cpu.int8_matmul_kernel()
         expected = {"AVX-512 VNNI": (("int8",) if kernel == "avx512-vnni" else ()) + ("int4",),
-                    "AMX": ("int8",) if kernel == "amx" else ()}.get(gemm.kernel, ())
+                    "AMX": ("int8", "int4") if kernel == "amx" else ()}.get(gemm.kernel, ())
         expected = expected if cpu.matmul_library() is not None else ()
         assert gemm.edgevl_decoders == expected
         assert gemm.edgevl_matmul is (True if expected else None)
         if "int4" in expected:
-            assert "int4 decoders on edgevl's Int4MatMul (avx2 kernels)" in gemm.describe()
+            assert f"Int4MatMul ({'amx' if kernel == 'amx' else 'avx2'} kernels)" in gemm.describe()
         if "int8" in expected:
             assert f"Int8MatMul ({kernel} kernels)" in gemm.describe()
     finally:

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgevl.cpu import configure_session, matmul_library
+from edgevl.cpu import MATMUL_KERNEL_ENV, configure_session, int8_matmul_kernels, matmul_library
 from edgevl.export.cpu_graph import (fuse_attention, fuse_matmul_epilogues, fuse_rms_norm, quantize_matmuls_per_token,
                                      use_edgevl_attention, use_edgevl_int4_matmul, use_edgevl_int8_matmul)
 from edgevl.precisions import INT4, INT8
@@ -174,6 +174,30 @@ def test_edgevl_int4_matmul_computes_matmulnbits_arithmetic(k, n, block, threads
         assert np.all(np.abs(got - nbits) / peak < 1e-5)
         if rows == "s":
             assert not got[0, 5].any()  # the all-zero row
+
+
+@needs_edgevl_matmul
+@pytest.mark.skipif("amx" not in int8_matmul_kernels(), reason="Int4MatMul's AMX kernels need a CPU with AMX (and "
+                    f"Linux's leave to use it); this one runs {int8_matmul_kernels()}")
+@pytest.mark.parametrize("k, n, block", [(K, N, 32), (200, 20, 64), (896, 40, 128), (200, 300, 64)])
+def test_int4_matmul_on_amx_gives_its_avx2_kernels_outputs_bit_for_bit(k, n, block, monkeypatch):
+    """Several rows on AMX tiles: the same integer per block and the same float steps in the same order as the AVX2
+    kernels the test above checks (row counts either side of where AMX takes over and past its blocks of 32)."""
+    rng = np.random.default_rng(13)
+    blocks = -(-k // block)
+    codes = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
+    scales = rng.uniform(1e-3, 2e-2, (n, blocks)).astype(np.float32)
+    x = rng.standard_normal((1, 37, k)).astype(np.float32)
+    x[0, 2] *= 1000
+    x[0, 5] = 0
+    rewritten = _nbits_model(codes, scales, k, block)
+    assert use_edgevl_int4_matmul(rewritten) == 1
+    for rows in (37, 16, 15):
+        outputs = {}
+        for kernel in ("avx2", "amx"):
+            monkeypatch.setenv(MATMUL_KERNEL_ENV, kernel)
+            outputs[kernel] = _run(rewritten, x[:, :rows], 2)
+        np.testing.assert_array_equal(outputs["amx"], outputs["avx2"])
 
 
 def test_int4_rewrite_leaves_what_int4matmul_does_not_compute():
