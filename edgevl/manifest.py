@@ -73,7 +73,7 @@ class Graphs:
     embed_tokens: str
     decoder_fixed: str | None = None  # fp32 exports: the fixed-capacity decoder TensorRT's `--kv-cache fixed` reads
     # int8 / int4 exports: the decoder with edgevl's own Int8MatMul / Int4MatMul and GroupQueryAttention ops
-    # (kernels/ort_ops.c), which x86 CPUs without VNNI and AVX-512 VNNI ones without AMX run (edgevl.cpu); the same
+    # (kernels/ort_ops.c), which x86 CPUs without VNNI, with AVX-512 VNNI and with AMX run (edgevl.cpu); the same
     # weights (decoder.onnx's data file) and the same results (int8 prefill bit for bit; decode steps and int4 to
     # float rounding).
     decoder_avx2: str | None = None

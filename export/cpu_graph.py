@@ -10,9 +10,9 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
   down_proj's input on Qwen2) would otherwise set the scale of every row and flatten them to a few levels. The
   logits' MatMul only ever sees one row, so it is the DynamicQuantizeMatMul.
 - `use_edgevl_int8_matmul`: the same int8 decoder with each of those matmuls as edgevl's own Int8MatMul op
-  (kernels/ort_matmul.c), for x86 without VNNI, where ONNX Runtime's exact path is its slower u8 x u8 kernels, and
-  AVX-512 VNNI without AMX, where its VNNI kernels decode faster than MLAS's. The same integers and the same float
-  arithmetic around them: its outputs are the graph's, bit for bit.
+  (kernels/ort_matmul.c), for x86 without VNNI, where ONNX Runtime's exact path is its slower u8 x u8 kernels,
+  AVX-512 VNNI, where its VNNI kernels decode faster than MLAS's, and AMX, where its AMX kernels also prefill faster.
+  The same integers and the same float arithmetic around them: its outputs are the graph's, bit for bit.
 - `use_edgevl_int4_matmul`: the int4 decoder with each MatMulNBits as edgevl's Int4MatMul, for the same CPUs: the
   same arithmetic on a kernel that decodes faster than MLAS's; outputs agree to float rounding.
 - `use_edgevl_attention`: in the same graphs, each GroupQueryAttention as edgevl's (kernels/ort_attention.c): ONNX

@@ -220,7 +220,7 @@ def test_quantized_exports_run_and_record_bounded_drift(exported, precision):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_avx2_gives_the_decoders_logits(exported, family, precision, monkeypatch, tmp_path):
-    """The graph x86 CPUs without VNNI (and AVX-512 VNNI without AMX) run: every weight matmul on edgevl's Int8MatMul
+    """The graph x86 CPUs without VNNI, with AVX-512 VNNI and with AMX run: every weight matmul on edgevl's Int8MatMul
     (int8: the same integers and scaling as decoder.onnx's) or Int4MatMul (int4: MatMulNBits' arithmetic, summed in
     another order), every attention on edgevl's GroupQueryAttention (ONNX Runtime's kernel for prefill, edgevl's for
     the decode step: the same attention summed in another order). Prefill (chunked): int8 logits the same bit for

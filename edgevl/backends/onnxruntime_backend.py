@@ -77,8 +77,7 @@ class OnnxRuntimeBackend(ExportedBackend):
         if profile_prefix is not None:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         # The decoder graph this session runs: by default on edgevl's ops where edgevl.cpu takes them for this
-        # precision (x86 without VNNI; AVX-512 VNNI without AMX) and the export carries the graph; the same results,
-        # faster.
+        # precision (x86 without VNNI, AVX-512 VNNI, AMX) and the export carries the graph; the same results, faster.
         self.decoder_graph = manifest.graphs.decoder
         if edgevl_ops:
             if device != "cpu" or not manifest.graphs.decoder_avx2:
