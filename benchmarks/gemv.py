@@ -11,8 +11,8 @@ with operands spanning each formulation's full ranges (edgevl.cpu.probe_operands
 - u8u8: the same graph with session.x64quantprecision: what edgevl runs on x86 without VNNI.
 - u8s8-7bit: activations in 0..127 (zero point 64) x s8 weights: exact on every class, one bit of activation
   precision less than the export's. Not what edgevl runs (benchmarks/RESULTS.md, "int8 decode on the AVX2 class").
-- edgevl: edgevl's own Int8MatMul op (kernels/ort_matmul.c: the sign trick on AVX2, vpdpbusd on AVX-512 VNNI; exact
-  with full-range operands): what edgevl's int8 decoders run on x86 without VNNI and on AVX-512 VNNI where it is
+- edgevl: edgevl's own Int8MatMul op (kernels/ort_matmul.c: the sign trick on AVX2, vpdpbusd on AVX-512 VNNI,
+  tdpbusd on AMX from 16 rows; exact with full-range operands): what edgevl's int8 decoders run on x86 where it is
   installed (EDGEVL_MATMUL_KERNEL=avx2 times its AVX2 kernels on a VNNI machine). Timed here with its per-tensor
   activations (the lm_head's scheme; the export's other matmuls quantize per token, on the same integer kernel).
 - nbits8: MatMulNBits, 8-bit weights in blocks of 128, accuracy_level 4 (int8 compute; onnxruntime-genai's int8
