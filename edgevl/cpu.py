@@ -112,10 +112,9 @@ class IntegerGemm:
         return text + _OPS_PROBE_WRONG
 
     def _edgevl_ops(self) -> str:
-        # a library that does not name its kernels predates the VNNI ones: AVX2; Int4MatMul's are AVX2 or AMX
+        # a library that does not name its kernels predates the VNNI ones: AVX2
         kernel = self.edgevl_kernel or "avx2"
-        ops = {"int8": f"Int8MatMul ({kernel} kernels)",
-               "int4": f"Int4MatMul ({'amx' if kernel == 'amx' else 'avx2'} kernels)"}
+        ops = {"int8": f"Int8MatMul ({kernel} kernels)", "int4": f"Int4MatMul ({kernel} kernels)"}
         return (f"; {' and '.join(self.edgevl_decoders)} decoders on edgevl's "
                 f"{' / '.join(ops[p] for p in self.edgevl_decoders)} and GroupQueryAttention: the same results, a "
                 "faster decode")
