@@ -255,8 +255,9 @@ static OrtStatus* constant_input(const Node* node, const OrtKernelInfo* info, si
 
 /* Which kernels this CPU runs: AMX for several rows where it has it (Int8MatMul's one row on its VNNI kernels,
  * Int4MatMul's on its AVX2 ones), else AVX-512 VNNI where it has that (Int4MatMul's for several rows only), else
- * AVX2. All compute the same integers; EDGEVL_MATMUL_KERNEL=avx2, avx512-vnni or amx names one (tests compare them on one machine, and
- * benchmarks/isa_mask.py shows a class without VNNI the AVX2 ones), an error where this CPU cannot run it. */
+ * AVX2. All compute the same integers; EDGEVL_MATMUL_KERNEL=avx2, avx512-vnni or amx names one (tests compare them
+ * on one machine, and benchmarks/isa_mask.py shows a class without VNNI the AVX2 ones), an error where this CPU
+ * cannot run it. */
 static int has_vnni(void) {
     return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
            && __builtin_cpu_supports("avx512vl");
