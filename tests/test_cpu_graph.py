@@ -144,6 +144,19 @@ def _int4_reference(x, codes, scales, k, block):
     return (sums * (amax / np.float32(127)).astype(np.float64)[..., None, :] * scales.astype(np.float64)).sum(-1)
 
 
+def _int4_operands(k, n, block, seed):
+    """Random 4-bit codes and scales in MatMulNBits' layout, and 37 rows of activations with an outlier row (2) and an
+    all-zero one (5)."""
+    rng = np.random.default_rng(seed)
+    blocks = -(-k // block)
+    codes = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
+    scales = rng.uniform(1e-3, 2e-2, (n, blocks)).astype(np.float32)
+    x = rng.standard_normal((1, 37, k)).astype(np.float32)
+    x[0, 2] *= 1000
+    x[0, 5] = 0
+    return codes, scales, x
+
+
 @needs_edgevl_matmul
 # 200, 20: past a block, a group. 200, 300: one-row inputs over two tasks (ROW_GROUPS_PER_TASK), the last of 6 groups.
 @pytest.mark.parametrize("k, n, block", [(K, N, 32), (200, 20, 64), (896, 40, 128), (200, 300, 64)])
@@ -152,13 +165,7 @@ def test_edgevl_int4_matmul_computes_matmulnbits_arithmetic(k, n, block, threads
     """decoder_avx2.onnx's int4 rewrite: each MatMulNBits becomes Int4MatMul, the same block quantization of the
     activations and the same integers, summed exactly: within float rounding of the float64 reference, and of ONNX
     Runtime's own MatMulNBits (prefill- and decode-sized inputs, an outlier row, an all-zero row)."""
-    rng = np.random.default_rng(11)
-    blocks = -(-k // block)
-    codes = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
-    scales = rng.uniform(1e-3, 2e-2, (n, blocks)).astype(np.float32)
-    x = rng.standard_normal((1, 37, k)).astype(np.float32)
-    x[0, 2] *= 1000
-    x[0, 5] = 0
+    codes, scales, x = _int4_operands(k, n, block, seed=11)
     for rows, inputs in (("s", x), (1, x[:, 4:5])):
         model = _nbits_model(codes, scales, k, block, rows)
         rewritten = onnx.ModelProto()
@@ -180,15 +187,9 @@ def test_edgevl_int4_matmul_computes_matmulnbits_arithmetic(k, n, block, threads
 @pytest.mark.parametrize("k, n, block", [(K, N, 32), (200, 20, 64), (896, 40, 128), (200, 300, 64)])
 def test_int4_matmul_gives_its_avx2_kernels_outputs_bit_for_bit_on_every_kernel(k, n, block, int8_kernel):
     """Several rows on AVX-512 VNNI or AMX tiles (the weights unpacked into panels): the same integer per block and the
-    same float steps in the same order as the AVX2 kernels the test above checks (row counts either side of where
-    the panels take over and past their blocks of 32)."""
-    rng = np.random.default_rng(13)
-    blocks = -(-k // block)
-    codes = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
-    scales = rng.uniform(1e-3, 2e-2, (n, blocks)).astype(np.float32)
-    x = rng.standard_normal((1, 37, k)).astype(np.float32)
-    x[0, 2] *= 1000
-    x[0, 5] = 0
+    same float steps in the same order as the AVX2 kernels (row counts either side of where the panels take over and
+    past their blocks of 32; the test above checks this CPU's default kernels against the reference)."""
+    codes, scales, x = _int4_operands(k, n, block, seed=13)
     rewritten = _nbits_model(codes, scales, k, block)
     assert use_edgevl_int4_matmul(rewritten) == 1
     for rows in (37, 16, 15):
