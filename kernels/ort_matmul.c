@@ -337,8 +337,7 @@ static OrtStatus* create(const OrtCustomOp* op, OrtApiTable api, const OrtKernel
         free(kernel);
         return status;
     }
-    /* Room for a zero group past N: the VNNI kernels read groups in pairs. */
-    const size_t packed_bytes = kernel->kp * round_up(kernel->np, 2 * COLS);
+    const size_t packed_bytes = kernel->kp * kernel->np;
     kernel->packed = aligned_alloc(64, round_up(packed_bytes, 64));
     kernel->column_sums = calloc(kernel->np, sizeof(int32_t));
     kernel->w_scale = calloc(kernel->np, sizeof(float));
@@ -387,6 +386,7 @@ typedef struct {
     float a_scale;     /* per_token: 1/127; else the tensor's scale */
     int32_t correction;  /* added to each sum times its column's sum: 128 - zero point per tensor (0 per token),
                           * less 128 for the VNNI kernels, whose activations are the u8 codes */
+    int* out_of_memory;  /* set by a task whose panel could not be allocated */
 } Work;
 
 /* q = rne(clamp((x / first) / second, low, high)) + offset: the per-token chain's Div (first = m), then ONNX
@@ -592,9 +592,9 @@ static void multiply_columns(const Work* work, int64_t c0, int64_t c1) {
 
 /* ---- The AVX-512 VNNI kernels: vpdpbusd sums four u8 x s8 products into each int32 lane with no int16 step, so
  * the activations go in as their u8 codes (q + 128) with no sign trick, and the column sums take the 128 back out
- * (Work.correction): sum (q + 128) w - 128 sum w = sum q w, the same integers as the AVX2 kernels. One zmm load is
- * one k-block of two columns of a group (the packed layout), the row's 32 codes broadcast to both halves; lanes
- * 0-7 sum the first column's products, 8-15 the second's. */
+ * (Work.correction): sum (q + 128) w - 128 sum w = sum q w, the same integers as the AVX2 kernels. For one row, one
+ * zmm load is one k-block of two columns of a group (the packed layout), the row's 32 codes broadcast to both halves;
+ * lanes 0-7 sum the first column's products, 8-15 the second's. Several rows take the panel kernels below. */
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2")))
 
 VNNI_TARGET static inline __m512i broadcast_row(const int8_t* a) {
@@ -637,68 +637,6 @@ VNNI_TARGET static void vnni_tile1_streams(const int8_t* a, int64_t kp, const in
     _mm_storeu_si128((__m128i*)out[1], reduce_group(s1, t1));
     _mm_storeu_si128((__m128i*)out[2], reduce_group(s2, t2));
     _mm_storeu_si128((__m128i*)out[3], reduce_group(s3, t3));
-}
-
-/* Four rows (kp apart) by two groups (w and w + next): each weight load serves four rows, each row eight columns. */
-#define VNNI_ROW(i)                                                                                             \
-    do {                                                                                                        \
-        const __m512i row = broadcast_row(a + (i) * kp + k0);                                                   \
-        r##i##a = _mm512_dpbusd_epi32(r##i##a, row, w01);                                                       \
-        r##i##b = _mm512_dpbusd_epi32(r##i##b, row, w23);                                                       \
-        r##i##c = _mm512_dpbusd_epi32(r##i##c, row, w45);                                                       \
-        r##i##d = _mm512_dpbusd_epi32(r##i##d, row, w67);                                                       \
-    } while (0)
-
-VNNI_TARGET static void vnni_tile4(const int8_t* a, int64_t kp, const int8_t* w, int64_t next,
-                                   int32_t first[4][COLS], int32_t second[4][COLS]) {
-    __m512i r0a = _mm512_setzero_si512(), r0b = r0a, r0c = r0a, r0d = r0a, r1a = r0a, r1b = r0a, r1c = r0a, r1d = r0a;
-    __m512i r2a = r0a, r2b = r0a, r2c = r0a, r2d = r0a, r3a = r0a, r3b = r0a, r3c = r0a, r3d = r0a;
-    for (int64_t k0 = 0; k0 < kp; k0 += KBLOCK, w += COLS * KBLOCK) {
-        prefetch_ahead(w);
-        prefetch_ahead(w + next);
-        const __m512i w01 = _mm512_load_si512((const void*)w), w23 = _mm512_load_si512((const void*)(w + 64));
-        const __m512i w45 = _mm512_load_si512((const void*)(w + next));
-        const __m512i w67 = _mm512_load_si512((const void*)(w + next + 64));
-        VNNI_ROW(0);
-        VNNI_ROW(1);
-        VNNI_ROW(2);
-        VNNI_ROW(3);
-    }
-    _mm_storeu_si128((__m128i*)first[0], reduce_group(r0a, r0b));
-    _mm_storeu_si128((__m128i*)first[1], reduce_group(r1a, r1b));
-    _mm_storeu_si128((__m128i*)first[2], reduce_group(r2a, r2b));
-    _mm_storeu_si128((__m128i*)first[3], reduce_group(r3a, r3b));
-    _mm_storeu_si128((__m128i*)second[0], reduce_group(r0c, r0d));
-    _mm_storeu_si128((__m128i*)second[1], reduce_group(r1c, r1d));
-    _mm_storeu_si128((__m128i*)second[2], reduce_group(r2c, r2d));
-    _mm_storeu_si128((__m128i*)second[3], reduce_group(r3c, r3d));
-}
-
-/* multiply_columns on the VNNI kernels: each pair of groups by every four rows (the q buffer holds whole fours of
- * rows, and the packed weight a zero group past N, so a last partial four or lone group needs no other kernel; only
- * their real outputs are stored), a single row as multiply_row. The first pass over a pair's weights would wait on
- * memory with two streams in flight, so the pair after it is prefetched into L2 a slice per four rows (InternVL2-1B's
- * MLP, 64 rows, one core: 175 GMAC/s without, 205-210 with, as with the weights already in cache). */
-static void vnni_multiply_columns(const Work* work, int64_t c0, int64_t c1) {
-    const Kernel* kernel = work->kernel;
-    const int64_t kp = kernel->kp;
-    int32_t acc[4][COLS], more[4][COLS];
-    const int64_t fours = work->rows == 1 ? 0 : (work->rows + 3) / 4;
-    const int64_t pair_bytes = 2 * COLS * kp, slice = round_up((pair_bytes + fours - 1) / (fours ? fours : 1), 64);
-    for (int64_t c = fours ? c0 : c1; c < c1; c += 2 * COLS) {
-        const char* next = (const char*)(kernel->packed + (c + 2 * COLS) * kp);
-        const int prefetch = c + 2 * COLS < kernel->np;
-        for (int64_t f = 0; f < fours; f++) {
-            for (int64_t b = f * slice; prefetch && b < (f + 1) * slice && b < pair_bytes; b += 64)
-                _mm_prefetch(next + b, _MM_HINT_T1);
-            const int64_t r = 4 * f;
-            const int rows = work->rows - r < 4 ? (int)(work->rows - r) : 4;
-            vnni_tile4(work->q + r * kp, kp, kernel->packed + c * kp, COLS * kp, acc, more);
-            store_tile(work, r, rows, c, acc);
-            if (c + COLS < c1) store_tile(work, r, rows, c + COLS, more);
-        }
-    }
-    if (!fours) multiply_row(work, 0, c0, c1, vnni_tile1_streams, vnni_tile1);
 }
 
 /* ---- The AMX kernels (Sapphire Rapids and later), for several rows: _tile_dpbusd sums u8 x s8 products in groups
@@ -786,6 +724,8 @@ AMX_TARGET static void amx_configure(int step) {
     _tile_loadconfig(&config);
 }
 
+AMX_TARGET static void amx_release(void) { _tile_release(); }
+
 /* Rows [r, r + 32) (a, `stride` bytes apart) by the two tiles of columns whose panels are b0 and b1, over K [k0, k1)
  * in steps of `step`: four C tiles, stored to sums[32][32]. */
 AMX_TARGET static void amx_block(const int8_t* a, int64_t stride, const int32_t* b0, const int32_t* b1, int64_t k0,
@@ -811,28 +751,76 @@ AMX_TARGET static void amx_block(const int8_t* a, int64_t stride, const int32_t*
     _tile_stored(3, &sums[AMX_TILE][AMX_TILE], row_bytes);
 }
 
-/* Columns [c0, c1) of every row (c0 a multiple of AMX_BLOCK): the panel gathered, then each block of 32 rows. A task
- * whose panel cannot be allocated takes the VNNI kernels: the same integers. */
-AMX_TARGET static void amx_multiply_columns(const Work* work, int64_t c0, int64_t c1) {
+/* amx_block's sums on AVX-512 VNNI for the first `rows` rows (in eights; the rest of sums is left as it was): each K
+ * quad of a row broadcast against a K quad's row of both panels (named accumulators for the same reason as tile1's).
+ * The VNNI kernels' prefill: 1.4x the GMAC/s of four-row tiles over the packed layout on the 2-core Xeon. */
+#define VNNI_PANEL_ROW(i)                                                        \
+    do {                                                                         \
+        int32_t quad;                                                            \
+        memcpy(&quad, a + (r + i) * stride + k, 4);                              \
+        const __m512i x = _mm512_set1_epi32(quad);                               \
+        s##i##a = _mm512_dpbusd_epi32(s##i##a, x, w0);                           \
+        s##i##b = _mm512_dpbusd_epi32(s##i##b, x, w1);                           \
+    } while (0)
+#define VNNI_PANEL_STORE(i)                                                      \
+    do {                                                                         \
+        _mm512_storeu_si512((void*)&sums[r + i][0], s##i##a);                    \
+        _mm512_storeu_si512((void*)&sums[r + i][AMX_TILE], s##i##b);             \
+    } while (0)
+
+VNNI_TARGET static void vnni_panel_block(const int8_t* a, int64_t stride, const int32_t* b0, const int32_t* b1,
+                                         int64_t k0, int64_t k1, int rows, int32_t sums[AMX_BLOCK][AMX_BLOCK]) {
+    for (int r = 0; r < rows; r += 8) {
+        __m512i s0a = _mm512_setzero_si512(), s0b = s0a, s1a = s0a, s1b = s0a, s2a = s0a, s2b = s0a, s3a = s0a;
+        __m512i s3b = s0a, s4a = s0a, s4b = s0a, s5a = s0a, s5b = s0a, s6a = s0a, s6b = s0a, s7a = s0a, s7b = s0a;
+        for (int64_t k = k0; k < k1; k += 4) {
+            const __m512i w0 = _mm512_load_si512((const void*)(b0 + k / 4 * AMX_TILE));
+            const __m512i w1 = _mm512_load_si512((const void*)(b1 + k / 4 * AMX_TILE));
+            VNNI_PANEL_ROW(0);
+            VNNI_PANEL_ROW(1);
+            VNNI_PANEL_ROW(2);
+            VNNI_PANEL_ROW(3);
+            VNNI_PANEL_ROW(4);
+            VNNI_PANEL_ROW(5);
+            VNNI_PANEL_ROW(6);
+            VNNI_PANEL_ROW(7);
+        }
+        VNNI_PANEL_STORE(0);
+        VNNI_PANEL_STORE(1);
+        VNNI_PANEL_STORE(2);
+        VNNI_PANEL_STORE(3);
+        VNNI_PANEL_STORE(4);
+        VNNI_PANEL_STORE(5);
+        VNNI_PANEL_STORE(6);
+        VNNI_PANEL_STORE(7);
+    }
+}
+
+/* Columns [c0, c1) of several rows (c0 a multiple of AMX_BLOCK) on the VNNI or AMX kernels: the panel gathered, then
+ * each block of 32 rows (AMX tiles from AMX_MIN_ROWS rows, else vnni_panel_block). */
+VNNI_TARGET static void panel_multiply_columns(const Work* work, int64_t c0, int64_t c1) {
     const Kernel* kernel = work->kernel;
     const int64_t kp = kernel->kp, tiles = round_up(c1 - c0, AMX_BLOCK) / AMX_TILE, tile_ints = kp / 4 * AMX_TILE;
     int32_t* panel = aligned_alloc(64, tiles * tile_ints * sizeof(int32_t));
     if (panel == NULL) {
-        vnni_multiply_columns(work, c0, c1);
+        __atomic_store_n(work->out_of_memory, 1, __ATOMIC_RELAXED);
         return;
     }
     for (int64_t t = 0; t < tiles; t++) amx_panel(kernel, c0 + t * AMX_TILE, panel + t * tile_ints);
-    amx_configure(AMX_K);
+    const int amx = kernel->amx && work->rows >= AMX_MIN_ROWS;
+    if (amx) amx_configure(AMX_K);
     int32_t sums[AMX_BLOCK][AMX_BLOCK];
     for (int64_t r = 0; r < work->rows; r += AMX_BLOCK) {
         const int rows = work->rows - r < AMX_BLOCK ? (int)(work->rows - r) : AMX_BLOCK;
         for (int64_t t = 0; t < tiles; t += 2) {
-            amx_block(work->q + r * kp, kp, panel + t * tile_ints, panel + (t + 1) * tile_ints, 0, kp, AMX_K, sums);
+            const int32_t *b0 = panel + t * tile_ints, *b1 = b0 + tile_ints;
+            if (amx) amx_block(work->q + r * kp, kp, b0, b1, 0, kp, AMX_K, sums);
+            else vnni_panel_block(work->q + r * kp, kp, b0, b1, 0, kp, rows, sums);
             for (int h = 0; h < 2 && c0 + (t + h) * AMX_TILE < c1; h++)
                 amx_store(work, r, rows, c0 + (t + h) * AMX_TILE, &sums[0][h * AMX_TILE]);
         }
     }
-    _tile_release();
+    if (amx) amx_release();
     free(panel);
 }
 
@@ -841,8 +829,8 @@ static void multiply_task(void* p, size_t task) {
     const Work* work = p;
     const int64_t c0 = (int64_t)task * work->per_task;
     const int64_t c1 = c0 + work->per_task < work->kernel->np ? c0 + work->per_task : work->kernel->np;
-    if (work->kernel->amx && work->rows >= AMX_MIN_ROWS) amx_multiply_columns(work, c0, c1);
-    else if (work->kernel->vnni) vnni_multiply_columns(work, c0, c1);
+    if (work->kernel->vnni && work->rows > 1) panel_multiply_columns(work, c0, c1);
+    else if (work->kernel->vnni) multiply_row(work, 0, c0, c1, vnni_tile1_streams, vnni_tile1);
     else multiply_columns(work, c0, c1);
 }
 
@@ -882,12 +870,11 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     if (rows == 0) return NULL;
 
     const int64_t per_task = rows > 1 ? COLUMNS_PER_TASK : kernel->vnni ? VNNI_ROW_COLUMNS : AVX2_ROW_COLUMNS;
-    Work work = {kernel, call.x, call.m, NULL, NULL, rows, per_task, 1.0f / 127.0f, kernel->vnni ? -128 : 0};
-    /* the VNNI kernels read several rows in whole fours, the AMX ones in whole blocks (one row, as multiply_row, only
-     * itself) */
-    const int64_t q_rows = kernel->amx && rows >= AMX_MIN_ROWS ? (int64_t)round_up(rows, AMX_BLOCK)
-                           : kernel->vnni && rows > 1          ? (int64_t)round_up(rows, 4)
-                                                                : rows;
+    int out_of_memory = 0;
+    Work work = {kernel, call.x, call.m, NULL, NULL, rows, per_task, 1.0f / 127.0f, kernel->vnni ? -128 : 0,
+                 &out_of_memory};
+    /* the VNNI and AMX kernels read several rows in whole blocks (one row, as multiply_row, only itself) */
+    const int64_t q_rows = kernel->vnni && rows > 1 ? (int64_t)round_up(rows, AMX_BLOCK) : rows;
     work.q = aligned_alloc(64, round_up(q_rows * kernel->kp, 64));
     work.row_scale = malloc(rows * sizeof(float));
     if (work.q == NULL || work.row_scale == NULL) {
@@ -918,6 +905,7 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     if (status == NULL) {
         size_t tasks = (kernel->np + per_task - 1) / per_task;
         status = parallel_for(ctx, multiply_task, tasks, 0, &work);
+        if (status == NULL && out_of_memory) status = error(node, ORT_FAIL, "out of memory for a task's weight panel");
     }
     free(work.q);
     free(work.row_scale);
@@ -1253,52 +1241,6 @@ VNNI_TARGET static void int4_panel(const Kernel4* kernel, int64_t c, int32_t* pa
     }
 }
 
-/* amx_block's sums on AVX-512 VNNI: eight rows at a time, each K quad of a row broadcast against a K quad's row of
- * both panels (named accumulators for the same reason as tile1's). */
-#define VNNI_PANEL_ROW(i)                                                        \
-    do {                                                                         \
-        int32_t quad;                                                            \
-        memcpy(&quad, a + (r + i) * stride + k, 4);                              \
-        const __m512i x = _mm512_set1_epi32(quad);                               \
-        s##i##a = _mm512_dpbusd_epi32(s##i##a, x, w0);                           \
-        s##i##b = _mm512_dpbusd_epi32(s##i##b, x, w1);                           \
-    } while (0)
-#define VNNI_PANEL_STORE(i)                                                      \
-    do {                                                                         \
-        _mm512_storeu_si512((void*)&sums[r + i][0], s##i##a);                    \
-        _mm512_storeu_si512((void*)&sums[r + i][AMX_TILE], s##i##b);             \
-    } while (0)
-
-VNNI_TARGET static void vnni_panel_block(const int8_t* a, int64_t stride, const int32_t* b0, const int32_t* b1,
-                                         int64_t k0, int64_t k1, int32_t sums[AMX_BLOCK][AMX_BLOCK]) {
-    for (int r = 0; r < AMX_BLOCK; r += 8) {
-        __m512i s0a = _mm512_setzero_si512(), s0b = s0a, s1a = s0a, s1b = s0a, s2a = s0a, s2b = s0a, s3a = s0a;
-        __m512i s3b = s0a, s4a = s0a, s4b = s0a, s5a = s0a, s5b = s0a, s6a = s0a, s6b = s0a, s7a = s0a, s7b = s0a;
-        for (int64_t k = k0; k < k1; k += 4) {
-            const __m512i w0 = _mm512_load_si512((const void*)(b0 + k / 4 * AMX_TILE));
-            const __m512i w1 = _mm512_load_si512((const void*)(b1 + k / 4 * AMX_TILE));
-            VNNI_PANEL_ROW(0);
-            VNNI_PANEL_ROW(1);
-            VNNI_PANEL_ROW(2);
-            VNNI_PANEL_ROW(3);
-            VNNI_PANEL_ROW(4);
-            VNNI_PANEL_ROW(5);
-            VNNI_PANEL_ROW(6);
-            VNNI_PANEL_ROW(7);
-        }
-        VNNI_PANEL_STORE(0);
-        VNNI_PANEL_STORE(1);
-        VNNI_PANEL_STORE(2);
-        VNNI_PANEL_STORE(3);
-        VNNI_PANEL_STORE(4);
-        VNNI_PANEL_STORE(5);
-        VNNI_PANEL_STORE(6);
-        VNNI_PANEL_STORE(7);
-    }
-}
-
-AMX_TARGET static void amx_release(void) { _tile_release(); }
-
 /* Groups [g0, g1) of every row: the panels, then per 32 rows and two tiles of columns, each block's integer sums
  * (four C tiles on AMX, else vnni_panel_block) scaled into float sums. */
 VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0, int64_t g1) {
@@ -1328,7 +1270,7 @@ VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0
                 const int8_t* a = (const int8_t*)work->codes + r * values;
                 const int32_t *b0 = panel + t * tile_ints, *b1 = b0 + tile_ints;
                 if (kernel->amx) amx_block(a, values, b0, b1, b * block, (b + 1) * block, step, sums);
-                else vnni_panel_block(a, values, b0, b1, b * block, (b + 1) * block, sums);
+                else vnni_panel_block(a, values, b0, b1, b * block, (b + 1) * block, rows, sums);
                 for (int h = 0; h < 2; h++) {
                     const int64_t at = (t + h) * tile_blocks + b * AMX_TILE;
                     /* 128 x the block's sum of code - 8 per column */

@@ -89,22 +89,22 @@ needs_edgevl_matmul = pytest.mark.skipif(
 
 @needs_edgevl_matmul
 # 70: K past a 32-value block. 102: N past a 4-column group, and a one-row input's last task read as four streams and
-# two groups after them (kernels/ort_matmul.c, multiply_columns). 90: a last task of 7 groups, whose VNNI pairs end on
-# the zero group past N. 300: one-row inputs over several VNNI tasks (VNNI_ROW_COLUMNS), the last of 11 groups.
+# two groups after them (kernels/ort_matmul.c, multiply_columns). 90: a last task of 7 groups, whose panel tiles run
+# past N. 300: one-row inputs over several VNNI tasks (VNNI_ROW_COLUMNS), the last of 11 groups.
 @pytest.mark.parametrize("k, n", [(K, N), (70, 102), (70, 90), (70, 300)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_edgevl_int8_matmul_gives_the_quantized_graphs_outputs_bit_for_bit(k, n, threads, int8_kernel):
     """decoder_avx2.onnx's rewrite: each per-token chain and the one-row DynamicQuantizeMatMul become one Int8MatMul
     computing the same quantization, integers and float scaling, so its outputs equal ONNX Runtime's exactly
-    (prefill-sized and decode-sized inputs, row counts that end a block of four rows at each place, either side of
-    where AMX takes over and past its blocks of 32, an outlier row, an all-zero row)."""
+    (prefill-sized and decode-sized inputs, row counts either side of where AMX takes over and past its blocks of 32
+    (one row past: a block of one), an outlier row, an all-zero row)."""
     rng = np.random.default_rng(7)
     weight = rng.standard_normal((k, n)).astype(np.float32)
     x = rng.standard_normal((1, 37, k)).astype(np.float32)
     x[0, 2] *= 1000
     x[0, 5] = 0
     for rows, inputs in (("s", x), ("s", x[:, :1]), ("s", x[:, :6]), ("s", x[:, :7]), ("s", x[:, :8]),
-                         ("s", x[:, :15]), ("s", x[:, :16]), (1, x[:, 4:5])):
+                         ("s", x[:, :15]), ("s", x[:, :16]), ("s", x[:, :33]), (1, x[:, 4:5])):
         model = _matmul_model(weight, rows)
         quantize_matmuls_per_token(model)
         rewritten = onnx.ModelProto()
@@ -192,7 +192,7 @@ def test_int4_matmul_gives_its_avx2_kernels_outputs_bit_for_bit_on_every_kernel(
     codes, scales, x = _int4_operands(k, n, block, seed=13)
     rewritten = _nbits_model(codes, scales, k, block)
     assert use_edgevl_int4_matmul(rewritten) == 1
-    for rows in (37, 16, 15):
+    for rows in (37, 33, 16, 15):
         got = _run(rewritten, x[:, :rows], 2)
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv(MATMUL_KERNEL_ENV, "avx2")
