@@ -44,9 +44,10 @@ enum { COLS = 4, KBLOCK = 32, COLUMNS_PER_TASK = 64 };
 enum { VNNI_ROW_COLUMNS = 128, AVX2_ROW_COLUMNS = 256 };
 /* The weight stream is prefetched this far ahead of a tile's loads (8 k-blocks of one group). */
 enum { PREFETCH_BYTES = 1024 };
-/* AMX: a tile register holds 16 rows of 64 bytes (A: 16 rows x 64 K codes; B: 16 K quads x 16 columns x 4; C: 16 x
- * 16 int32 sums); the kernels below work on blocks of 2 x 2 C tiles. From AMX_MIN_ROWS rows on a call takes them. */
-enum { AMX_K = 64, AMX_TILE = 16, AMX_BLOCK = 2 * AMX_TILE, AMX_MIN_ROWS = 16 };
+/* The panel kernels (several rows): an AMX tile register holds 16 rows of 64 bytes (A: 16 rows x 64 K codes; B: 16
+ * K quads x 16 columns x 4; C: 16 x 16 int32 sums), and both the AMX and the VNNI kernels work on blocks of 32 rows
+ * by two tiles of 16 columns. AMX takes calls of AMX_MIN_ROWS rows or more. */
+enum { AMX_K = 64, TILE = 16, TILE_PAIR = 2 * TILE, AMX_MIN_ROWS = 16 };
 
 typedef struct {
     Node node;
@@ -639,13 +640,13 @@ VNNI_TARGET static void vnni_tile1_streams(const int8_t* a, int64_t kp, const in
     _mm_storeu_si128((__m128i*)out[3], reduce_group(s3, t3));
 }
 
-/* ---- The AMX kernels (Sapphire Rapids and later), for several rows: _tile_dpbusd sums u8 x s8 products in groups
- * of four as vpdpbusd does, so the activations are the VNNI kernels' u8 codes and the same correction applies: the
- * same integers. B tiles want each K quad's 16 columns side by side, which the packed layout (kept for the one-row
- * kernels: one copy of the weights) is not, so a task first gathers its columns' weights into that order (its panel,
- * in L2), then passes every 32 rows of activations over it. A tile's rows, columns and K past the data are zeros
- * (the q buffer is whole blocks of rows, K is padded to AMX_K, the panel to whole tiles), and only real outputs are
- * stored. */
+/* ---- The panel kernels, for several rows, on AMX (Sapphire Rapids and later) or AVX-512 VNNI: _tile_dpbusd sums
+ * u8 x s8 products in groups of four as vpdpbusd does, so the activations are the VNNI kernels' u8 codes and the same
+ * correction applies: the same integers. Both want each K quad's 16 columns side by side (B tiles' order), which the
+ * packed layout (kept for the one-row kernels: one copy of the weights) is not, so a task first gathers its columns'
+ * weights into that order (its panel, in L2), then passes every 32 rows of activations over it. A block's rows,
+ * columns and K past the data are zeros (the q buffer is whole blocks of rows, K is padded to AMX_K on AMX, the panel
+ * to whole tiles), and only real outputs are stored. */
 #define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2")))
 
 typedef struct {  /* LDTILECFG's 64-byte operand, palette 1 */
@@ -655,10 +656,10 @@ typedef struct {  /* LDTILECFG's 64-byte operand, palette 1 */
 } TileConfig;
 
 /* 32 K values of 16 columns as a B tile's 8 rows: in[i] holds columns 2i and 2i + 1, each as 8 (column, quad)
- * dwords (4 K values); out[q * AMX_TILE + j] = quad q of column j. Per four columns, one permutation per half of the
+ * dwords (4 K values); out[q * TILE + j] = quad q of column j. Per four columns, one permutation per half of the
  * quads puts them in (quad, column) order, and a 4 x 4 transpose of 128-bit lanes over the four makes each quad's row
  * of 16 columns. */
-VNNI_TARGET static void amx_transpose(const __m512i in[8], int32_t* out) {
+VNNI_TARGET static void panel_transpose(const __m512i in[8], int32_t* out) {
     /* (quad q, column j) of quads 0-3, then 4-7, of four columns from two zmm (columns 0 and 1, then 2 and 3) */
     const __m512i first = _mm512_set_epi32(27, 19, 11, 3, 26, 18, 10, 2, 25, 17, 9, 1, 24, 16, 8, 0);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(4));
@@ -667,20 +668,20 @@ VNNI_TARGET static void amx_transpose(const __m512i in[8], int32_t* out) {
         low[g] = _mm512_permutex2var_epi32(in[2 * g], first, in[2 * g + 1]);
         high[g] = _mm512_permutex2var_epi32(in[2 * g], second, in[2 * g + 1]);
     }
-    for (int h = 0; h < 2; h++, out += 4 * AMX_TILE) {
+    for (int h = 0; h < 2; h++, out += 4 * TILE) {
         const __m512i* e = h ? high : low;
         const __m512i t0 = _mm512_shuffle_i32x4(e[0], e[1], 0x44), t1 = _mm512_shuffle_i32x4(e[0], e[1], 0xEE);
         const __m512i t2 = _mm512_shuffle_i32x4(e[2], e[3], 0x44), t3 = _mm512_shuffle_i32x4(e[2], e[3], 0xEE);
         _mm512_store_si512((void*)out, _mm512_shuffle_i32x4(t0, t2, 0x88));
-        _mm512_store_si512((void*)(out + AMX_TILE), _mm512_shuffle_i32x4(t0, t2, 0xDD));
-        _mm512_store_si512((void*)(out + 2 * AMX_TILE), _mm512_shuffle_i32x4(t1, t3, 0x88));
-        _mm512_store_si512((void*)(out + 3 * AMX_TILE), _mm512_shuffle_i32x4(t1, t3, 0xDD));
+        _mm512_store_si512((void*)(out + TILE), _mm512_shuffle_i32x4(t0, t2, 0xDD));
+        _mm512_store_si512((void*)(out + 2 * TILE), _mm512_shuffle_i32x4(t1, t3, 0x88));
+        _mm512_store_si512((void*)(out + 3 * TILE), _mm512_shuffle_i32x4(t1, t3, 0xDD));
     }
 }
 
-/* Columns [c, c + AMX_TILE) of the packed weight as a B tile's rows: panel[kq][j] = w[4 kq .. 4 kq + 3][c + j] (four
+/* Columns [c, c + TILE) of the packed weight as a B tile's rows: panel[kq][j] = w[4 kq .. 4 kq + 3][c + j] (four
  * bytes), zero past np. A k-block of a packed group is two zmm of (column, quad) dwords already. */
-AMX_TARGET static void amx_panel(const Kernel* kernel, int64_t c, int32_t* panel) {
+AMX_TARGET static void int8_panel(const Kernel* kernel, int64_t c, int32_t* panel) {
     const int64_t kp = kernel->kp;
     for (int64_t kb = 0; kb < kp / KBLOCK; kb++) {
         __m512i in[8];
@@ -690,21 +691,21 @@ AMX_TARGET static void amx_panel(const Kernel* kernel, int64_t c, int32_t* panel
             in[2 * g] = real ? _mm512_load_si512((const void*)w) : _mm512_setzero_si512();
             in[2 * g + 1] = real ? _mm512_load_si512((const void*)(w + 64)) : _mm512_setzero_si512();
         }
-        amx_transpose(in, panel + kb * (KBLOCK / 4) * AMX_TILE);
+        panel_transpose(in, panel + kb * (KBLOCK / 4) * TILE);
     }
 }
 
-/* Rows r .. r + rows - 1 of columns [c, c + AMX_TILE) from their sums (row stride AMX_BLOCK), scaled as store_tile
+/* Rows r .. r + rows - 1 of columns [c, c + TILE) from their sums (row stride TILE_PAIR), scaled as store_tile
  * does, element by element the same float operations; columns past N are neither read nor written. */
-AMX_TARGET static void amx_store(const Work* work, int64_t r, int rows, int64_t c, const int32_t* sums) {
+AMX_TARGET static void panel_store(const Work* work, int64_t r, int rows, int64_t c, const int32_t* sums) {
     const Kernel* kernel = work->kernel;
     const int64_t n = kernel->n;
-    const __mmask16 real = c + AMX_TILE <= n ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+    const __mmask16 real = c + TILE <= n ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
     const __m512i correction = _mm512_mullo_epi32(_mm512_set1_epi32(work->correction),
                                                   _mm512_maskz_loadu_epi32(real, kernel->column_sums + c));
     const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(work->a_scale), _mm512_maskz_loadu_ps(real, kernel->w_scale + c));
     for (int i = 0; i < rows; i++) {
-        const __m512i exact = _mm512_add_epi32(_mm512_loadu_si512((const void*)(sums + i * AMX_BLOCK)), correction);
+        const __m512i exact = _mm512_add_epi32(_mm512_loadu_si512((const void*)(sums + i * TILE_PAIR)), correction);
         __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scale);
         if (kernel->per_token) y = _mm512_mul_ps(y, _mm512_set1_ps(work->row_scale[r + i]));
         _mm512_mask_storeu_ps(work->y + (r + i) * n + c, real, y);
@@ -717,7 +718,7 @@ AMX_TARGET static void amx_configure(int step) {
     TileConfig config = {.palette = 1};
     for (int i = 0; i < 8; i++) {
         config.bytes_per_row[i] = i == 4 || i == 5 ? step : AMX_K;
-        config.rows[i] = i >= 6 ? step / 4 : AMX_TILE;
+        config.rows[i] = i >= 6 ? step / 4 : TILE;
     }
     /* GCC 12 does not count LDTILECFG as reading its operand and drops the stores above as dead: say it reads memory */
     __asm__ volatile("" : : "r"(&config) : "memory");
@@ -729,26 +730,26 @@ AMX_TARGET static void amx_release(void) { _tile_release(); }
 /* Rows [r, r + 32) (a, `stride` bytes apart) by the two tiles of columns whose panels are b0 and b1, over K [k0, k1)
  * in steps of `step`: four C tiles, stored to sums[32][32]. */
 AMX_TARGET static void amx_block(const int8_t* a, int64_t stride, const int32_t* b0, const int32_t* b1, int64_t k0,
-                                 int64_t k1, int64_t step, int32_t sums[AMX_BLOCK][AMX_BLOCK]) {
+                                 int64_t k1, int64_t step, int32_t sums[TILE_PAIR][TILE_PAIR]) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (; k0 < k1; k0 += step) {
         _tile_loadd(4, a + k0, stride);
-        _tile_loadd(5, a + AMX_TILE * stride + k0, stride);
-        _tile_loadd(6, b0 + k0 / 4 * AMX_TILE, AMX_K);
-        _tile_loadd(7, b1 + k0 / 4 * AMX_TILE, AMX_K);
+        _tile_loadd(5, a + TILE * stride + k0, stride);
+        _tile_loadd(6, b0 + k0 / 4 * TILE, AMX_K);
+        _tile_loadd(7, b1 + k0 / 4 * TILE, AMX_K);
         _tile_dpbusd(0, 4, 6);
         _tile_dpbusd(1, 4, 7);
         _tile_dpbusd(2, 5, 6);
         _tile_dpbusd(3, 5, 7);
     }
-    const int64_t row_bytes = AMX_BLOCK * sizeof(int32_t);
+    const int64_t row_bytes = TILE_PAIR * sizeof(int32_t);
     _tile_stored(0, &sums[0][0], row_bytes);
-    _tile_stored(1, &sums[0][AMX_TILE], row_bytes);
-    _tile_stored(2, &sums[AMX_TILE][0], row_bytes);
-    _tile_stored(3, &sums[AMX_TILE][AMX_TILE], row_bytes);
+    _tile_stored(1, &sums[0][TILE], row_bytes);
+    _tile_stored(2, &sums[TILE][0], row_bytes);
+    _tile_stored(3, &sums[TILE][TILE], row_bytes);
 }
 
 /* amx_block's sums on AVX-512 VNNI for the first `rows` rows (in eights; the rest of sums is left as it was): each K
@@ -765,17 +766,17 @@ AMX_TARGET static void amx_block(const int8_t* a, int64_t stride, const int32_t*
 #define VNNI_PANEL_STORE(i)                                                      \
     do {                                                                         \
         _mm512_storeu_si512((void*)&sums[r + i][0], s##i##a);                    \
-        _mm512_storeu_si512((void*)&sums[r + i][AMX_TILE], s##i##b);             \
+        _mm512_storeu_si512((void*)&sums[r + i][TILE], s##i##b);             \
     } while (0)
 
 VNNI_TARGET static void vnni_panel_block(const int8_t* a, int64_t stride, const int32_t* b0, const int32_t* b1,
-                                         int64_t k0, int64_t k1, int rows, int32_t sums[AMX_BLOCK][AMX_BLOCK]) {
+                                         int64_t k0, int64_t k1, int rows, int32_t sums[TILE_PAIR][TILE_PAIR]) {
     for (int r = 0; r < rows; r += 8) {
         __m512i s0a = _mm512_setzero_si512(), s0b = s0a, s1a = s0a, s1b = s0a, s2a = s0a, s2b = s0a, s3a = s0a;
         __m512i s3b = s0a, s4a = s0a, s4b = s0a, s5a = s0a, s5b = s0a, s6a = s0a, s6b = s0a, s7a = s0a, s7b = s0a;
         for (int64_t k = k0; k < k1; k += 4) {
-            const __m512i w0 = _mm512_load_si512((const void*)(b0 + k / 4 * AMX_TILE));
-            const __m512i w1 = _mm512_load_si512((const void*)(b1 + k / 4 * AMX_TILE));
+            const __m512i w0 = _mm512_load_si512((const void*)(b0 + k / 4 * TILE));
+            const __m512i w1 = _mm512_load_si512((const void*)(b1 + k / 4 * TILE));
             VNNI_PANEL_ROW(0);
             VNNI_PANEL_ROW(1);
             VNNI_PANEL_ROW(2);
@@ -796,28 +797,28 @@ VNNI_TARGET static void vnni_panel_block(const int8_t* a, int64_t stride, const 
     }
 }
 
-/* Columns [c0, c1) of several rows (c0 a multiple of AMX_BLOCK) on the VNNI or AMX kernels: the panel gathered, then
+/* Columns [c0, c1) of several rows (c0 a multiple of TILE_PAIR) on the VNNI or AMX kernels: the panel gathered, then
  * each block of 32 rows (AMX tiles from AMX_MIN_ROWS rows, else vnni_panel_block). */
 VNNI_TARGET static void panel_multiply_columns(const Work* work, int64_t c0, int64_t c1) {
     const Kernel* kernel = work->kernel;
-    const int64_t kp = kernel->kp, tiles = round_up(c1 - c0, AMX_BLOCK) / AMX_TILE, tile_ints = kp / 4 * AMX_TILE;
+    const int64_t kp = kernel->kp, tiles = round_up(c1 - c0, TILE_PAIR) / TILE, tile_ints = kp / 4 * TILE;
     int32_t* panel = aligned_alloc(64, tiles * tile_ints * sizeof(int32_t));
     if (panel == NULL) {
         __atomic_store_n(work->out_of_memory, 1, __ATOMIC_RELAXED);
         return;
     }
-    for (int64_t t = 0; t < tiles; t++) amx_panel(kernel, c0 + t * AMX_TILE, panel + t * tile_ints);
+    for (int64_t t = 0; t < tiles; t++) int8_panel(kernel, c0 + t * TILE, panel + t * tile_ints);
     const int amx = kernel->amx && work->rows >= AMX_MIN_ROWS;
     if (amx) amx_configure(AMX_K);
-    int32_t sums[AMX_BLOCK][AMX_BLOCK];
-    for (int64_t r = 0; r < work->rows; r += AMX_BLOCK) {
-        const int rows = work->rows - r < AMX_BLOCK ? (int)(work->rows - r) : AMX_BLOCK;
+    int32_t sums[TILE_PAIR][TILE_PAIR];
+    for (int64_t r = 0; r < work->rows; r += TILE_PAIR) {
+        const int rows = work->rows - r < TILE_PAIR ? (int)(work->rows - r) : TILE_PAIR;
         for (int64_t t = 0; t < tiles; t += 2) {
             const int32_t *b0 = panel + t * tile_ints, *b1 = b0 + tile_ints;
             if (amx) amx_block(work->q + r * kp, kp, b0, b1, 0, kp, AMX_K, sums);
             else vnni_panel_block(work->q + r * kp, kp, b0, b1, 0, kp, rows, sums);
-            for (int h = 0; h < 2 && c0 + (t + h) * AMX_TILE < c1; h++)
-                amx_store(work, r, rows, c0 + (t + h) * AMX_TILE, &sums[0][h * AMX_TILE]);
+            for (int h = 0; h < 2 && c0 + (t + h) * TILE < c1; h++)
+                panel_store(work, r, rows, c0 + (t + h) * TILE, &sums[0][h * TILE]);
         }
     }
     if (amx) amx_release();
@@ -874,7 +875,7 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     Work work = {kernel, call.x, call.m, NULL, NULL, rows, per_task, 1.0f / 127.0f, kernel->vnni ? -128 : 0,
                  &out_of_memory};
     /* the VNNI and AMX kernels read several rows in whole blocks (one row, as multiply_row, only itself) */
-    const int64_t q_rows = kernel->vnni && rows > 1 ? (int64_t)round_up(rows, AMX_BLOCK) : rows;
+    const int64_t q_rows = kernel->vnni && rows > 1 ? (int64_t)round_up(rows, TILE_PAIR) : rows;
     work.q = aligned_alloc(64, round_up(q_rows * kernel->kp, 64));
     work.row_scale = malloc(rows * sizeof(float));
     if (work.q == NULL || work.row_scale == NULL) {
@@ -1025,7 +1026,7 @@ typedef struct {
     const float* x;
     float* y;
     int8_t* q;         /* [rows][K padded to blocks][2]: per 32 K, q 0..15 twice, then q 16..31 twice */
-    uint8_t* codes;    /* the panel kernels' instead: [rows padded to AMX_BLOCK][K padded to blocks], q + 128 */
+    uint8_t* codes;    /* the panel kernels' instead: [rows padded to TILE_PAIR][K padded to blocks], q + 128 */
     int* out_of_memory;  /* set by a task whose panel could not be allocated */
     float* a_scale;    /* [rows][blocks] */
     int32_t* offset;   /* [rows][blocks]: 8 x the sum of q, the codes' zero point times the activations */
@@ -1206,7 +1207,7 @@ static void store_group(float* y, int64_t c0, int64_t n, const float lanes[GROUP
  * classes read that panel (the 2-core Xeon's 662-position int4 prefill: 2.3 s on the AVX2 kernels, 1.1 s on these
  * with VNNI, 0.7 s with AMX). */
 
-/* Columns [c, c + AMX_TILE) (c a multiple of GROUP): panel [K padded to blocks / 4][16] of code - 8 four at a time,
+/* Columns [c, c + TILE) (c a multiple of GROUP): panel [K padded to blocks / 4][16] of code - 8 four at a time,
  * sums [blocks][16] of code - 8 over each block, scales [blocks][16]; zero past the packed groups. */
 VNNI_TARGET static void int4_panel(const Kernel4* kernel, int64_t c, int32_t* panel, int32_t* sums, float* scales) {
     const int64_t blocks = kernel->blocks, block = kernel->block, units = block / UNIT;
@@ -1228,15 +1229,15 @@ VNNI_TARGET static void int4_panel(const Kernel4* kernel, int64_t c, int32_t* pa
                 const __m512i lanes = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
                 in[i] = _mm512_sub_epi8(_mm512_shuffle_i64x2(lanes, lanes, _MM_SHUFFLE(3, 1, 2, 0)), eight);
             }
-            amx_transpose(in, panel + (b * block + u * UNIT) / 4 * AMX_TILE);
+            panel_transpose(in, panel + (b * block + u * UNIT) / 4 * TILE);
         }
         __m512i sum = _mm512_setzero_si512();
         for (int64_t kq = b * block / 4; kq < (b + 1) * block / 4; kq++)
-            sum = _mm512_dpbusd_epi32(sum, ones, _mm512_load_si512((const void*)(panel + kq * AMX_TILE)));
-        _mm512_storeu_si512((void*)(sums + b * AMX_TILE), sum);
-        for (int j = 0; j < AMX_TILE; j++) {
+            sum = _mm512_dpbusd_epi32(sum, ones, _mm512_load_si512((const void*)(panel + kq * TILE)));
+        _mm512_storeu_si512((void*)(sums + b * TILE), sum);
+        for (int j = 0; j < TILE; j++) {
             const int64_t g = (c + j) / GROUP, at = (g * blocks + b) * GROUP + LANE[(c + j) % GROUP];
-            scales[b * AMX_TILE + j] = g < kernel->groups ? kernel->scales[at] : 0.0f;
+            scales[b * TILE + j] = g < kernel->groups ? kernel->scales[at] : 0.0f;
         }
     }
 }
@@ -1246,8 +1247,8 @@ VNNI_TARGET static void int4_panel(const Kernel4* kernel, int64_t c, int32_t* pa
 VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0, int64_t g1) {
     const Kernel4* kernel = work->kernel;
     const int64_t n = kernel->n, blocks = kernel->blocks, block = kernel->block, values = blocks * block;
-    const int64_t c0 = g0 * GROUP, c1 = g1 * GROUP, tiles = round_up(c1 - c0, AMX_BLOCK) / AMX_TILE;
-    const int64_t tile_ints = values / 4 * AMX_TILE, tile_blocks = blocks * AMX_TILE;
+    const int64_t c0 = g0 * GROUP, c1 = g1 * GROUP, tiles = round_up(c1 - c0, TILE_PAIR) / TILE;
+    const int64_t tile_ints = values / 4 * TILE, tile_blocks = blocks * TILE;
     int32_t* panel = aligned_alloc(64, tiles * (tile_ints + 2 * tile_blocks) * sizeof(int32_t));
     if (panel == NULL) {
         __atomic_store_n(work->out_of_memory, 1, __ATOMIC_RELAXED);
@@ -1256,14 +1257,14 @@ VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0
     int32_t* column_sums = panel + tiles * tile_ints;
     float* scales = (float*)(column_sums + tiles * tile_blocks);
     for (int64_t t = 0; t < tiles; t++)
-        int4_panel(kernel, c0 + t * AMX_TILE, panel + t * tile_ints, column_sums + t * tile_blocks,
+        int4_panel(kernel, c0 + t * TILE, panel + t * tile_ints, column_sums + t * tile_blocks,
                    scales + t * tile_blocks);
     const int64_t step = block < AMX_K ? block : AMX_K;
     if (kernel->amx) amx_configure((int)step);
-    int32_t sums[AMX_BLOCK][AMX_BLOCK];
-    __m512 acc[AMX_BLOCK][2];
-    for (int64_t r = 0; r < work->rows; r += AMX_BLOCK) {
-        const int rows = work->rows - r < AMX_BLOCK ? (int)(work->rows - r) : AMX_BLOCK;
+    int32_t sums[TILE_PAIR][TILE_PAIR];
+    __m512 acc[TILE_PAIR][2];
+    for (int64_t r = 0; r < work->rows; r += TILE_PAIR) {
+        const int rows = work->rows - r < TILE_PAIR ? (int)(work->rows - r) : TILE_PAIR;
         for (int64_t t = 0; t < tiles; t += 2) {
             for (int i = 0; i < rows; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
             for (int64_t b = 0; b < blocks; b++) {
@@ -1272,13 +1273,13 @@ VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0
                 if (kernel->amx) amx_block(a, values, b0, b1, b * block, (b + 1) * block, step, sums);
                 else vnni_panel_block(a, values, b0, b1, b * block, (b + 1) * block, rows, sums);
                 for (int h = 0; h < 2; h++) {
-                    const int64_t at = (t + h) * tile_blocks + b * AMX_TILE;
+                    const int64_t at = (t + h) * tile_blocks + b * TILE;
                     /* 128 x the block's sum of code - 8 per column */
                     const __m512i correction = _mm512_slli_epi32(_mm512_loadu_si512((const void*)(column_sums + at)),
                                                                  7);
                     const __m512 scale = _mm512_loadu_ps(scales + at);
                     for (int i = 0; i < rows; i++) {
-                        const __m512i exact = _mm512_sub_epi32(_mm512_loadu_si512((const void*)&sums[i][h * AMX_TILE]),
+                        const __m512i exact = _mm512_sub_epi32(_mm512_loadu_si512((const void*)&sums[i][h * TILE]),
                                                                correction);
                         const __m512 s = _mm512_mul_ps(_mm512_set1_ps(work->a_scale[(r + i) * blocks + b]), scale);
                         acc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), s, acc[i][h]);
@@ -1286,9 +1287,9 @@ VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0
                 }
             }
             for (int h = 0; h < 2; h++) {
-                const int64_t c = c0 + (t + h) * AMX_TILE;
+                const int64_t c = c0 + (t + h) * TILE;
                 if (c >= c1 || c >= n) continue;
-                const __mmask16 real = c + AMX_TILE <= n ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+                const __mmask16 real = c + TILE <= n ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
                 for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(work->y + (r + i) * n + c, real, acc[i][h]);
             }
         }
@@ -1344,7 +1345,7 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     int out_of_memory = 0;
     Work4 work = {.kernel = kernel, .x = call.x, .y = call.m, .out_of_memory = &out_of_memory, .rows = rows,
                   .per_task = per_task};
-    if (panels) work.codes = aligned_alloc(64, round_up(round_up(rows, AMX_BLOCK) * values, 64));
+    if (panels) work.codes = aligned_alloc(64, round_up(round_up(rows, TILE_PAIR) * values, 64));
     else work.q = aligned_alloc(64, round_up(rows * values * 2, 64));
     work.a_scale = malloc(rows * blocks * sizeof(float));
     work.offset = malloc(rows * blocks * sizeof(int32_t));
@@ -1354,7 +1355,7 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     } else {
         KernelContextParallelForFn parallel_for = API(node->api, KERNEL_CONTEXT_PARALLEL_FOR,
                                                       KernelContextParallelForFn);
-        if (panels) memset(work.codes + rows * values, 0, (round_up(rows, AMX_BLOCK) - rows) * values);
+        if (panels) memset(work.codes + rows * values, 0, (round_up(rows, TILE_PAIR) - rows) * values);
         if (rows > 1) status = parallel_for(ctx, quantize_blocks, rows, 0, &work);
         else quantize_blocks(&work, 0);
         if (status == NULL)
