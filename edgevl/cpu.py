@@ -204,7 +204,7 @@ def int8_matmul_kernel() -> str | None:
 
 def matmul_probe_feeds() -> tuple[dict, dict]:
     """MATMUL_PROBE_MODEL's inputs and exact outputs: the probe operands' 4 rows repeated to 36, so the ops' kernels
-    for several rows run whole blocks and a part of one (Int8MatMul's AMX blocks are 32 rows, its VNNI ones 4)."""
+    for several rows run a whole block of 32 rows and a part of one (the AMX and VNNI panel kernels')."""
     import numpy as np
 
     a, _, exact8 = probe_operands()
