@@ -55,7 +55,7 @@ typedef struct {
     int swiglu;      /* the output is the SwiGLU of the matmul's two halves (the epilogue, below) */
     int per_token;
     int vnni;        /* the AVX-512 VNNI kernels (vnni_*), else the AVX2 ones */
-    int amx;         /* several rows on AMX tiles (amx_*; one row keeps the VNNI kernels) */
+    int amx;         /* AMX_MIN_ROWS rows or more on AMX tiles (amx_block; one row keeps the VNNI kernels) */
     int64_t kp, np;  /* K and N padded to KBLOCK and COLS */
     int8_t* packed;
     int32_t* column_sums;  /* sum over K of each column of w (DynamicQuantizeMatMul's zero-point correction) */
@@ -695,12 +695,17 @@ AMX_TARGET static void int8_panel(const Kernel* kernel, int64_t c, int32_t* pane
     }
 }
 
+/* The columns of the tile at c that are real (below n). */
+static inline __mmask16 real_columns(int64_t c, int64_t n) {
+    return c + TILE <= n ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+}
+
 /* Rows r .. r + rows - 1 of columns [c, c + TILE) from their sums (row stride TILE_PAIR), scaled as store_tile
  * does, element by element the same float operations; columns past N are neither read nor written. */
 AMX_TARGET static void panel_store(const Work* work, int64_t r, int rows, int64_t c, const int32_t* sums) {
     const Kernel* kernel = work->kernel;
     const int64_t n = kernel->n;
-    const __mmask16 real = c + TILE <= n ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+    const __mmask16 real = real_columns(c, n);
     const __m512i correction = _mm512_mullo_epi32(_mm512_set1_epi32(work->correction),
                                                   _mm512_maskz_loadu_epi32(real, kernel->column_sums + c));
     const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(work->a_scale), _mm512_maskz_loadu_ps(real, kernel->w_scale + c));
@@ -797,6 +802,13 @@ VNNI_TARGET static void vnni_panel_block(const int8_t* a, int64_t stride, const 
     }
 }
 
+/* amx_block's sums on AMX tiles (configured for `step`) or vnni_panel_block's. */
+VNNI_TARGET static void panel_sums(int amx, const int8_t* a, int64_t stride, const int32_t* b0, const int32_t* b1,
+                                   int64_t k0, int64_t k1, int64_t step, int rows, int32_t sums[TILE_PAIR][TILE_PAIR]) {
+    if (amx) amx_block(a, stride, b0, b1, k0, k1, step, sums);
+    else vnni_panel_block(a, stride, b0, b1, k0, k1, rows, sums);
+}
+
 /* Columns [c0, c1) of several rows (c0 a multiple of TILE_PAIR) on the VNNI or AMX kernels: the panel gathered, then
  * each block of 32 rows (AMX tiles from AMX_MIN_ROWS rows, else vnni_panel_block). */
 VNNI_TARGET static void panel_multiply_columns(const Work* work, int64_t c0, int64_t c1) {
@@ -815,8 +827,7 @@ VNNI_TARGET static void panel_multiply_columns(const Work* work, int64_t c0, int
         const int rows = work->rows - r < TILE_PAIR ? (int)(work->rows - r) : TILE_PAIR;
         for (int64_t t = 0; t < tiles; t += 2) {
             const int32_t *b0 = panel + t * tile_ints, *b1 = b0 + tile_ints;
-            if (amx) amx_block(work->q + r * kp, kp, b0, b1, 0, kp, AMX_K, sums);
-            else vnni_panel_block(work->q + r * kp, kp, b0, b1, 0, kp, rows, sums);
+            panel_sums(amx, work->q + r * kp, kp, b0, b1, 0, kp, AMX_K, rows, sums);
             for (int h = 0; h < 2 && c0 + (t + h) * TILE < c1; h++)
                 panel_store(work, r, rows, c0 + (t + h) * TILE, &sums[0][h * TILE]);
         }
@@ -1265,13 +1276,12 @@ VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0
     __m512 acc[TILE_PAIR][2];
     for (int64_t r = 0; r < work->rows; r += TILE_PAIR) {
         const int rows = work->rows - r < TILE_PAIR ? (int)(work->rows - r) : TILE_PAIR;
+        const int8_t* a = (const int8_t*)work->codes + r * values;
         for (int64_t t = 0; t < tiles; t += 2) {
+            const int32_t *b0 = panel + t * tile_ints, *b1 = b0 + tile_ints;
             for (int i = 0; i < rows; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
             for (int64_t b = 0; b < blocks; b++) {
-                const int8_t* a = (const int8_t*)work->codes + r * values;
-                const int32_t *b0 = panel + t * tile_ints, *b1 = b0 + tile_ints;
-                if (kernel->amx) amx_block(a, values, b0, b1, b * block, (b + 1) * block, step, sums);
-                else vnni_panel_block(a, values, b0, b1, b * block, (b + 1) * block, rows, sums);
+                panel_sums(kernel->amx, a, values, b0, b1, b * block, (b + 1) * block, step, rows, sums);
                 for (int h = 0; h < 2; h++) {
                     const int64_t at = (t + h) * tile_blocks + b * TILE;
                     /* 128 x the block's sum of code - 8 per column */
@@ -1289,8 +1299,8 @@ VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0
             for (int h = 0; h < 2; h++) {
                 const int64_t c = c0 + (t + h) * TILE;
                 if (c >= c1 || c >= n) continue;
-                const __mmask16 real = c + TILE <= n ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
-                for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(work->y + (r + i) * n + c, real, acc[i][h]);
+                for (int i = 0; i < rows; i++)
+                    _mm512_mask_storeu_ps(work->y + (r + i) * n + c, real_columns(c, n), acc[i][h]);
             }
         }
     }
@@ -1339,6 +1349,7 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     if (rows == 0) return NULL;
 
     const int64_t blocks = kernel->blocks, values = blocks * kernel->block;
+    /* fewer rows stay on the AVX2 kernels, whose two-row tiles need no panel */
     const int panels = (kernel->amx || kernel->vnni) && rows >= AMX_MIN_ROWS;
     /* panel tasks: whole tiles of columns (GROUPS_PER_TASK groups: two tile pairs) */
     const int64_t per_task = rows == 1 ? ROW_GROUPS_PER_TASK : GROUPS_PER_TASK;
