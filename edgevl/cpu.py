@@ -179,7 +179,7 @@ def matmul_library() -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin and "AVX2" in isa_classes() else None
 
 
-# "avx2", "avx512-vnni" or "amx": the Int8MatMul kernels, where not the widest this CPU runs
+# "avx2", "avx512-vnni" or "amx": the Int8MatMul / Int4MatMul kernels, where not the widest this CPU runs
 MATMUL_KERNEL_ENV = "EDGEVL_MATMUL_KERNEL"
 
 
