@@ -253,7 +253,8 @@ def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_ima
     from edgevl.cpu import describe as describe_cpu
     from edgevl.drift import compare_drift, drift_outputs
 
-    from .quantize import calibration_tiles, quantize_decoder_weights, quantize_vision_int8, write_avx2_decoder
+    from .quantize import (calibration_tiles, fuse_cpu_vision, quantize_decoder_weights, quantize_vision_int8,
+                           write_avx2_decoder)
 
     recipe = EXPORT_PRECISIONS[precision]
     manifest = read_manifest(reference_dir, verify_checksums=False)
@@ -276,6 +277,7 @@ def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_ima
         with _stage(log, f"vision int8 (static Q/DQ, calibrated on {calib_images or 'generated images'})"):
             quantize_vision_int8(reference_dir / "vision.onnx", out_dir / "vision.onnx",
                                  calibration_tiles(calib_images, manifest.spec.tiling), log)
+            log(f"[export] vision: {fuse_cpu_vision(out_dir / 'vision.onnx')}")
         with _stage(log, f"decoder {recipe.decoder}"):
             scheme, fused_attention = quantize_decoder_weights(
                 reference_dir / "decoder.onnx", out_dir / "decoder.onnx", recipe.decoder_weights,
@@ -289,7 +291,8 @@ def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_ima
         log(f"[export] decoder_avx2.onnx: {on_edgevl_ops}, for the x86 CPUs edgevl.cpu names")
         graphs = replace(graphs, decoder_avx2="decoder_avx2.onnx")
         kv_cache = SHARED_KV
-        quantization = {"vision": "static int8 Q/DQ, symmetric; attention and normalisations fp32", "decoder": scheme}
+        quantization = {"vision": "static int8 Q/DQ, symmetric, on the matmuls' inputs; attention "
+                                  "(MultiHeadAttention) and normalisations fp32", "decoder": scheme}
     manifest = replace(manifest, graphs=graphs, kv_cache=kv_cache,
                        precision=Precision(recipe.vision, recipe.decoder), quantization=quantization)
     write_manifest(out_dir, manifest)

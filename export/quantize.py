@@ -176,6 +176,24 @@ def write_avx2_decoder(decoder_path: Path, out_path: Path) -> str:
             "on its GroupQueryAttention")
 
 
+def fuse_cpu_vision(vision_path: Path) -> str:
+    """The calibrated vision graph rewritten in place for ONNX Runtime, where an int8 export's vision.onnx runs
+    (TensorRT builds start from an fp32 export and calibrate their own): each weight MatMul's output left fp32
+    (cpu_graph.drop_matmul_output_requantization), each attention as MultiHeadAttention and each GELU as Gelu
+    (fuse_vision_attention, fuse_gelu). Returns what it changed, in words."""
+    import onnx
+
+    from .cpu_graph import drop_matmul_output_requantization, fuse_gelu, fuse_vision_attention
+
+    model = onnx.load(str(vision_path), load_external_data=False)
+    data = Initializers(vision_path.parent)
+    outputs = drop_matmul_output_requantization(model, VISION_QUANTIZED_OPS)
+    layers, gelus = fuse_vision_attention(model, data), fuse_gelu(model, data)
+    onnx.save(model, str(vision_path))
+    return (f"{outputs} matmul outputs fp32, {layers} attention layers as MultiHeadAttention, {gelus} GELUs as "
+            "Gelu")
+
+
 def _quantize_matmuls_nbits(model, data: Initializers, bits: int, block_size: int, log) -> None:
     """MatMulNBitsQuantizer(model, bits, block_size, is_symmetric=True, accuracy_level=4).process() and its
     save's topological sort, one weight at a time: ONNX Runtime's own per-node quantizer gets each MatMul with a

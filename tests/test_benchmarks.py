@@ -236,7 +236,7 @@ def test_tensorrt_rows_build_plans_from_an_fp32_export(monkeypatch, tmp_path):
 
 def test_a_cached_int8_or_int4_export_an_older_edgevl_made_is_made_again(monkeypatch, tmp_path):
     """Without decoder_avx2.onnx, or with one whose attention is ONNX Runtime's or whose SwiGLU is not folded into
-    its matmul (a Split left): made again; current: reused."""
+    its matmul (a Split left), or with a vision graph whose attention is not fused: made again; current: reused."""
     import subprocess
 
     import onnx
@@ -247,13 +247,17 @@ def test_a_cached_int8_or_int4_export_an_older_edgevl_made_is_made_again(monkeyp
     source = models.ModelSource("tiny", tmp_path / "original", None, tmp_path)
     made = []
 
-    def write(out, attention_domain=None, split=False):
-        graphs = {"decoder": "decoder.onnx"}
+    def save(out, name, nodes):
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [], [])), str(out / name))
+
+    def write(out, attention_domain=None, split=False, vision_op="MultiHeadAttention"):
+        graphs = {"decoder": "decoder.onnx", "vision": "vision.onnx"}
         if attention_domain:
             graphs["decoder_avx2"] = "decoder_avx2.onnx"
             nodes = [helper.make_node("GroupQueryAttention", ["q"], ["y"], domain=attention_domain)]
             nodes += [helper.make_node("Split", ["y"], ["a", "b"], num_outputs=2)] if split else []
-            onnx.save(helper.make_model(helper.make_graph(nodes, "g", [], [])), str(out / "decoder_avx2.onnx"))
+            save(out, "decoder_avx2.onnx", nodes)
+        save(out, "vision.onnx", [helper.make_node(vision_op, ["x"], ["y"], domain="com.microsoft")])
         (out / "manifest.json").write_text(json.dumps({"graphs": graphs}))
         (out / models.EXPORT_RECORD).write_text(json.dumps({"max_tiles": 13, "source": str(source.original),
                                                             "export_s": 1.0, "peak_rss_bytes": 1 << 30}))
@@ -280,6 +284,9 @@ def test_a_cached_int8_or_int4_export_an_older_edgevl_made_is_made_again(monkeyp
     write(source.export_dir("int8"), "edgevl", split=True)
     models.ensure_export(source, "int8", 13, log=lambda _: None)
     assert made == ["int8", "int4", "int8"]
+    write(source.export_dir("int4"), "edgevl", vision_op="Attention")
+    models.ensure_export(source, "int4", 13, log=lambda _: None)
+    assert made == ["int8", "int4", "int8", "int4"]
 
 
 def test_decode_profile_splits_a_token_by_op_type(exported, capsys):

@@ -1,5 +1,6 @@
-"""The CPU-only decoder rewrites (export/cpu_graph.py): per-token int8 matmuls and the fused RMSNorm against numpy
-on small graphs, the fused attention against the exported decoder."""
+"""The CPU-only rewrites (export/cpu_graph.py): per-token int8 matmuls and the fused RMSNorm against numpy on small
+graphs, the fused attention against the exported decoder, the vision graph's fused attention and GELU against the
+exported vision graph."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgevl.cpu import MATMUL_KERNEL_ENV, configure_session, int8_matmul_kernels, matmul_library
-from edgevl.export.cpu_graph import (fuse_attention, fuse_matmul_epilogues, fuse_rms_norm, quantize_matmuls_per_token,
-                                     use_edgevl_attention, use_edgevl_int4_matmul, use_edgevl_int8_matmul)
+from edgevl.export.cpu_graph import (drop_matmul_output_requantization, fuse_attention, fuse_gelu,
+                                     fuse_matmul_epilogues, fuse_rms_norm, fuse_vision_attention,
+                                     quantize_matmuls_per_token, use_edgevl_attention, use_edgevl_int4_matmul,
+                                     use_edgevl_int8_matmul)
 from edgevl.precisions import INT4, INT8
 
 K, N = 128, 96
@@ -561,6 +564,81 @@ def test_fused_attention_matches_the_exported_attention(tiny_checkpoint, tmp_pat
             np.testing.assert_allclose(value.numpy()[:, :, :position + step], a, atol=1e-4, rtol=1e-4)
         past = dict(zip(past, want[1:]))
         position += step
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_fused_vision_attention_and_gelu_match_the_exported_vision_graph(exported, family):
+    """Each layer's attention as MultiHeadAttention and each GELU as Gelu: the exported vision graph's image
+    embeddings for two tiles, to float rounding (the int8 export's vision runs these, export/quantize.py)."""
+    from edgevl.manifest import read_manifest
+
+    path = exported(family) / "vision.onnx"
+    spec = read_manifest(path.parent, verify_checksums=False).spec.vision
+    model = onnx.load(path)
+    transposes = [n.op_type for n in model.graph.node].count("Transpose")
+    assert fuse_vision_attention(model) == spec.num_layers
+    assert fuse_gelu(model) == spec.num_layers + 1  # each layer's MLP and the projector's
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MultiHeadAttention") == spec.num_layers and not {"Softmax", "Erf"} & set(ops)
+    assert ops.count("Transpose") == transposes - 3 * spec.num_layers  # the heads' permute, K^T and the merge
+    assert {helper.get_node_attr_value(n, "num_heads") for n in model.graph.node
+            if n.op_type == "MultiHeadAttention"} == {spec.num_heads}
+    tiles = np.random.default_rng(5).standard_normal((2, 3, spec.image_size, spec.image_size)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": tiles})[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": tiles})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_vision_rewrites_leave_what_they_do_not_compute():
+    """A softmax over another axis, and an erf-based expression that is not GELU, stay as they are."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    constants = [numpy_helper.from_array(np.array(v, np.float32), name)
+                 for name, v in (("root2", 2 ** 0.5), ("one", 1.0), ("third", 1 / 3))]
+    not_gelu = [helper.make_node("Div", ["x", "root2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+                helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["a", "third"], ["h"]),
+                helper.make_node("Mul", ["x", "h"], ["g"]), helper.make_node("Softmax", ["g"], ["y"], axis=0)]
+    model = helper.make_model(helper.make_graph(not_gelu, "g", [x], [y], constants),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    assert fuse_gelu(model) == 0 and fuse_vision_attention(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["Div", "Erf", "Add", "Mul", "Mul", "Softmax"]
+
+
+def _qdq_matmuls(weights, tail: str):
+    """x -> Q/DQ -> MatMul(DQ(w0)) -> Q/DQ -> `tail`: "Add" (a bias) or "MatMul" (a second quantized MatMul)."""
+    def qdq(name, scale):
+        return [helper.make_node("QuantizeLinear", [name, scale, "zp"], [f"{name}.q"]),
+                helper.make_node("DequantizeLinear", [f"{name}.q", scale, "zp"], [f"{name}.dq"])]
+
+    nodes = qdq("x", "sx") + [helper.make_node("DequantizeLinear", ["w0", "sw", "zp"], ["w0.dq"]),
+                              helper.make_node("MatMul", ["x.dq", "w0.dq"], ["m"])] + qdq("m", "sm")
+    nodes += ([helper.make_node("Add", ["m.dq", "b"], ["y"])] if tail == "Add" else
+              [helper.make_node("DequantizeLinear", ["w1", "sw", "zp"], ["w1.dq"]),
+               helper.make_node("MatMul", ["m.dq", "w1.dq"], ["y"])])
+    constants = {"sx": np.float32(4 / 127), "sm": np.float32(64 / 127), "sw": np.float32(1 / 127),
+                 "zp": np.int8(0), "w0": weights[0], "w1": weights[1], "b": np.ones(K, np.float32)}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, K])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_matmuls_output_requantization_goes_only_where_float_reads_it():
+    rng = np.random.default_rng(6)
+    weights = rng.integers(-127, 128, (2, K, K)).astype(np.int8)
+    x = rng.uniform(-4, 4, (3, K)).astype(np.float32)  # full-range codes: what saturates a u8 x s8 int16 pair sum
+    model = _qdq_matmuls(weights, "Add")
+    before = _run(model, x)
+    assert drop_matmul_output_requantization(model, ("MatMul", "Conv")) == 1
+    assert [n.op_type for n in model.graph.node].count("QuantizeLinear") == 1
+    # The Add now reads the matmul's float output: exactly the integer product, scaled, plus 1.
+    x_codes = np.clip(np.rint(x / np.float32(4 / 127)), -128, 127)
+    exact = (x_codes @ weights[0].astype(np.float64)) * (4 / 127) * (1 / 127) + 1
+    np.testing.assert_allclose(_run(model, x), exact, rtol=1e-5, atol=1e-5)
+    assert np.abs(before - exact).max() > np.abs(_run(model, x) - exact).max()
+    chained = _qdq_matmuls(weights, "MatMul")  # a quantized MatMul reads it: its input quantization stays
+    assert drop_matmul_output_requantization(chained, ("MatMul", "Conv")) == 0
 
 
 def test_int4_blocks_are_128_where_every_k_holds_four_and_32_below():

@@ -119,22 +119,54 @@ def test_graphs_use_only_tensorrt_operators(exported, family):
         "<IMG_CONTEXT>")
 
 
-def test_int8_vision_qdq_is_tensorrt_explicit_quantization(exported):
-    model = onnx.load(exported("qwen2", "int8") / "vision.onnx")
+def test_calibrated_vision_qdq_is_tensorrt_explicit_quantization(exported, tmp_path):
+    """The vision graph `edgevl build` calibrates for a TensorRT int8 engine (export/trt, _calibrate_vision)."""
+    from edgevl.export.quantize import calibration_tiles, quantize_vision_int8
+    from edgevl.manifest import read_manifest
+
+    source = exported("qwen2")
+    tiling = read_manifest(source, verify_checksums=False).spec.tiling
+    quantize_vision_int8(source / "vision.onnx", tmp_path / "vision.onnx", calibration_tiles(None, tiling, 2),
+                         log=lambda _: None)
+    model = onnx.load(tmp_path / "vision.onnx")
     assert trt_incompatibilities(model) == []
+    _assert_symmetric_qdq_with_fp32_attention(model)
+
+
+def test_int8_export_vision_is_the_calibrated_graph_with_attention_and_gelu_fused(exported):
+    """The int8 export's vision.onnx runs on ONNX Runtime only (TensorRT builds calibrate their own from an fp32
+    export): its attention and GELU are ONNX Runtime's fused ops, its Q/DQ the calibrated graph's on the matmuls'
+    inputs."""
+    model = onnx.load(exported("qwen2", "int8") / "vision.onnx")
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MultiHeadAttention") == ops.count("Gelu") - 1 > 0 and "Softmax" not in ops and "Erf" not in ops
+    assert {(n.domain, n.op_type) for n in model.graph.node} - {("", op) for op in ops} == {
+        ("com.microsoft", "MultiHeadAttention"), ("com.microsoft", "Gelu")}
+    _assert_symmetric_qdq_with_fp32_attention(model)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    assert not any(producer[n.input[0]].op_type == "MatMul" for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and n.input[0] in producer), "matmul outputs stay fp32"
+    manifest = json.loads((exported("qwen2", "int8") / "manifest.json").read_text())
+    assert "MultiHeadAttention" in manifest["quantization"]["vision"]
+
+
+def _assert_symmetric_qdq_with_fp32_attention(model):
     zero_points = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) == 3:
             assert not zero_points[node.input[2]].any(), f"{node.name}: TensorRT needs zero points of 0"
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and "LayerNorm" in n.name
                    for n in model.graph.node)
-    # Attention's activation x activation MatMuls (Q x K^T, probabilities x V) read fp32, not dequantized int8.
+    # Attention reads fp32, not dequantized int8: its activation x activation MatMuls (Q x K^T, probabilities x V),
+    # or the MultiHeadAttention nodes they were fused into.
     weights = {init.name for init in model.graph.initializer}
     producer = {out: node for node in model.graph.node for out in node.output}
     dequantized = {out for n in model.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
-    attention = [n for n in model.graph.node if n.op_type == "MatMul" and not (
+    attention = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" or n.op_type == "MatMul" and not (
         n.input[1] in dequantized and producer[n.input[1]].input[0] in weights)]
-    assert attention and not any(set(n.input) & dequantized for n in attention)
+    inputs = {i for n in attention for i in n.input} | {i for n in model.graph.node if n.op_type == "Split"
+                                                        for i in n.input}
+    assert attention and not inputs & dequantized
 
 
 def test_vision_calibration_ranges_equal_quantize_statics_own(exported, tmp_path):
