@@ -1,5 +1,5 @@
-"""Rewrites of the exported decoder for ONNX Runtime on CPU: the int8/int4 exports' decoder.onnx. They use ONNX
-Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts from an fp32 export).
+"""Rewrites of the exported graphs for ONNX Runtime on CPU: the int8/int4 exports' decoder.onnx and vision.onnx. They
+use ONNX Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts from an fp32 export).
 
 - `quantize_matmuls_per_token`: int8 weights per output channel, activations quantized per token at run time,
   computed by MatMulIntegerToFloat. ONNX Runtime runs that u8 x s8 product on MLAS's integer GEMM (AMX / VNNI):
@@ -25,6 +25,9 @@ Runtime's own ops, so TensorRT never reads these graphs (`edgevl build` starts f
 - `fuse_attention`: each layer's attention as one GroupQueryAttention node (RoPE inside), whose past and present
   can be one buffer written in place (the manifest's "shared" KV layout): no per-step copy of the cache. Phi-3's
   LongRoPE included: the step's cos/sin tables are chosen in the graph, from its positions.
+- `drop_matmul_output_requantization`, `fuse_vision_attention`, `fuse_gelu`: the calibrated static Q/DQ vision
+  graph with each weight MatMul's output left fp32 (MatMulIntegerToFloat), each InternViT attention as one
+  MultiHeadAttention and each GELU as one Gelu (export/quantize.py, fuse_cpu_vision).
 """
 from __future__ import annotations
 
@@ -468,9 +471,9 @@ def fuse_vision_attention(model: onnx.ModelProto, data: Initializers | None = No
     """Each InternViT attention as the torch exporter writes F.scaled_dot_product_attention (modeling.VisionLayer:
     the packed QKV reshaped to [B, S, 3, heads, head_dim] and permuted, Q and K^T each scaled, Q x K^T, Softmax,
     x V, heads merged) becomes Split(QKV) into Q, K, V [B, S, C] and one com.microsoft MultiHeadAttention with the
-    product of the two scales. ONNX Runtime's CPU kernel computes it per head without materializing the
-    transposes: 0.11-0.25 s less per 448 x 448 tile of InternViT-300M on the 2-core Xeon (benchmarks/RESULTS.md).
-    In place; returns how many layers were fused."""
+    product of the two scales. ONNX Runtime's CPU kernel computes it head by head with no transposed copies
+    (benchmarks/RESULTS.md, "The int8 vision graph on ONNX Runtime's fused ops"). In place; returns how many layers
+    were fused."""
     graph, data = model.graph, data or Initializers()
     inits = _initializers(graph)
     producer = {out: n for n in graph.node for out in n.output}
