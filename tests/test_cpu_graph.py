@@ -627,7 +627,7 @@ def _qdq_matmuls(weights, tail: str):
 def test_a_matmuls_output_requantization_goes_only_where_float_reads_it():
     rng = np.random.default_rng(6)
     weights = rng.integers(-127, 128, (2, K, K)).astype(np.int8)
-    x = rng.uniform(-4, 4, (3, K)).astype(np.float32)  # full-range codes: what saturates a u8 x s8 int16 pair sum
+    x = rng.uniform(-4, 4, (3, K)).astype(np.float32)  # codes over the whole -127..127
     model = _qdq_matmuls(weights, "Add")
     before = _run(model, x)
     assert drop_matmul_output_requantization(model, ("MatMul", "Conv")) == 1
