@@ -258,6 +258,11 @@ def integer_gemm() -> IntegerGemm:
     which decoders run on edgevl's own ops."""
     kernel = _mlas_kernel(isa_classes())
     library, edgevl_kernel = matmul_library(), int8_matmul_kernel()
+    if kernel == "AMX" and int8_matmul_kernels() and "amx" not in int8_matmul_kernels():
+        # The CPU has AMX, but Linux refused this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, as the ops'
+        # own check found: a kernel before 5.16, a seccomp filter). MLAS asks the same and then takes its AVX-512
+        # VNNI kernels, so the decoders' choice is that class's.
+        kernel = "AVX-512 VNNI"
     if _product_is_exact(precision_mode=False):
         decoders = tuple(p for p, needs in EDGEVL_DECODERS_ON_VNNI.get(kernel, {}).items()
                          if needs in (None, edgevl_kernel))

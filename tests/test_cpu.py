@@ -173,6 +173,25 @@ def test_vnni_cpus_keep_the_fast_u8s8_kernels(named, monkeypatch):
         cpu.integer_gemm.cache_clear()
 
 
+@pytest.mark.skipif(cpu.matmul_library() is None or "avx512-vnni" not in cpu.int8_matmul_kernels(),
+                    reason="needs edgevl's Int8MatMul with its AVX-512 VNNI kernels (an AVX-512 VNNI or AMX CPU)")
+def test_an_amx_cpu_refused_its_tile_state_takes_the_vnni_class_choice(monkeypatch):
+    """/proc/cpuinfo says AMX, but the ops found no AMX (Linux refused the tile state): neither they nor MLAS use
+    it, so the decoders are chosen as on AVX-512 VNNI, not left on MLAS's chain for want of AMX kernels."""
+    monkeypatch.setattr(cpu, "isa_classes", lambda: ("AVX2", "AVX-512", "AVX-512 VNNI", "AMX"))
+    monkeypatch.setattr(cpu, "int8_matmul_kernels", lambda: ("avx2", "avx512-vnni"))
+    monkeypatch.delenv(cpu.MATMUL_KERNEL_ENV, raising=False)
+    cpu.integer_gemm.cache_clear()
+    try:
+        gemm = cpu.integer_gemm()
+        assert gemm.kernel == "AVX-512 VNNI" and gemm.edgevl_kernel == "avx512-vnni"
+        assert gemm.edgevl_decoders == ("int8", "int4")
+        assert "Int8MatMul (avx512-vnni kernels)" in gemm.describe()
+    finally:
+        monkeypatch.undo()
+        cpu.integer_gemm.cache_clear()
+
+
 @pytest.mark.skipif(not _X86 or _VNNI or "AVX2" not in cpu.isa_classes(),
                     reason="checks the AVX2-without-VNNI class: this CPU is not one")
 def test_avx2_cpus_without_vnni_switch_to_exact_kernels():
