@@ -268,15 +268,16 @@ def _layer_tail_model(op, k, n, tail, rng, rows="s"):
 
 @needs_edgevl_matmul
 @pytest.mark.parametrize("op", ["Int8MatMul", "Int4MatMul"])
-# n 26: 13 columns a half, 8 on the vector path and 5 after it; 96: vector only
+# n 26: 13 columns a half, 8 on the vector path and 5 after it; 96: vector only; 128: halves of whole tile pairs,
+# which Int8MatMul's panel kernels (AVX-512 VNNI, AMX) store with the SwiGLU, both halves in one task
 @pytest.mark.parametrize("tail, n", [("bias", 26), ("residual", 26), ("bias+swiglu+residual", 26), ("swiglu", 96),
-                                     ("swiglu+residual", 96)])
+                                     ("swiglu+residual", 96), ("bias+swiglu+residual", 128)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matmul_epilogue_gives_the_graphs_outputs_bit_for_bit(op, tail, n, threads):
+def test_matmul_epilogue_gives_the_graphs_outputs_bit_for_bit(op, tail, n, threads, int8_kernel):
     """fuse_matmul_epilogues folds the bias Add, the SwiGLU (Split, Sigmoid, Mul, Mul, which ONNX Runtime runs as
     QuickGelu and Mul on MLAS's logistic) and the residual Add into edgevl's matmul, computed in those nodes' float
     arithmetic: the same outputs bit for bit, for prefill- and decode-sized inputs whose gate values span the logistic's
-    whole range, its +-18 clamp included."""
+    whole range, its +-18 clamp included, on each kernel this CPU runs."""
     rng = np.random.default_rng(13)
     k = 64
     model = _layer_tail_model(op, k, n, tail, rng)
