@@ -125,23 +125,26 @@ static const float LOGISTIC[] = {-18.0f, 18.0f,
                                  1.70198817374094e-03f, 1.16817656904453e-01f, 9.93151921023180e-01f};
 enum { LOWER, UPPER, A9, A7, A5, A3, A1, B10, B8, B6, B4, B2, B0 };
 
-AVX2_FMA static inline __m256 logistic8(__m256 x) {
-#define C(i) _mm256_set1_ps(LOGISTIC[i])
-    x = _mm256_min_ps(C(UPPER), _mm256_max_ps(C(LOWER), x));
-    const __m256 x2 = _mm256_mul_ps(x, x);
-    __m256 p = _mm256_fmadd_ps(x2, C(A9), C(A7));
-    p = _mm256_fmadd_ps(x2, p, C(A5));
-    p = _mm256_fmadd_ps(x2, p, C(A3));
-    p = _mm256_fmadd_ps(x2, p, C(A1));
-    __m256 q = _mm256_fmadd_ps(x2, C(B10), C(B8));
-    q = _mm256_fmadd_ps(x2, q, C(B6));
-    q = _mm256_fmadd_ps(x2, q, C(B4));
-    q = _mm256_fmadd_ps(x2, q, C(B2));
-    q = _mm256_fmadd_ps(x2, q, C(B0));
-    p = _mm256_mul_ps(x, p);
-    return _mm256_max_ps(_mm256_setzero_ps(), _mm256_add_ps(_mm256_div_ps(p, q), _mm256_set1_ps(0.5f)));
-#undef C
-}
+/* That logistic on vectors of W bits (W##_ps: the intrinsics' prefix), as a function `name` for `target`: one
+ * sequence of operations for both widths, lane by lane the same bits. */
+#define DEFINE_LOGISTIC(name, target, T, W)                                           \
+    target static inline T name(T x) {                                                \
+        x = W##_min_ps(W##_set1_ps(LOGISTIC[UPPER]), W##_max_ps(W##_set1_ps(LOGISTIC[LOWER]), x)); \
+        const T x2 = W##_mul_ps(x, x);                                                \
+        T p = W##_fmadd_ps(x2, W##_set1_ps(LOGISTIC[A9]), W##_set1_ps(LOGISTIC[A7])); \
+        p = W##_fmadd_ps(x2, p, W##_set1_ps(LOGISTIC[A5]));                           \
+        p = W##_fmadd_ps(x2, p, W##_set1_ps(LOGISTIC[A3]));                           \
+        p = W##_fmadd_ps(x2, p, W##_set1_ps(LOGISTIC[A1]));                           \
+        T q = W##_fmadd_ps(x2, W##_set1_ps(LOGISTIC[B10]), W##_set1_ps(LOGISTIC[B8])); \
+        q = W##_fmadd_ps(x2, q, W##_set1_ps(LOGISTIC[B6]));                           \
+        q = W##_fmadd_ps(x2, q, W##_set1_ps(LOGISTIC[B4]));                           \
+        q = W##_fmadd_ps(x2, q, W##_set1_ps(LOGISTIC[B2]));                           \
+        q = W##_fmadd_ps(x2, q, W##_set1_ps(LOGISTIC[B0]));                           \
+        p = W##_mul_ps(x, p);                                                         \
+        return W##_max_ps(W##_setzero_ps(), W##_add_ps(W##_div_ps(p, q), W##_set1_ps(0.5f))); \
+    }
+
+DEFINE_LOGISTIC(logistic8, AVX2_FMA, __m256, _mm256)
 
 /* logistic8 of one value: vmaxps / vminps keep their second operand where the comparison fails (NaN included), and
  * x * p / q is (x * p) / q, as there. */
@@ -719,7 +722,8 @@ AMX_TARGET static TileScaling tile_scaling(const Work* work, int64_t c, __mmask1
     const Kernel* kernel = work->kernel;
     return (TileScaling){_mm512_mullo_epi32(_mm512_set1_epi32(work->correction),
                                             _mm512_maskz_loadu_epi32(real, kernel->column_sums + c)),
-                         _mm512_mul_ps(_mm512_set1_ps(work->a_scale), _mm512_maskz_loadu_ps(real, kernel->w_scale + c))};
+                         _mm512_mul_ps(_mm512_set1_ps(work->a_scale),
+                                       _mm512_maskz_loadu_ps(real, kernel->w_scale + c))};
 }
 
 /* Row `row`'s matmul values from its sums, scaled as store_tile does, element by element the same float operations. */
@@ -729,24 +733,8 @@ AMX_TARGET static inline __m512 tile_values(const Work* work, const int32_t* sum
     return work->kernel->per_token ? _mm512_mul_ps(y, _mm512_set1_ps(work->row_scale[row])) : y;
 }
 
-/* logistic8 on 16 lanes: the same operations, lane by lane the same bits. */
-VNNI_TARGET static inline __m512 logistic16(__m512 x) {
-#define C(i) _mm512_set1_ps(LOGISTIC[i])
-    x = _mm512_min_ps(C(UPPER), _mm512_max_ps(C(LOWER), x));
-    const __m512 x2 = _mm512_mul_ps(x, x);
-    __m512 p = _mm512_fmadd_ps(x2, C(A9), C(A7));
-    p = _mm512_fmadd_ps(x2, p, C(A5));
-    p = _mm512_fmadd_ps(x2, p, C(A3));
-    p = _mm512_fmadd_ps(x2, p, C(A1));
-    __m512 q = _mm512_fmadd_ps(x2, C(B10), C(B8));
-    q = _mm512_fmadd_ps(x2, q, C(B6));
-    q = _mm512_fmadd_ps(x2, q, C(B4));
-    q = _mm512_fmadd_ps(x2, q, C(B2));
-    q = _mm512_fmadd_ps(x2, q, C(B0));
-    p = _mm512_mul_ps(x, p);
-    return _mm512_max_ps(_mm512_setzero_ps(), _mm512_add_ps(_mm512_div_ps(p, q), _mm512_set1_ps(0.5f)));
-#undef C
-}
+/* logistic8 on 16 lanes, for the panel kernels' epilogue. */
+DEFINE_LOGISTIC(logistic16, VNNI_TARGET, __m512, _mm512)
 
 /* Row `row` of the call's output at columns [c, c + TILE) (`real` of them) from the matmul's values there, t, and
  * with SwiGLU u, the second half's (columns c + width): the epilogue in finish_row's float operations, in one pass
@@ -773,7 +761,8 @@ AMX_TARGET static void panel_store(const Work* work, int64_t r, int rows, int64_
     for (int i = 0; i < rows; i++) {
         const __m512 t = tile_values(work, sums + i * TILE_PAIR, gate, r + i);
         if (!call->stored) _mm512_mask_storeu_ps(work->y + (r + i) * call->n + c, real, t);
-        else panel_epilogue(call, r + i, c, real, t, up_sums ? tile_values(work, up_sums + i * TILE_PAIR, up, r + i) : t);
+        else panel_epilogue(call, r + i, c, real, t,
+                            up_sums ? tile_values(work, up_sums + i * TILE_PAIR, up, r + i) : t);
     }
 }
 
