@@ -127,13 +127,8 @@ def use_edgevl_int8_matmul(model: onnx.ModelProto) -> int:
     graph can share its data file with the original."""
     graph = model.graph
     inits = _initializers(graph)
-    producer = {out: n for n in graph.node for out in n.output}
+    producer = _Producers(graph)
     consumers = _consumers(graph)
-
-    def made_by(name, op_type):
-        node = producer.get(name)
-        return node if node is not None and node.op_type == op_type else None
-
     replace, remove = {}, set()
     for node in graph.node:
         if node.op_type == "DynamicQuantizeMatMul" and len(node.input) == 3 and node.input[1] in inits:
@@ -141,10 +136,10 @@ def use_edgevl_int8_matmul(model: onnx.ModelProto) -> int:
             continue
         if node.op_type != "MatMulIntegerToFloat" or node.input[2:] != ["pt.inv127", node.input[3], "pt.zero_point"]:
             continue
-        q = made_by(node.input[0], "QuantizeLinear")
-        unit = q and made_by(q.input[0], "Div")
-        peak = unit and made_by(unit.input[1], "ReduceMax")
-        absolute = peak and made_by(peak.input[0], "Abs")
+        q = producer.made_by(node.input[0], "QuantizeLinear")
+        unit = q and producer.made_by(q.input[0], "Div")
+        peak = unit and producer.made_by(unit.input[1], "ReduceMax")
+        absolute = peak and producer.made_by(peak.input[0], "Abs")
         users = consumers.get(node.output[0], [])
         out = users[0] if len(users) == 1 and users[0].op_type == "Mul" else None
         if (absolute is None or out is None or absolute.input[0] != unit.input[0]
@@ -242,6 +237,18 @@ def fuse_matmul_epilogues(model: onnx.ModelProto, data: Initializers | None = No
     if folded:
         _replace_nodes(graph, [n for n in graph.node if id(n) not in remove])
     return folded
+
+
+class _Producers(dict):
+    """Which node writes each tensor (a dict), and `made_by`: that node where it is an `op_type` of the default
+    domain."""
+
+    def __init__(self, graph):
+        super().__init__((out, n) for n in graph.node for out in n.output)
+
+    def made_by(self, name: str, op_type: str):
+        node = self.get(name)
+        return node if node is not None and (node.domain, node.op_type) == ("", op_type) else None
 
 
 class _Readers:
@@ -344,7 +351,7 @@ def fuse_attention(model: onnx.ModelProto, decoder_spec: dict, max_seq: int, dat
     long_rope = decoder_spec.get("long_rope")
     if ROPE_INV_FREQ not in inits or (long_rope and ROPE_INV_FREQ_LONG not in inits):
         return 0
-    producer = {out: n for n in graph.node for out in n.output}
+    producer = _Producers(graph)
     fused, remove, replace = 0, set(), {}
     for output in graph.output:
         if not (output.name.startswith("present.") and output.name.endswith(".key")):
@@ -476,16 +483,10 @@ def fuse_vision_attention(model: onnx.ModelProto, data: Initializers | None = No
     were fused."""
     graph, data = model.graph, data or Initializers()
     inits = _initializers(graph)
-    producer = {out: n for n in graph.node for out in n.output}
-    readers = _Readers(graph)
-
-    def made_by(name, op_type):
-        node = producer.get(name)
-        return node if node is not None and (node.domain, node.op_type) == ("", op_type) else None
-
+    producer, readers = _Producers(graph), _Readers(graph)
     def scaled(name):
         """(x, s) where `name` is Mul(x, scalar s), else (None, None)."""
-        mul = made_by(name, "Mul")
+        mul = producer.made_by(name, "Mul")
         scale = mul and next((_scalar(inits, i, data) for i in mul.input if i in inits), None)
         return (None, None) if scale is None else (next(i for i in mul.input if i not in inits), scale)
 
@@ -493,22 +494,22 @@ def fuse_vision_attention(model: onnx.ModelProto, data: Initializers | None = No
     for softmax in graph.node:
         if softmax.op_type != "Softmax" or _attribute(softmax, "axis", -1) not in (-1, 3):
             continue
-        scores, weighted = made_by(softmax.input[0], "MatMul"), readers.only(softmax.output[0], "MatMul")
+        scores, weighted = producer.made_by(softmax.input[0], "MatMul"), readers.only(softmax.output[0], "MatMul")
         if scores is None or weighted is None or weighted.input[0] != softmax.output[0]:
             continue
         (q, q_scale), (k_t, k_scale) = scaled(scores.input[0]), scaled(scores.input[1])
         # K^T: K [B, h, S, d] viewed as [B * h, S, d], its last two axes swapped, viewed back as [B, h, d, S].
-        view_back = made_by(k_t, "Reshape")
-        swap = view_back and made_by(view_back.input[0], "Transpose")
-        view = swap and _attribute(swap, "perm") == [0, 2, 1] and made_by(swap.input[0], "Reshape")
-        picks = [made_by(name, "Gather") for name in (q, view and view.input[0], weighted.input[1])]
+        view_back = producer.made_by(k_t, "Reshape")
+        swap = view_back and producer.made_by(view_back.input[0], "Transpose")
+        view = swap and _attribute(swap, "perm") == [0, 2, 1] and producer.made_by(swap.input[0], "Reshape")
+        picks = [producer.made_by(name, "Gather") for name in (q, view and view.input[0], weighted.input[1])]
         if q_scale is None or k_scale is None or not all(picks) or len({p.input[0] for p in picks}) != 1 \
                 or [_scalar(inits, p.input[1], data) for p in picks] != [0, 1, 2] \
                 or any(_attribute(p, "axis", 0) != 0 for p in picks):
             continue
-        permute = made_by(picks[0].input[0], "Transpose")
-        heads_view = permute and _attribute(permute, "perm") == [2, 0, 3, 1, 4] and made_by(permute.input[0],
-                                                                                            "Reshape")
+        permute = producer.made_by(picks[0].input[0], "Transpose")
+        heads_view = (permute and _attribute(permute, "perm") == [2, 0, 3, 1, 4]
+                      and producer.made_by(permute.input[0], "Reshape"))
         shape = heads_view and heads_view.input[1] in inits and data.array(inits[heads_view.input[1]]).tolist()
         merge = readers.only(weighted.output[0], "Transpose")
         merged = merge and _attribute(merge, "perm") == [0, 2, 1, 3] and readers.only(merge.output[0], "Reshape")
@@ -539,13 +540,11 @@ def drop_matmul_output_requantization(model: onnx.ModelProto, quantized_ops) -> 
     the output stays fp32, one int8 rounding fewer, and ONNX Runtime runs the DequantizeLinear -> MatMul as one
     MatMulIntegerToFloat instead of a QLinearMatMul and a DequantizeLinear. In place; returns how many pairs."""
     graph = model.graph
-    readers = _Readers(graph)
-    producer = {out: n for n in graph.node for out in n.output}
+    producer, readers = _Producers(graph), _Readers(graph)
     alias, remove = {}, set()
     for quantize in graph.node:
-        source = producer.get(quantize.input[0]) if quantize.op_type == "QuantizeLinear" else None
-        dequantize = source is not None and source.op_type == "MatMul" and readers.only(quantize.output[0],
-                                                                                         "DequantizeLinear")
+        source = producer.made_by(quantize.input[0], "MatMul") if quantize.op_type == "QuantizeLinear" else None
+        dequantize = source is not None and readers.only(quantize.output[0], "DequantizeLinear")
         if not dequantize or not readers.all(dequantize.output[0]) \
                 or any(r.op_type in quantized_ops for r in readers.all(dequantize.output[0])):
             continue
@@ -563,8 +562,7 @@ def fuse_gelu(model: onnx.ModelProto, data: Initializers | None = None) -> int:
     ONNX Runtime's own fusion misses in this operand order: one pass over the MLP's widest tensor instead of five.
     In place; returns how many were fused."""
     graph, data = model.graph, data or Initializers()
-    inits, readers = _initializers(graph), _Readers(graph)
-    producer = {out: n for n in graph.node for out in n.output}
+    inits, producer, readers = _initializers(graph), _Producers(graph), _Readers(graph)
 
     def constant_of(node, expected: float) -> bool:
         value = next((_scalar(inits, i, data) for i in node.input if i in inits), None)
@@ -572,8 +570,8 @@ def fuse_gelu(model: onnx.ModelProto, data: Initializers | None = None) -> int:
 
     replace, remove = {}, set()
     for erf in graph.node:
-        divide = producer.get(erf.input[0]) if erf.op_type == "Erf" else None
-        if divide is None or divide.op_type != "Div" or divide.input[1] not in inits \
+        divide = producer.made_by(erf.input[0], "Div") if erf.op_type == "Erf" else None
+        if divide is None or divide.input[1] not in inits \
                 or not constant_of(divide, 2 ** 0.5):
             continue
         x = divide.input[0]
