@@ -242,6 +242,9 @@ static OrtStatus* start_call(const Node* node, OrtKernelContext* ctx, int64_t k,
     return NULL;
 }
 
+/* 2 where each task computes the same columns of both SwiGLU halves (the panel kernels store the epilogue), else 1 */
+static inline int task_halves(const Call* c) { return c->stored && c->swiglu ? 2 : 1; }
+
 /* After the matmul (`status` its outcome): the epilogue over every row, on ONNX Runtime's threads for several. */
 static OrtStatus* end_call(const Node* node, OrtKernelContext* ctx, Call* c, OrtStatus* status) {
     if (status == NULL && !c->stored && (c->bias || c->residual || c->swiglu)) {
@@ -864,7 +867,7 @@ VNNI_TARGET static void panel_sums(int amx, const int8_t* a, int64_t stride, con
 VNNI_TARGET static void panel_multiply_columns(const Work* work, int64_t c0, int64_t c1) {
     const Kernel* kernel = work->kernel;
     const int64_t kp = kernel->kp, tiles = round_up(c1 - c0, TILE_PAIR) / TILE, tile_ints = kp / 4 * TILE;
-    const int halves = work->call->stored && work->call->swiglu ? 2 : 1;
+    const int halves = task_halves(work->call);
     int32_t* panel = aligned_alloc(64, halves * tiles * tile_ints * sizeof(int32_t));
     if (panel == NULL) {
         __atomic_store_n(work->out_of_memory, 1, __ATOMIC_RELAXED);
@@ -895,7 +898,7 @@ VNNI_TARGET static void panel_multiply_columns(const Work* work, int64_t c0, int
 /* The columns the tasks split: N padded, or with SwiGLU stored by the panel kernels the first half's (each task
  * computing the same columns of the second half beside them). */
 static int64_t task_columns(const Work* work) {
-    return work->call->stored && work->call->swiglu ? work->call->width : work->kernel->np;
+    return task_halves(work->call) == 2 ? work->call->width : work->kernel->np;
 }
 
 /* One of ONNX Runtime's parallel tasks: columns [task * per_task, ...) of every row, on the kernel's class. */
@@ -1325,7 +1328,7 @@ VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0
     const int64_t n = kernel->n, blocks = kernel->blocks, block = kernel->block, values = blocks * block;
     const int64_t c0 = g0 * GROUP, c1 = g1 * GROUP, tiles = round_up(c1 - c0, TILE_PAIR) / TILE;
     const int64_t tile_ints = values / 4 * TILE, tile_blocks = blocks * TILE;
-    const int halves = call->stored && call->swiglu ? 2 : 1;
+    const int halves = task_halves(call);
     int32_t* panel = aligned_alloc(64, halves * tiles * (tile_ints + 2 * tile_blocks) * sizeof(int32_t));
     if (panel == NULL) {
         __atomic_store_n(work->out_of_memory, 1, __ATOMIC_RELAXED);
@@ -1384,7 +1387,7 @@ VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0
 
 /* The groups the tasks split: all, or with SwiGLU stored by the panel kernels the first half's (as task_columns). */
 static int64_t task_groups(const Work4* work) {
-    return work->call->stored && work->call->swiglu ? work->call->width / GROUP : work->kernel->groups;
+    return task_halves(work->call) == 2 ? work->call->width / GROUP : work->kernel->groups;
 }
 
 static void multiply_groups(void* p, size_t task) {
@@ -1423,14 +1426,14 @@ static OrtStatus* compute4(void* p, OrtKernelContext* ctx) {
     Kernel4* kernel = p;
     const Node* node = &kernel->node;
     Call call;
-    RETURN_IF_ERROR(start_call(node, ctx, kernel->k, kernel->n, kernel->swiglu,
-                               kernel->amx || kernel->vnni ? AMX_MIN_ROWS : 0, &call));
+    /* fewer rows stay on the AVX2 kernels, whose two-row tiles need no panel */
+    const int64_t panel_rows = kernel->amx || kernel->vnni ? AMX_MIN_ROWS : 0;
+    RETURN_IF_ERROR(start_call(node, ctx, kernel->k, kernel->n, kernel->swiglu, panel_rows, &call));
     const int64_t rows = call.rows;
     if (rows == 0) return NULL;
 
     const int64_t blocks = kernel->blocks, values = blocks * kernel->block;
-    /* fewer rows stay on the AVX2 kernels, whose two-row tiles need no panel */
-    const int panels = (kernel->amx || kernel->vnni) && rows >= AMX_MIN_ROWS;
+    const int panels = panel_rows && rows >= panel_rows;
     /* panel tasks: whole tiles of columns (GROUPS_PER_TASK groups: two tile pairs) */
     const int64_t per_task = rows == 1 ? ROW_GROUPS_PER_TASK : GROUPS_PER_TASK;
     int out_of_memory = 0;
