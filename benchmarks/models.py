@@ -118,7 +118,7 @@ def _stale_cpu_graph(out: Path, precision: str, runtime: str, log) -> bool:
     """An int8/int4 export made by an older edgevl: without decoder_avx2.onnx, or with one whose attention is still
     ONNX Runtime's GroupQueryAttention (not edgevl's) or whose SwiGLU is still its own nodes (not folded into the
     matmul), or a vision graph whose attention is not one MultiHeadAttention node (export/quantize.py,
-    fuse_cpu_vision). It would run slower than a new export, so the benchmarks make it again rather than time what a
+    fuse_cpu_vision), or without vision_amx.onnx. It would run slower than a new export, so the benchmarks make it again rather than time what a
     new export would not run."""
     if runtime != "onnxruntime" or precision not in ("int8", "int4"):
         return False
@@ -132,6 +132,8 @@ def _stale_cpu_graph(out: Path, precision: str, runtime: str, log) -> bool:
         why = "decoder_avx2.onnx without its matmul epilogues"
     elif not any(n.op_type == "MultiHeadAttention" for n in _graph_nodes(out / "vision.onnx")):
         why = "vision.onnx without its fused attention"
+    elif not (out / "vision_amx.onnx").exists():
+        why = "no vision_amx.onnx"
     else:
         return False
     log(f"[bench] {out}: made by an older edgevl ({why}), exporting again")

@@ -292,7 +292,7 @@ def run_header(result: dict) -> str:
         f"- threads: {threads}; thread env: {m['thread_env'] or 'none set'} "
         f"(OPENBLAS_CORETYPE {m['thread_env'].get('OPENBLAS_CORETYPE', 'not set')})",
         f"- malloc in every worker: {c.get('malloc', 'glibc defaults')}",
-        f"- ONNX Runtime decoder graphs: {_decoder_graphs(result)}",
+        f"- ONNX Runtime graphs (vision, decoder): {_graphs(result)}",
         f"- memory bandwidth ({bw['buffer_bytes'] / GIB:.1f} GiB buffer, best of repeats): sum 1 thread "
         f"{bw['sum_1_thread_bytes_per_s'] / 1e9:.1f} GB/s, sum all cores "
         f"{next(v for k, v in bw.items() if k.startswith('sum_') and '_1_' not in k) / 1e9:.1f} GB/s, BLAS gemv "
@@ -302,9 +302,10 @@ def run_header(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _decoder_graphs(result: dict) -> str:
-    """Which decoder graph each ONNX Runtime row ran (decoder_avx2.onnx: edgevl's ops)."""
-    graphs = [f"{row['backend']} {row['decoder_graph']}" for row in result["rows"] if row.get("decoder_graph")]
+def _graphs(result: dict) -> str:
+    """Which graphs each ONNX Runtime row ran (vision_amx.onnx, decoder_avx2.onnx: on edgevl's ops)."""
+    graphs = [f"{row['backend']} {row.get('vision_graph', '?')}, {row['decoder_graph']}" for row in result["rows"]
+              if row.get("decoder_graph")]
     return " · ".join(graphs) or "none run"
 
 

@@ -154,6 +154,7 @@ def run_edgevl(config: dict) -> dict:
         result["peak_device_bytes"] = max(device_samples, key=lambda v: v or 0)
     if config["runtime"] == "onnxruntime":
         result["decoder_graph"] = model.backend.decoder_graph  # decoder_avx2.onnx: edgevl's own matmul ops
+        result["vision_graph"] = model.backend.vision_graph  # vision_amx.onnx: attention bf16 on AMX tiles
         options = model.backend.decoder.get_session_options()
         result["threads"] = {"onnxruntime_intra_op": options.intra_op_num_threads,
                              "onnxruntime_inter_op": options.inter_op_num_threads,

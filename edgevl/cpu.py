@@ -22,6 +22,8 @@ faster decode (benchmarks/RESULTS.md). Int8MatMul also has AVX-512 VNNI kernels 
 that class without AMX both ops decode faster than MLAS's, so int8 and int4 decoders run decoder_avx2.onnx there too
 (EDGEVL_DECODERS_ON_VNNI). Both ops also have AMX kernels for several rows (tdpbusd, the same integers again): with
 them int8 and int4 prefill and decode faster than on MLAS's AMX kernels, so AMX machines run decoder_avx2.onnx too.
+There int8 vision graphs also run vision_amx.onnx: attention in bf16 on AMX-BF16 tiles (edgevl's MultiHeadAttention),
+a per-class precision the export's manifest names and `edgevl doctor` shows, within the vision drift bounds.
 """
 from __future__ import annotations
 
@@ -93,8 +95,18 @@ class IntegerGemm:
     # u8 x s8 saturates, on AVX-512 VNNI and on AMX (EDGEVL_DECODERS_ON_VNNI)
     edgevl_decoders: tuple[str, ...] = ()
     edgevl_kernel: str | None = None  # the kernels Int8MatMul takes here (int8_matmul_kernel); None: not installed
+    # "AMX-BF16": int8 vision graphs run an export's vision_amx.onnx here, attention in bf16 on edgevl's
+    # MultiHeadAttention (attention_tiles); None: vision.onnx, attention fp32 on ONNX Runtime's
+    vision_attention: str | None = None
 
     def describe(self) -> str:
+        text = self._describe_gemm()
+        if self.vision_attention:
+            text += (f"; int8 vision attention in bf16 on edgevl's MultiHeadAttention ({self.vision_attention} "
+                     "tiles)")
+        return text
+
+    def _describe_gemm(self) -> str:
         if self.u8s8_exact:
             text = f"u8 x s8 on {self.kernel}: exact"
             if self.edgevl_decoders:
@@ -196,6 +208,17 @@ def int8_matmul_kernels() -> tuple[str, ...]:
     return tuple(name for bit, name in ((1, "avx2"), (2, "avx512-vnni"), (4, "amx")) if found & bit)
 
 
+@functools.cache
+def attention_tiles() -> bool:
+    """Whether edgevl's MultiHeadAttention runs on AMX-BF16 tiles here (the library's own check: the instructions,
+    Linux's leave to use the tile state, EDGEVL_MATMUL_KERNEL unset or "amx"); False without the library."""
+    library = matmul_library()
+    try:
+        return library is not None and bool(ctypes.CDLL(str(library)).EdgevlAttentionTiles())
+    except AttributeError:  # a library built before it had the op
+        return False
+
+
 def int8_matmul_kernel() -> str | None:
     """The kernels Int8MatMul takes here: EDGEVL_MATMUL_KERNEL's where set, else the widest this CPU runs."""
     kernels = int8_matmul_kernels()
@@ -263,18 +286,23 @@ def integer_gemm() -> IntegerGemm:
         # own check found: a kernel before 5.16, a seccomp filter). MLAS asks the same and then takes its AVX-512
         # VNNI kernels, so the decoders' choice is that class's.
         kernel = "AVX-512 VNNI"
+    # int8 vision attention in bf16 on AMX tiles: 2.6x ONNX Runtime's fp32 kernel on an InternViT-300M layer
+    # (benchmarks/RESULTS.md, "Vision attention on AMX-BF16 tiles"); the vision graphs' drift bounds hold.
+    vision = "AMX-BF16" if attention_tiles() else None
     if _product_is_exact(precision_mode=False):
         decoders = tuple(p for p, needs in EDGEVL_DECODERS_ON_VNNI.get(kernel, {}).items()
                          if needs in (None, edgevl_kernel))
         if not decoders or library is None:
-            return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True, edgevl_kernel=edgevl_kernel)
+            return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True, edgevl_kernel=edgevl_kernel,
+                               vision_attention=vision)
         exact = _edgevl_matmul_is_exact(library)
         return IntegerGemm(kernel, u8s8_exact=True, precision_mode=False, exact=True, edgevl_matmul=exact,
-                           edgevl_decoders=decoders if exact else (), edgevl_kernel=edgevl_kernel)
+                           edgevl_decoders=decoders if exact else (), edgevl_kernel=edgevl_kernel,
+                           vision_attention=vision)
     exact = None if library is None else _edgevl_matmul_is_exact(library)
     return IntegerGemm(kernel, u8s8_exact=False, precision_mode=True, exact=_product_is_exact(precision_mode=True),
                        edgevl_matmul=exact, edgevl_decoders=("int8", "int4") if exact else (),
-                       edgevl_kernel=edgevl_kernel)
+                       edgevl_kernel=edgevl_kernel, vision_attention=vision)
 
 
 def configure_session(options) -> None:

@@ -77,6 +77,9 @@ class Graphs:
     # weights (decoder.onnx's data file) and the same results (int8 prefill bit for bit; decode steps and int4 to
     # float rounding).
     decoder_avx2: str | None = None
+    # int8 / int4 exports: the vision graph with edgevl's MultiHeadAttention (bf16 on AMX tiles), which x86 CPUs with
+    # AMX run (edgevl.cpu); the same weights (vision.onnx's data file); attention in bf16, the rest as vision.onnx.
+    vision_amx: str | None = None
 
 
 @dataclass(frozen=True)

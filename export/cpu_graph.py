@@ -17,7 +17,8 @@ use ONNX Runtime's own ops, so TensorRT never reads these graphs (`edgevl build`
   same arithmetic on a kernel that decodes faster than MLAS's; outputs agree to float rounding.
 - `use_edgevl_attention`: in the same graphs, each GroupQueryAttention as edgevl's (kernels/ort_attention.c): ONNX
   Runtime's kernel for prompts and prefill chunks, bit for bit, and edgevl's for the one-row decode step, which reads
-  each KV head's cache once for all its query heads; the step's outputs agree to float rounding.
+  each KV head's cache once for all its query heads; the step's outputs agree to float rounding. In the vision
+  graph (vision_amx.onnx), each MultiHeadAttention as edgevl's: bf16 on AMX tiles, ONNX Runtime's kernel elsewhere.
 - `fuse_matmul_epilogues`: in the same graphs, the bias, SwiGLU and residual Adds after each of edgevl's matmuls
   folded into it (the same arithmetic: the outputs are the graph's bit for bit), 7 nodes a decoder layer, not 13.
 - `fuse_rms_norm`: the exported RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
@@ -178,13 +179,13 @@ def use_edgevl_int4_matmul(model: onnx.ModelProto) -> int:
     return replaced
 
 
-def use_edgevl_attention(model: onnx.ModelProto) -> int:
-    """Each com.microsoft GroupQueryAttention (fuse_attention's) as edgevl's GroupQueryAttention: the same inputs,
-    outputs and attributes, the decode step on edgevl's kernel (kernels/ort_attention.c). In place; returns how
-    many."""
+def use_edgevl_attention(model: onnx.ModelProto, op: str = "GroupQueryAttention") -> int:
+    """Each com.microsoft `op` as edgevl's (kernels/ort_attention.c), the same inputs, outputs and attributes:
+    GroupQueryAttention (fuse_attention's) with the decode step on edgevl's kernel; MultiHeadAttention
+    (fuse_vision_attention's) on AMX-BF16 tiles where the CPU has them. In place; returns how many."""
     replaced = 0
     for node in model.graph.node:
-        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
+        if node.op_type == op and node.domain == "com.microsoft":
             node.domain = EDGEVL_DOMAIN
             replaced += 1
     if replaced:

@@ -254,7 +254,7 @@ def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_ima
     from edgevl.drift import compare_drift, drift_outputs
 
     from .quantize import (calibration_tiles, fuse_cpu_vision, quantize_decoder_weights, quantize_vision_int8,
-                           write_avx2_decoder)
+                           write_amx_vision, write_avx2_decoder)
 
     recipe = EXPORT_PRECISIONS[precision]
     manifest = read_manifest(reference_dir, verify_checksums=False)
@@ -278,6 +278,8 @@ def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_ima
             quantize_vision_int8(reference_dir / "vision.onnx", out_dir / "vision.onnx",
                                  calibration_tiles(calib_images, manifest.spec.tiling), log)
             log(f"[export] vision: {fuse_cpu_vision(out_dir / 'vision.onnx')}")
+            on_tiles = write_amx_vision(out_dir / "vision.onnx", out_dir / "vision_amx.onnx")
+            log(f"[export] vision_amx.onnx: {on_tiles}, for the CPUs with AMX edgevl.cpu names")
         with _stage(log, f"decoder {recipe.decoder}"):
             scheme, fused_attention = quantize_decoder_weights(
                 reference_dir / "decoder.onnx", out_dir / "decoder.onnx", recipe.decoder_weights,
@@ -289,10 +291,11 @@ def _quantize_into(reference_dir: Path, out_dir: Path, precision: str, calib_ima
         log(f"[export] decoder: {scheme}, attention fused (GroupQueryAttention)")
         on_edgevl_ops = write_avx2_decoder(out_dir / "decoder.onnx", out_dir / "decoder_avx2.onnx")
         log(f"[export] decoder_avx2.onnx: {on_edgevl_ops}, for the x86 CPUs edgevl.cpu names")
-        graphs = replace(graphs, decoder_avx2="decoder_avx2.onnx")
+        graphs = replace(graphs, decoder_avx2="decoder_avx2.onnx", vision_amx="vision_amx.onnx")
         kv_cache = SHARED_KV
         quantization = {"vision": "static int8 Q/DQ, symmetric, on the matmuls' inputs; attention "
-                                  "(MultiHeadAttention) and normalisations fp32", "decoder": scheme}
+                                  "(MultiHeadAttention) and normalisations fp32, attention bf16 (fp32 sums and "
+                                  "softmax) in vision_amx.onnx, which CPUs with AMX run", "decoder": scheme}
     manifest = replace(manifest, graphs=graphs, kv_cache=kv_cache,
                        precision=Precision(recipe.vision, recipe.decoder), quantization=quantization)
     write_manifest(out_dir, manifest)

@@ -180,18 +180,33 @@ def fuse_cpu_vision(vision_path: Path) -> str:
     """The calibrated vision graph rewritten in place for ONNX Runtime, where an int8 export's vision.onnx runs
     (TensorRT builds start from an fp32 export and calibrate their own): each weight MatMul's output left fp32
     (cpu_graph.drop_matmul_output_requantization), each attention as MultiHeadAttention and each GELU as Gelu
-    (fuse_vision_attention, fuse_gelu). Returns what it changed, in words."""
+    (fuse_vision_attention, fuse_gelu). Its weights go to a data file beside it, which write_amx_vision's graph then
+    shares. Returns what it changed, in words."""
     import onnx
 
     from .cpu_graph import drop_matmul_output_requantization, fuse_gelu, fuse_vision_attention
 
-    model = onnx.load(str(vision_path), load_external_data=False)
+    model = onnx.load(str(vision_path))
     data = Initializers(vision_path.parent)
     outputs = drop_matmul_output_requantization(model, VISION_QUANTIZED_OPS)
     layers, gelus = fuse_vision_attention(model, data), fuse_gelu(model, data)
-    onnx.save(model, str(vision_path))
+    onnx.save(model, str(vision_path), save_as_external_data=True, location=vision_path.name + ".data")
     return (f"{outputs} matmul outputs fp32, {layers} attention layers as MultiHeadAttention, {gelus} GELUs as "
             "Gelu")
+
+
+def write_amx_vision(vision_path: Path, out_path: Path) -> str:
+    """The int8 vision graph beside it, reading the same data file, with each MultiHeadAttention as edgevl's
+    (cpu_graph.use_edgevl_attention): bf16 attention on AMX tiles, for the CPUs edgevl.cpu names. Returns what it
+    replaced, in words."""
+    import onnx
+
+    from .cpu_graph import use_edgevl_attention
+
+    model = onnx.load(str(vision_path), load_external_data=False)
+    layers = use_edgevl_attention(model, "MultiHeadAttention")
+    onnx.save(model, str(out_path))
+    return f"{layers} attention layers on edgevl's MultiHeadAttention (bf16 on AMX tiles)"
 
 
 def _quantize_matmuls_nbits(model, data: Initializers, bits: int, block_size: int, log) -> None:

@@ -401,11 +401,329 @@ static size_t attention_inputs(const OrtCustomOp* op) { (void)op; return INPUTS;
 static int attention_input_presence(const OrtCustomOp* op, size_t i) {
     return i == KEY || i == VALUE || i == COS_CACHE || i == SIN_CACHE ? optional(op, i) : required(op, i);
 }
-static int attention_output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t attention_outputs(const OrtCustomOp* op) { (void)op; return OUTPUTS; }
 
 const OrtCustomOp EDGEVL_GROUP_ATTENTION = {
     ORT_API_VERSION_USED, NULL, attention_name, op_provider, attention_input_type, attention_inputs,
-    attention_output_type, attention_outputs, NULL, destroy_attention, attention_input_presence, required,
+    float_type, attention_outputs, NULL, destroy_attention, attention_input_presence, required,
     default_memory, one, zero, one, zero, create_attention, compute_attention, NULL, one, last_version,
+};
+
+/* ---- edgevl.MultiHeadAttention: com.microsoft.MultiHeadAttention as the int8 exports' vision graph uses it
+ * (export/cpu_graph.py, fuse_vision_attention: query, key and value [B, S, heads * head], num_heads, scale; no bias,
+ * mask or cache), on AMX-BF16 tiles where the CPU has them, ONNX Runtime's kernel (OrtApi CreateOp, InvokeOp)
+ * everywhere else and for any call the tiles do not take.
+ *
+ * On the tiles, per head: Q, K and V rounded to bf16 (round to nearest even), Q x K^T summed in fp32, the softmax in
+ * fp32 (scale and max folded into one fused multiply-subtract, exp16's polynomial), its weights rounded to bf16
+ * before x V (summed in fp32), then divided by the fp32 sum of the unrounded weights. bf16 keeps 8 bits of
+ * significand: an InternViT-300M tile's attention comes out with ~0.3% relative error against fp32, about what its
+ * int8 matmuls already cost. ONNX Runtime's fp32 kernel runs at ~120 GMAC/s on the 2-core Xeon, half of an int8
+ * vision tile (benchmarks/RESULTS.md, "Vision attention on AMX-BF16 tiles"). */
+enum { MHA_INPUTS = 3, ROW_BLOCK = 32, D_STEP = 32, MAX_MHA_HEAD = 256 };
+
+#define BF16_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx512dq,avx2,fma")))
+
+typedef struct {
+    Node node;
+    int64_t heads;
+    float scale;  /* 0: 1 / sqrt(head), as MultiHeadAttention */
+    int tiles;    /* the AMX-BF16 kernel */
+    OrtOp* mha;   /* ONNX Runtime's MultiHeadAttention */
+} MultiHead;
+
+/* The tiles where the CPU has AMX-BF16 and the tile state, unless EDGEVL_MATMUL_KERNEL names kernels other than
+ * "amx" (as it does for edgevl's matmuls: tests and benchmarks compare the classes on one machine). */
+__attribute__((visibility("default"))) int EdgevlAttentionTiles(void) {
+    const char* named = getenv("EDGEVL_MATMUL_KERNEL");
+    return (named == NULL || *named == 0 || strcmp(named, "amx") == 0) && __builtin_cpu_supports("avx512bf16")
+           && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") && tile_state_permitted();
+}
+
+static void destroy_multi_head(void* p) {
+    MultiHead* kernel = p;
+    if (kernel == NULL) return;
+    if (kernel->mha != NULL) API(kernel->node.api, RELEASE_OP, ReleaseOpFn)(kernel->mha);
+    free(kernel);
+}
+
+static OrtStatus* create_multi_head(const OrtCustomOp* op, OrtApiTable api, const OrtKernelInfo* info, void** out) {
+    (void)op;
+    Node node = {0};
+    RETURN_IF_ERROR(node_info(&node, api, "MultiHeadAttention", info));
+    int64_t heads;
+    RETURN_IF_ERROR(API(api, KERNEL_INFO_GET_ATTRIBUTE_INT64, KernelInfoGetAttributeInt64Fn)(info, "num_heads",
+                                                                                             &heads));
+    if (heads <= 0) return error(&node, ORT_INVALID_ARGUMENT, "num_heads must be positive");
+    float scale = 0.0f;
+    OrtStatus* missing = API(api, KERNEL_INFO_GET_ATTRIBUTE_FLOAT, KernelInfoGetAttributeFloatFn)(info, "scale",
+                                                                                                 &scale);
+    if (missing != NULL) API(api, RELEASE_STATUS, ReleaseStatusFn)(missing);  /* the default scale */
+
+    MultiHead* kernel = calloc(1, sizeof *kernel);
+    if (kernel == NULL) return error(&node, ORT_FAIL, "out of memory");
+    *kernel = (MultiHead){node, heads, scale, EdgevlAttentionTiles(), NULL};
+    OrtOpAttr* attrs[2] = {NULL};
+    CreateOpAttrFn create_attr = API(api, CREATE_OP_ATTR, CreateOpAttrFn);
+    OrtStatus* status = create_attr("num_heads", &heads, 1, OP_ATTR_INT, &attrs[0]);
+    const int count = missing == NULL ? 2 : 1;
+    if (status == NULL && count == 2) status = create_attr("scale", &scale, 1, OP_ATTR_FLOAT, &attrs[1]);
+    const char* constraint_names[] = {"T"};  /* the CPU kernel's only one */
+    const int constraint_types[] = {TYPE_FLOAT};
+    if (status == NULL)
+        status = API(api, CREATE_OP, CreateOpFn)(info, "MultiHeadAttention", "com.microsoft", 1, constraint_names,
+                                                 constraint_types, 1, (const OrtOpAttr* const*)attrs, count,
+                                                 MHA_INPUTS, 1, &kernel->mha);
+    for (int i = 0; i < 2; i++)
+        if (attrs[i] != NULL) API(api, RELEASE_OP_ATTR, ReleaseOpAttrFn)(attrs[i]);
+    if (status != NULL) {
+        destroy_multi_head(kernel);
+        return status;
+    }
+    *out = kernel;
+    return NULL;
+}
+
+/* One call on the tiles. K and V are packed per head as bf16 tiles (pack_task); then task t takes head t / blocks and
+ * its block t % blocks of ROW_BLOCK query rows (attend_task). Tiles: C in 0-3 (16 x 16 fp32), A in 4 and 5 (16 rows x
+ * 32 bf16), B in 6 and 7 (16 rows of 16 columns x 2 bf16: 32 of the product's depth). */
+typedef struct {
+    const float *q, *k, *v;
+    float* y;
+    int64_t batch, heads, rows, head, width;  /* width: heads * head, each tensor's row */
+    int64_t keys, depth;  /* keys: rows padded to ROW_BLOCK; depth: head padded to D_STEP */
+    float scale;
+    uint16_t *kp, *vp;  /* per (batch, head): K as [keys / 16][depth / 32] B tiles, V as [keys / 32][head / 16] */
+} Tiles;
+
+BF16_TARGET static inline __m512i bf16_pair(__m512 low, __m512 high) {  /* 32 bf16: low's 16, then high's */
+    return (__m512i)_mm512_cvtne2ps_pbh(high, low);
+}
+
+/* Values [d0, d0 + 32) of a row as 32 bf16, zeros past `head` (or the whole row when `real` is 0). */
+BF16_TARGET static inline __m512i row_bf16(const float* row, int64_t d0, int64_t head, int real) {
+    const int64_t left = real ? head - d0 : 0;
+    const __mmask16 m0 = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    const __mmask16 m1 = left >= 32 ? 0xffff : left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
+    return bf16_pair(_mm512_maskz_loadu_ps(m0, row + d0), _mm512_maskz_loadu_ps(m1, row + d0 + 16));
+}
+
+BF16_TARGET static void pack_task(void* p, size_t task) {
+    const Tiles* w = p;
+    const int64_t b = (int64_t)task / w->heads, h = (int64_t)task % w->heads, steps = w->depth / D_STEP;
+    const float* k = w->k + b * w->rows * w->width + h * w->head;
+    const float* v = w->v + b * w->rows * w->width + h * w->head;
+    uint16_t* kp = w->kp + task * w->keys * w->depth;
+    uint16_t* vp = w->vp + task * w->keys * w->head;
+    /* K: B tile (block j, step s) row r is the depth pair (2r, 2r + 1) of the step for 16 keys: a 16 x 16 transpose
+     * of bf16 pairs, gathered from the block's keys converted once. */
+    const __m512i across = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                                                 15), _mm512_set1_epi32(16));
+    for (int64_t j = 0; j < w->keys / 16; j++)
+        for (int64_t s = 0; s < steps; s++) {
+            uint32_t rows[16][16];
+            for (int c = 0; c < 16; c++)
+                _mm512_storeu_si512(rows[c], row_bf16(k + (j * 16 + c) * w->width, s * D_STEP, w->head,
+                                                      j * 16 + c < w->rows));
+            uint16_t* tile = kp + (j * steps + s) * 16 * D_STEP;
+            for (int r = 0; r < 16; r++)
+                _mm512_storeu_si512(tile + r * D_STEP,
+                                    _mm512_i32gather_epi32(_mm512_add_epi32(across, _mm512_set1_epi32(r)), rows, 4));
+        }
+    /* V: B tile (step i, block c) row r holds keys 2r and 2r + 1 of the step, interleaved, for 16 columns. */
+    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26,
+                                       11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i interleave = _mm512_loadu_si512(order);
+    for (int64_t i = 0; i < w->keys / ROW_BLOCK; i++)
+        for (int64_t c = 0; c < w->head / 16; c++) {
+            uint16_t* tile = vp + (i * (w->head / 16) + c) * 16 * D_STEP;
+            for (int r = 0; r < 16; r++) {
+                const int64_t key = i * ROW_BLOCK + 2 * r;
+                const __m512 a = key < w->rows ? _mm512_loadu_ps(v + key * w->width + c * 16) : _mm512_setzero_ps();
+                const __m512 b = key + 1 < w->rows ? _mm512_loadu_ps(v + (key + 1) * w->width + c * 16)
+                                                   : _mm512_setzero_ps();
+                _mm512_storeu_si512(tile + r * D_STEP, _mm512_permutexvar_epi16(interleave, bf16_pair(a, b)));
+            }
+        }
+}
+
+/* exp(x) for x <= 0 as exp8, on 16 lanes (the 2^n by vscalefps). */
+BF16_TARGET static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+BF16_TARGET static void configure_tiles(void) {
+    TileConfig config = {.palette = 1};
+    for (int i = 0; i < 8; i++) {
+        config.bytes_per_row[i] = 64;
+        config.rows[i] = 16;
+    }
+    __asm__ volatile("" : : "r"(&config) : "memory");  /* GCC 12 drops the stores above otherwise (ort_matmul.c) */
+    _tile_loadconfig(&config);
+}
+
+BF16_TARGET static void release_tiles(void) { _tile_release(); }
+
+BF16_TARGET static __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0; }
+
+BF16_TARGET static void attend_task(void* p, size_t task) {
+    const Tiles* w = p;
+    const int64_t blocks = w->keys / ROW_BLOCK, bh = (int64_t)task / blocks, r0 = (int64_t)task % blocks * ROW_BLOCK;
+    const int64_t b = bh / w->heads, h = bh % w->heads, steps = w->depth / D_STEP, n = w->rows;
+    const int64_t rows = n - r0 < ROW_BLOCK ? n - r0 : ROW_BLOCK, keys = w->keys, columns = w->head / 16;
+    const uint16_t* kp = w->kp + bh * keys * w->depth;
+    const uint16_t* vp = w->vp + bh * keys * w->head;
+    float* scores = malloc(ROW_BLOCK * keys * sizeof(float));             /* [32][keys] */
+    uint16_t* weights = aligned_alloc(64, ROW_BLOCK * keys * sizeof(uint16_t));  /* A tiles [2][keys / 32][16][32] */
+    if (scores == NULL || weights == NULL) abort();  /* tens of KB: a failure here leaves nothing to report with */
+    uint16_t q[2][MAX_MHA_HEAD / D_STEP][16][D_STEP];
+    const float* query = w->q + (b * n + r0) * w->width + h * w->head;
+    for (int r = 0; r < ROW_BLOCK; r++)
+        for (int64_t s = 0; s < steps; s++)
+            _mm512_storeu_si512(q[r / 16][s][r % 16], row_bf16(query + r * w->width, s * D_STEP, w->head, r < rows));
+    configure_tiles();
+    for (int64_t j = 0; j < keys / 16; j += 2) {  /* scores for 32 rows x 32 keys */
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t s = 0; s < steps; s++) {
+            _tile_loadd(4, q[0][s], 64);
+            _tile_loadd(5, q[1][s], 64);
+            _tile_loadd(6, kp + (j * steps + s) * 16 * D_STEP, 64);
+            _tile_loadd(7, kp + ((j + 1) * steps + s) * 16 * D_STEP, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, scores + j * 16, keys * 4);
+        _tile_stored(1, scores + (j + 1) * 16, keys * 4);
+        _tile_stored(2, scores + 16 * keys + j * 16, keys * 4);
+        _tile_stored(3, scores + 16 * keys + (j + 1) * 16, keys * 4);
+    }
+    float inverse[ROW_BLOCK];
+    const __m512 scale = _mm512_set1_ps(w->scale);
+    for (int r = 0; r < ROW_BLOCK; r++) {  /* the softmax of each row over the n keys; padded rows get zeros */
+        const float* s = scores + r * keys;
+        uint16_t* out = weights + (r / 16) * keys * 16 + (r % 16) * D_STEP;
+        __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) m = _mm512_mask_max_ps(m, first(n - i), m, _mm512_loadu_ps(s + i));
+        const __m512 shift = _mm512_mul_ps(_mm512_set1_ps(_mm512_reduce_max_ps(m)), scale);
+        for (int64_t i = 0; i < keys; i += D_STEP) {
+            __m512 e0 = _mm512_setzero_ps(), e1 = e0;
+            if (r < rows) {
+                e0 = _mm512_maskz_mov_ps(first(n - i), exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + i), scale, shift)));
+                e1 = _mm512_maskz_mov_ps(first(n - i - 16),
+                                         exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + i + 16), scale, shift)));
+                sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+            }
+            _mm512_storeu_si512(out + (i / D_STEP) * 16 * D_STEP, bf16_pair(e0, e1));
+        }
+        inverse[r] = r < rows ? 1.0f / _mm512_reduce_add_ps(sum) : 0.0f;
+    }
+    float o[ROW_BLOCK][MAX_MHA_HEAD];
+    for (int64_t c = 0; c < columns; c += 2) {  /* 32 rows x 32 columns (16 for an odd last block) of weights x V */
+        const int pair = c + 1 < columns;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t i = 0; i < keys / D_STEP; i++) {
+            _tile_loadd(4, weights + i * 16 * D_STEP, 64);
+            _tile_loadd(5, weights + (keys / D_STEP + i) * 16 * D_STEP, 64);
+            _tile_loadd(6, vp + (i * columns + c) * 16 * D_STEP, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+            if (pair) {
+                _tile_loadd(7, vp + (i * columns + c + 1) * 16 * D_STEP, 64);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        _tile_stored(0, &o[0][c * 16], sizeof o[0]);
+        _tile_stored(2, &o[16][c * 16], sizeof o[0]);
+        if (pair) {
+            _tile_stored(1, &o[0][(c + 1) * 16], sizeof o[0]);
+            _tile_stored(3, &o[16][(c + 1) * 16], sizeof o[0]);
+        }
+    }
+    release_tiles();
+    float* y = w->y + (b * n + r0) * w->width + h * w->head;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t d = 0; d < w->head; d += 16)
+            _mm512_storeu_ps(y + r * w->width + d, _mm512_mul_ps(_mm512_loadu_ps(&o[r][d]),
+                                                                  _mm512_set1_ps(inverse[r])));
+    free(scores);
+    free(weights);
+}
+
+/* The call on the tiles, where they take it (*done = 0 leaves it to ONNX Runtime's kernel). */
+static OrtStatus* attend_on_tiles(const MultiHead* kernel, OrtKernelContext* ctx, const Tensor t[MHA_INPUTS],
+                                  OrtValue* output, int* done) {
+    const Node* node = &kernel->node;
+    const int64_t width = t[0].dims[2], head = width / kernel->heads;
+    *done = 0;
+    for (int i = 1; i < MHA_INPUTS; i++)
+        if (t[i].rank != 3 || memcmp(t[i].dims, t[0].dims, 3 * sizeof(int64_t)) != 0) return NULL;
+    if (!kernel->tiles || width % kernel->heads != 0 || head % 16 != 0 || head > MAX_MHA_HEAD || t[0].dims[1] == 0)
+        return NULL;
+    Tiles work = {t[0].data, t[1].data, t[2].data, NULL, t[0].dims[0], kernel->heads, t[0].dims[1], head, width,
+                  round_up(t[0].dims[1], ROW_BLOCK), round_up(head, D_STEP),
+                  kernel->scale == 0.0f ? 1.0f / sqrtf((float)head) : kernel->scale, NULL, NULL};
+    RETURN_IF_ERROR(API(node->api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(output, (void**)&work.y));
+    const size_t heads = work.batch * work.heads;
+    work.kp = aligned_alloc(64, heads * work.keys * work.depth * sizeof(uint16_t));
+    work.vp = aligned_alloc(64, heads * work.keys * work.head * sizeof(uint16_t));
+    OrtStatus* status = NULL;
+    KernelContextParallelForFn parallel = API(node->api, KERNEL_CONTEXT_PARALLEL_FOR, KernelContextParallelForFn);
+    if (work.kp == NULL || work.vp == NULL) status = error(node, ORT_FAIL, "out of memory for bf16 keys and values");
+    if (status == NULL) status = parallel(ctx, pack_task, heads, 0, &work);
+    if (status == NULL) status = parallel(ctx, attend_task, heads * (work.keys / ROW_BLOCK), 0, &work);
+    free(work.kp);
+    free(work.vp);
+    *done = status == NULL;
+    return status;
+}
+
+static OrtStatus* compute_multi_head(void* p, OrtKernelContext* ctx) {
+    MultiHead* kernel = p;
+    const Node* node = &kernel->node;
+    OrtApiTable api = node->api;
+    static const char* names[MHA_INPUTS] = {"query", "key", "value"};
+    const OrtValue* values[MHA_INPUTS];
+    Tensor t[MHA_INPUTS];
+    for (int i = 0; i < MHA_INPUTS; i++) {
+        RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_INPUT, KernelContextGetInputFn)(ctx, i, &values[i]));
+        RETURN_IF_ERROR(tensor(node, values[i], TYPE_FLOAT, &t[i], names[i]));
+    }
+    if (t[0].rank != 3) return error(node, ORT_INVALID_ARGUMENT, "expected query [B, S, num_heads * head]");
+    OrtValue* output;
+    RETURN_IF_ERROR(API(api, KERNEL_CONTEXT_GET_OUTPUT, KernelContextGetOutputFn)(ctx, 0, t[0].dims, 3, &output));
+    int done = 0;
+    RETURN_IF_ERROR(attend_on_tiles(kernel, ctx, t, output, &done));
+    if (done) return NULL;
+    return API(api, INVOKE_OP, InvokeOpFn)(ctx, kernel->mha, values, MHA_INPUTS, &output, 1);
+}
+
+static const char* multi_head_name(const OrtCustomOp* op) { (void)op; return "MultiHeadAttention"; }
+static size_t multi_head_inputs(const OrtCustomOp* op) { (void)op; return MHA_INPUTS; }
+static size_t multi_head_outputs(const OrtCustomOp* op) { (void)op; return 1; }
+
+const OrtCustomOp EDGEVL_MULTI_HEAD_ATTENTION = {
+    ORT_API_VERSION_USED, NULL, multi_head_name, op_provider, float_type, multi_head_inputs, float_type,
+    multi_head_outputs, NULL, destroy_multi_head, required, required, default_memory, one, zero, one, zero,
+    create_multi_head, compute_multi_head, NULL, one, last_version,
 };

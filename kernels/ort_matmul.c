@@ -34,9 +34,6 @@
  */
 #include "ort_ops.h"
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
 /* Weights packed in groups of COLS output columns, 32 K values each, one group after the other:
  * packed[((g * kp / 32) + kb) * COLS * 32 + c * 32 + i] = w[kb * 32 + i][g * COLS + c] (zero past K and N), so a
  * tile of COLS outputs streams one contiguous run of memory. */
@@ -278,13 +275,10 @@ static int has_vnni(void) {
            && __builtin_cpu_supports("avx512vl");
 }
 
-/* AMX needs the tile instructions and Linux's leave to use their state (arch_prctl ARCH_REQ_XCOMP_PERM for
- * XTILEDATA, once for the whole process; ONNX Runtime asks for it too where MLAS takes AMX). */
+/* AMX: the tile instructions, and the tile state (tile_state_permitted). */
 static int has_amx(void) {
-    static int permitted = -1;
-    if (!(has_vnni() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8"))) return 0;
-    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    return permitted;
+    return has_vnni() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8")
+           && tile_state_permitted();
 }
 
 /* For edgevl.cpu (ctypes): the Int8MatMul kernels this CPU runs, 1 AVX2 | 2 AVX-512 VNNI | 4 AMX (0: no AVX2 and
@@ -663,12 +657,6 @@ VNNI_TARGET static void vnni_tile1_streams(const int8_t* a, int64_t kp, const in
  * columns and K past the data are zeros (the q buffer is whole blocks of rows, K is padded to AMX_K on AMX, the panel
  * to whole tiles), and only real outputs are stored. */
 #define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2")))
-
-typedef struct {  /* LDTILECFG's 64-byte operand, palette 1 */
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} TileConfig;
 
 /* 32 K values of 16 columns as a B tile's 8 rows: in[i] holds columns 2i and 2i + 1, each as 8 (column, quad)
  * dwords (4 K values); out[q * TILE + j] = quad q of column j. Per four columns, one permutation per half of the

@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #if !defined(__x86_64__)
 #error "edgevl's ONNX Runtime ops are x86-64 code (setup.py builds them there only)"
@@ -174,6 +176,20 @@ static inline int64_t optional_attribute(OrtApiTable api, const OrtKernelInfo* i
 
 static inline size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
+/* AMX's tile registers need Linux's leave to use their state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, once
+ * for the whole process; ONNX Runtime asks for it too where MLAS takes AMX). */
+static inline int tile_state_permitted(void) {
+    static int permitted = -1;
+    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return permitted;
+}
+
+typedef struct {  /* LDTILECFG's 64-byte operand, palette 1 */
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
 /* A tensor's shape and data. */
 typedef struct {
     int64_t dims[8];
@@ -206,11 +222,12 @@ static inline const char* op_provider(const OrtCustomOp* op) { (void)op; return 
 /* OrtCustomOpInputOutputCharacteristic: INPUT_OUTPUT_REQUIRED, _OPTIONAL; OrtMemType: OrtMemTypeDefault */
 static inline int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
 static inline int optional(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 1; }
+static inline int float_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static inline int default_memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
 static inline int one(const OrtCustomOp* op) { (void)op; return 1; }
 static inline int zero(const OrtCustomOp* op) { (void)op; return 0; }
 static inline int last_version(const OrtCustomOp* op) { (void)op; return 1 << 30; }
 
-extern const OrtCustomOp EDGEVL_INT8_MATMUL, EDGEVL_INT4_MATMUL, EDGEVL_GROUP_ATTENTION;
+extern const OrtCustomOp EDGEVL_INT8_MATMUL, EDGEVL_INT4_MATMUL, EDGEVL_GROUP_ATTENTION, EDGEVL_MULTI_HEAD_ATTENTION;
 
 #endif

@@ -90,10 +90,12 @@ def test_quick_run_measures_every_backend(quick_run):
     assert rows["ort-int8"]["precision"] == {"vision": "int8", "decoder": "int8"}
     assert rows["ort-int8"]["drift"]["image_embeds_cosine_min"] > 0.99
     assert rows["ort-fp32"]["threads"]["onnxruntime_providers"] == ["CPUExecutionProvider"]
-    # The int8 row names the decoder graph it ran: edgevl's own ops where this CPU takes them (edgevl.cpu)
-    assert rows["ort-fp32"]["decoder_graph"] == "decoder.onnx"
+    # The int8 row names the graphs it ran: edgevl's own ops where this CPU takes them (edgevl.cpu)
+    assert (rows["ort-fp32"]["vision_graph"], rows["ort-fp32"]["decoder_graph"]) == ("vision.onnx", "decoder.onnx")
     assert rows["ort-int8"]["decoder_graph"] == ("decoder_avx2.onnx" if "int8" in integer_gemm().edgevl_decoders
                                                  else "decoder.onnx")
+    assert rows["ort-int8"]["vision_graph"] == ("vision_amx.onnx" if integer_gemm().vision_attention
+                                                else "vision.onnx")
     assert "torch_threads" in rows["torch"]["threads"]
     # The int8 decoder file reads fewer bytes per token than the fp32 one.
     assert rows["ort-int8"]["roofline"]["weights_bytes_per_token"] < rows["ort-fp32"]["roofline"][
@@ -118,7 +120,7 @@ def test_quick_run_prints_the_table_and_writes_plots(quick_run):
     assert written.startswith("- command: `python -m benchmarks run --quick")
     assert written[written.index("### Results"):].strip() in printed
     assert "- memory bandwidth" in written and "- also running:" in written
-    assert "- ONNX Runtime decoder graphs: ort-fp32 decoder.onnx · ort-int8 decoder" in written
+    assert "- ONNX Runtime graphs (vision, decoder): ort-fp32 vision.onnx, decoder.onnx · ort-int8 vision" in written
     pytest.importorskip("matplotlib")
     for name in ("tiny-decode-ttft.png", "tiny-vision.png", "tiny-context.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -250,7 +252,7 @@ def test_a_cached_int8_or_int4_export_an_older_edgevl_made_is_made_again(monkeyp
     def save(out, name, nodes):
         onnx.save(helper.make_model(helper.make_graph(nodes, "g", [], [])), str(out / name))
 
-    def write(out, attention_domain=None, split=False, vision_op="MultiHeadAttention"):
+    def write(out, attention_domain=None, split=False, vision_op="MultiHeadAttention", amx=True):
         graphs = {"decoder": "decoder.onnx", "vision": "vision.onnx"}
         if attention_domain:
             graphs["decoder_avx2"] = "decoder_avx2.onnx"
@@ -258,6 +260,8 @@ def test_a_cached_int8_or_int4_export_an_older_edgevl_made_is_made_again(monkeyp
             nodes += [helper.make_node("Split", ["y"], ["a", "b"], num_outputs=2)] if split else []
             save(out, "decoder_avx2.onnx", nodes)
         save(out, "vision.onnx", [helper.make_node(vision_op, ["x"], ["y"], domain="com.microsoft")])
+        if amx:
+            save(out, "vision_amx.onnx", [helper.make_node(vision_op, ["x"], ["y"], domain="edgevl")])
         (out / "manifest.json").write_text(json.dumps({"graphs": graphs}))
         (out / models.EXPORT_RECORD).write_text(json.dumps({"max_tiles": 13, "source": str(source.original),
                                                             "export_s": 1.0, "peak_rss_bytes": 1 << 30}))
@@ -287,6 +291,9 @@ def test_a_cached_int8_or_int4_export_an_older_edgevl_made_is_made_again(monkeyp
     write(source.export_dir("int4"), "edgevl", vision_op="Attention")
     models.ensure_export(source, "int4", 13, log=lambda _: None)
     assert made == ["int8", "int4", "int8", "int4"]
+    (source.export_dir("int8") / "vision_amx.onnx").unlink()
+    models.ensure_export(source, "int8", 13, log=lambda _: None)
+    assert made == ["int8", "int4", "int8", "int4", "int8"]
 
 
 def test_decode_profile_splits_a_token_by_op_type(exported, capsys):

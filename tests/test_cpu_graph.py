@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgevl.cpu import MATMUL_KERNEL_ENV, configure_session, int8_matmul_kernels, matmul_library
+from edgevl.cpu import MATMUL_KERNEL_ENV, attention_tiles, configure_session, int8_matmul_kernels, matmul_library
 from edgevl.export.cpu_graph import (drop_matmul_output_requantization, fuse_attention, fuse_gelu,
                                      fuse_matmul_epilogues, fuse_rms_norm, fuse_vision_attention,
                                      quantize_matmuls_per_token, use_edgevl_attention, use_edgevl_int4_matmul,
@@ -474,15 +474,95 @@ def test_edgevl_attention_names_the_node_when_seqlens_k_and_the_total_disagree()
         session.run(None, feeds)
 
 
-def test_attention_rewrite_moves_each_group_query_attention_to_edgevl():
+@pytest.mark.parametrize("op", ["GroupQueryAttention", "MultiHeadAttention"])
+def test_attention_rewrite_moves_each_attention_of_its_kind_to_edgevl(op):
+    other = "MultiHeadAttention" if op == "GroupQueryAttention" else "GroupQueryAttention"
     model = helper.make_model(helper.make_graph(
-        [helper.make_node("GroupQueryAttention", ["q"], ["y"], domain="com.microsoft", num_heads=2),
-         helper.make_node("Relu", ["y"], ["z"])], "g", [], []),
+        [helper.make_node(op, ["q"], ["y"], domain="com.microsoft", num_heads=2),
+         helper.make_node(other, ["y"], ["z"], domain="com.microsoft", num_heads=2),
+         helper.make_node("Relu", ["z"], ["r"])], "g", [], []),
         opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
-    assert use_edgevl_attention(model) == 1
-    assert [(n.op_type, n.domain) for n in model.graph.node] == [("GroupQueryAttention", "edgevl"), ("Relu", "")]
+    assert use_edgevl_attention(model, op) == 1
+    assert [(n.op_type, n.domain) for n in model.graph.node] == [(op, "edgevl"), (other, "com.microsoft"),
+                                                                 ("Relu", "")]
     assert {o.domain for o in model.opset_import} >= {"edgevl"}
-    assert use_edgevl_attention(model) == 0
+    assert use_edgevl_attention(model, op) == 0
+
+
+def _mha_session(domain, heads, width, scale, threads=0):
+    """One MultiHeadAttention as fuse_vision_attention writes it (query, key, value [B, S, width]), ONNX Runtime's
+    (com.microsoft) or edgevl's."""
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain=domain, num_heads=heads,
+                            scale=scale, name="mha.0")
+    tensors = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", width]) for n in "qkvy"]
+    model = helper.make_model(helper.make_graph([node], "g", tensors[:3], tensors[3:]),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(domain, 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if domain == "edgevl":
+        options.register_custom_ops_library(str(matmul_library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _bf16_attention(q, k, v, heads, scale):
+    """edgevl's MultiHeadAttention on AMX-BF16 tiles, written out in float64: Q, K and V rounded to bf16 (nearest
+    even), the softmax of scale x Q K^T in float, its weights rounded to bf16 before x V, divided by the sum of the
+    unrounded weights."""
+    import ml_dtypes
+
+    def bf16(x):
+        return x.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    def split(x):  # [B, S, heads * head] -> [B, heads, S, head]
+        return x.reshape(*x.shape[:2], heads, -1).transpose(0, 2, 1, 3)
+
+    q, k, v = (bf16(split(x)) for x in (q, k, v))
+    scores = scale * q @ k.transpose(0, 1, 3, 2)
+    weights = np.exp(scores - scores.max(-1, keepdims=True)).astype(np.float32)
+    out = bf16(weights) @ v / weights.astype(np.float64).sum(-1, keepdims=True)
+    return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
+
+
+def _mha_feeds(batch, rows, width, seed):
+    rng = np.random.default_rng(seed)
+    return {n: (rng.standard_normal((batch, rows, width)) * 2).astype(np.float32) for n in "qkv"}
+
+
+needs_attention_tiles = pytest.mark.skipif(
+    not attention_tiles(), reason="edgevl's MultiHeadAttention on AMX-BF16 tiles: this CPU has no AMX-BF16 (or "
+    "EDGEVL_MATMUL_KERNEL names other kernels); elsewhere the op is ONNX Runtime's kernel, tested bit for bit")
+
+
+@needs_attention_tiles
+# 16 x 64 at 1025 rows: an InternViT-300M layer. 37 and 33: rows past a block of 32; 1: one row. 48 and 80: a head
+# past a step of 32 (zeros pad the product's depth) and an odd count of 16-column tiles; 256: the widest head.
+@pytest.mark.parametrize("batch, rows, heads, head", [(1, 1025, 16, 64), (1, 37, 2, 16), (2, 33, 3, 48),
+                                                      (1, 1, 4, 80), (1, 70, 1, 256)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_edgevl_multi_head_attention_computes_bf16_attention_on_amx_tiles(batch, rows, heads, head, threads):
+    """Against bf16 attention written out (_bf16_attention) and against ONNX Runtime's fp32 kernel: at least ten times
+    nearer the first than the fp32 result is (float sums in another order, and the exp polynomial's last bit moving a
+    weight's bf16 rounding: 1e-7 to 3e-4 of the largest output), and 0.1-1% from the second, as bf16's 8 significant
+    bits make it."""
+    feeds, scale = _mha_feeds(batch, rows, heads * head, seed=rows), 1 / np.sqrt(head)
+    got = _mha_session("edgevl", heads, heads * head, scale, threads).run(None, feeds)[0]
+    want = _bf16_attention(feeds["q"], feeds["k"], feeds["v"], heads, scale)
+    fp32 = _mha_session("com.microsoft", heads, heads * head, scale).run(None, feeds)[0]
+    assert np.abs(got - want).max() <= min(1e-3 * np.abs(want).max(), 0.1 * np.abs(fp32 - want).max())
+    error = np.linalg.norm(got - fp32) / np.linalg.norm(fp32)
+    assert 1e-4 < error < 1e-2, error  # bf16, so not the fp32 kernel's result
+
+
+@needs_edgevl_matmul
+@pytest.mark.parametrize("head, kernel", [(16, "avx2"), (24, None)])
+def test_edgevl_multi_head_attention_hands_other_calls_to_onnxruntime_bit_for_bit(head, kernel, monkeypatch):
+    """Without the tiles (a CPU without AMX-BF16, EDGEVL_MATMUL_KERNEL naming other kernels) or for a head that is
+    not a multiple of 16, edgevl's MultiHeadAttention runs ONNX Runtime's kernel: the same output, bit for bit."""
+    if kernel is not None:
+        monkeypatch.setenv(MATMUL_KERNEL_ENV, kernel)
+    feeds, heads = _mha_feeds(2, 37, 3 * head, seed=head), 3
+    got, want = (_mha_session(d, heads, heads * head, 0.25).run(None, feeds)[0] for d in ("edgevl", "com.microsoft"))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_rms_norm_chain_becomes_one_node_with_the_same_output():

@@ -73,22 +73,27 @@ class OnnxRuntimeBackend(ExportedBackend):
                                    f"compute its integer products exactly on this CPU ({self.integer_gemm.describe()})"
                                    "; use an fp32 export")
             configure_session(options)
-        self.vision = _session(ort, export_dir / manifest.graphs.vision, options, provider)
-        if profile_prefix is not None:
-            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-        # The decoder graph this session runs: by default on edgevl's ops where edgevl.cpu takes them for this
-        # precision (x86 without VNNI, AVX-512 VNNI, AMX) and the export carries the graph; the same results, faster.
-        self.decoder_graph = manifest.graphs.decoder
+        # The graphs this backend runs, each on edgevl's ops (kernels/ort_ops.c) where edgevl.cpu takes them for this
+        # CPU and precision and the export carries them. The decoder: decoder_avx2.onnx (x86 without VNNI, AVX-512
+        # VNNI, AMX), the same results, faster. The vision: vision_amx.onnx (AMX), attention in bf16, faster.
+        gemm = self.integer_gemm
+        self.decoder_graph, self.vision_graph = manifest.graphs.decoder, manifest.graphs.vision
         if edgevl_ops:
             if device != "cpu" or not manifest.graphs.decoder_avx2:
                 raise ValueError(f"edgevl_ops=True: {export_dir} has no decoder graph on edgevl's ops for {device} "
                                  "(int8 and int4 exports carry decoder_avx2.onnx, for the CPU)")
-            options.register_custom_ops_library(str(checked_matmul_library()))
             self.decoder_graph = manifest.graphs.decoder_avx2
-        elif (edgevl_ops is None and self.integer_gemm is not None and manifest.graphs.decoder_avx2
-              and manifest.precision.decoder in self.integer_gemm.edgevl_decoders):
-            options.register_custom_ops_library(str(matmul_library()))
+        elif (edgevl_ops is None and gemm is not None and manifest.graphs.decoder_avx2
+              and manifest.precision.decoder in gemm.edgevl_decoders):
             self.decoder_graph = manifest.graphs.decoder_avx2
+        if gemm is not None and gemm.vision_attention and manifest.graphs.vision_amx:
+            self.vision_graph = manifest.graphs.vision_amx
+        if (self.decoder_graph, self.vision_graph) != (manifest.graphs.decoder, manifest.graphs.vision):
+            # once for both sessions: these options refuse a second registration of the domain
+            options.register_custom_ops_library(str(checked_matmul_library() if edgevl_ops else matmul_library()))
+        self.vision = _session(ort, export_dir / self.vision_graph, options, provider)
+        if profile_prefix is not None:
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         with _plain_gqa_kernel(device == "cpu"):
             self.decoder = _session(ort, export_dir / self.decoder_graph, options, provider)
         check_graph_shapes(export_dir, manifest, {kind: {t.name: t.shape for t in s.get_inputs() + s.get_outputs()}
