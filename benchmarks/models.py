@@ -118,8 +118,8 @@ def _stale_cpu_graph(out: Path, precision: str, runtime: str, log) -> bool:
     """An int8/int4 export made by an older edgevl: without decoder_avx2.onnx, or with one whose attention is still
     ONNX Runtime's GroupQueryAttention (not edgevl's) or whose SwiGLU is still its own nodes (not folded into the
     matmul), or a vision graph whose attention is not one MultiHeadAttention node (export/quantize.py,
-    fuse_cpu_vision), or without vision_amx.onnx. It would run slower than a new export, so the benchmarks make it again rather than time what a
-    new export would not run."""
+    fuse_cpu_vision), or without vision_amx.onnx. It would run slower than a new export, so the benchmarks make it
+    again rather than time what a new export would not run."""
     if runtime != "onnxruntime" or precision not in ("int8", "int4"):
         return False
     graph = json.loads((out / "manifest.json").read_text()).get("graphs", {}).get("decoder_avx2")

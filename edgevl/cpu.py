@@ -208,10 +208,10 @@ def int8_matmul_kernels() -> tuple[str, ...]:
     return tuple(name for bit, name in ((1, "avx2"), (2, "avx512-vnni"), (4, "amx")) if found & bit)
 
 
-@functools.cache
 def attention_tiles() -> bool:
     """Whether edgevl's MultiHeadAttention runs on AMX-BF16 tiles here (the library's own check: the instructions,
-    Linux's leave to use the tile state, EDGEVL_MATMUL_KERNEL unset or "amx"); False without the library."""
+    Linux's leave to use the tile state, EDGEVL_MATMUL_KERNEL unset or "amx", as the op reads it when a session is
+    built); False without the library."""
     library = matmul_library()
     try:
         return library is not None and bool(ctypes.CDLL(str(library)).EdgevlAttentionTiles())

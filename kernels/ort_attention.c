@@ -1,4 +1,7 @@
-/* edgevl.GroupQueryAttention: com.microsoft.GroupQueryAttention as the CPU decoders use it (export/cpu_graph.py,
+/* edgevl's attention ops: GroupQueryAttention, the decoders' (here), and MultiHeadAttention, the vision graph's
+ * (below).
+ *
+ * edgevl.GroupQueryAttention: com.microsoft.GroupQueryAttention as the CPU decoders use it (export/cpu_graph.py,
  * fuse_attention), with its own kernel for the one-row decode step and ONNX Runtime's for everything else.
  *
  * ONNX Runtime's CPU kernel runs the step's query heads one by one, each reading its KV head's cache again and
@@ -494,6 +497,7 @@ typedef struct {
     int64_t keys, depth;  /* keys: rows padded to ROW_BLOCK; depth: head padded to D_STEP */
     float scale;
     uint16_t *kp, *vp;  /* per (batch, head): K as [keys / 16][depth / 32] B tiles, V as [keys / 32][head / 16] */
+    int out_of_memory;  /* set by a task that could not allocate its scores */
 } Tiles;
 
 BF16_TARGET static inline __m512i bf16_pair(__m512 low, __m512 high) {  /* 32 bf16: low's 16, then high's */
@@ -587,7 +591,12 @@ BF16_TARGET static void attend_task(void* p, size_t task) {
     const uint16_t* vp = w->vp + bh * keys * w->head;
     float* scores = malloc(ROW_BLOCK * keys * sizeof(float));             /* [32][keys] */
     uint16_t* weights = aligned_alloc(64, ROW_BLOCK * keys * sizeof(uint16_t));  /* A tiles [2][keys / 32][16][32] */
-    if (scores == NULL || weights == NULL) abort();  /* tens of KB: a failure here leaves nothing to report with */
+    if (scores == NULL || weights == NULL) {
+        __atomic_store_n(&((Tiles*)p)->out_of_memory, 1, __ATOMIC_RELAXED);
+        free(scores);
+        free(weights);
+        return;
+    }
     uint16_t q[2][MAX_MHA_HEAD / D_STEP][16][D_STEP];
     const float* query = w->q + (b * n + r0) * w->width + h * w->head;
     for (int r = 0; r < ROW_BLOCK; r++)
@@ -682,7 +691,7 @@ static OrtStatus* attend_on_tiles(const MultiHead* kernel, OrtKernelContext* ctx
         return NULL;
     Tiles work = {t[0].data, t[1].data, t[2].data, NULL, t[0].dims[0], kernel->heads, t[0].dims[1], head, width,
                   round_up(t[0].dims[1], ROW_BLOCK), round_up(head, D_STEP),
-                  kernel->scale == 0.0f ? 1.0f / sqrtf((float)head) : kernel->scale, NULL, NULL};
+                  kernel->scale == 0.0f ? 1.0f / sqrtf((float)head) : kernel->scale, NULL, NULL, 0};
     RETURN_IF_ERROR(API(node->api, GET_TENSOR_MUTABLE_DATA, GetTensorMutableDataFn)(output, (void**)&work.y));
     const size_t heads = work.batch * work.heads;
     work.kp = aligned_alloc(64, heads * work.keys * work.depth * sizeof(uint16_t));
@@ -692,6 +701,7 @@ static OrtStatus* attend_on_tiles(const MultiHead* kernel, OrtKernelContext* ctx
     if (work.kp == NULL || work.vp == NULL) status = error(node, ORT_FAIL, "out of memory for bf16 keys and values");
     if (status == NULL) status = parallel(ctx, pack_task, heads, 0, &work);
     if (status == NULL) status = parallel(ctx, attend_task, heads * (work.keys / ROW_BLOCK), 0, &work);
+    if (status == NULL && work.out_of_memory) status = error(node, ORT_FAIL, "out of memory for attention scores");
     free(work.kp);
     free(work.vp);
     *done = status == NULL;
