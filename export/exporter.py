@@ -9,6 +9,9 @@ OUT/
   embed_tokens.npy   the token embedding table (a gather on the host is cheaper than a graph call)
   tokenizer files    copied from the checkpoint
   manifest.json      the contract: spec, token ids, precisions, limits, KV layout, versions, checksums, drift
+int8 / int4 exports also carry, for x86 CPUs (edgevl.cpu says which run them):
+  decoder_avx2.onnx  the decoder on edgevl's Int8MatMul / Int4MatMul and GroupQueryAttention (decoder.onnx.data)
+  vision_amx.onnx    the vision graph with edgevl's MultiHeadAttention, bf16 on AMX tiles (vision.onnx.data)
 """
 from __future__ import annotations
 
