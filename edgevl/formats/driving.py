@@ -14,6 +14,7 @@ text prefix that we could find; the labels it trains on are the ones drawn into 
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,19 +60,26 @@ def assemble_views(views: dict, channel_order: str = "RGB", draw_labels: bool = 
     """The six camera views as one 2688 x 896 RGB uint8 array [896, 2688, 3]: each resized to 896 x 448
     (Pillow BICUBIC), row-major in CAMERA_ORDER. draw_labels=True also writes each camera's name into its
     view as the reference stitching does (magenta, DejaVuSans-Bold 50 at the top left)."""
-    from ..preprocess import load_image
+    from ..preprocess import image_threads, load_image
 
     if not isinstance(views, dict):
         raise ValueError(f"driving views: expected a dict {{camera: image}}, got {type(views).__name__}")
     check_cameras(views)
     out = np.empty((ASSEMBLED_HEIGHT, ASSEMBLED_WIDTH, 3), dtype=np.uint8)
     font = _label_font() if draw_labels else None
-    for camera in CAMERA_ORDER:
+    one_label_at_a_time = threading.Lock()  # the views share one FreeType face, which is not thread-safe
+
+    def place(camera):
         view = load_image(views[camera], channel_order).resize((VIEW_WIDTH, VIEW_HEIGHT), Image.BICUBIC)
         if font is not None:
-            ImageDraw.Draw(view).text((0, 0), camera, fill=_LABEL_COLOR, font=font)
+            with one_label_at_a_time:
+                ImageDraw.Draw(view).text((0, 0), camera, fill=_LABEL_COLOR, font=font)
         col, row = _cell(camera)
         out[row * VIEW_HEIGHT:(row + 1) * VIEW_HEIGHT, col * VIEW_WIDTH:(col + 1) * VIEW_WIDTH] = np.asarray(view)
+
+    with image_threads() as pool:  # the six views side by side
+        for done in [pool.submit(place, camera) for camera in CAMERA_ORDER]:
+            done.result()
     return out
 
 
