@@ -286,7 +286,7 @@ def integer_gemm() -> IntegerGemm:
         # own check found: a kernel before 5.16, a seccomp filter). MLAS asks the same and then takes its AVX-512
         # VNNI kernels, so the decoders' choice is that class's.
         kernel = "AVX-512 VNNI"
-    # int8 vision attention in bf16 on AMX tiles: 2.6x ONNX Runtime's fp32 kernel on an InternViT-300M layer
+    # int8 vision attention in bf16 on AMX tiles: 2.8x ONNX Runtime's fp32 kernel on an InternViT-300M layer
     # (benchmarks/RESULTS.md, "Vision attention on AMX-BF16 tiles"); the vision graphs' drift bounds hold.
     vision = "AMX-BF16" if attention_tiles() else None
     if _product_is_exact(precision_mode=False):
