@@ -39,6 +39,32 @@ typedef struct {
     OrtOp* gqa;  /* ONNX Runtime's GroupQueryAttention, for every call but the one-row step */
 } Attention;
 
+/* ONNX Runtime's own com.microsoft `op` (version 1, its float kernel: type constraints T and, for
+ * GroupQueryAttention, M), created through the C API with the node's int attributes and its scale (none: the op's
+ * default), so that an op here can hand it the calls its own kernel does not take (InvokeOp). */
+static OrtStatus* onnxruntime_op(OrtApiTable api, const OrtKernelInfo* info, const char* op, const char* const* names,
+                                 const int64_t* values, int ints, const float* scale, int inputs, int outputs,
+                                 OrtOp** out) {
+    enum { MAX_ATTRIBUTES = 8 };
+    OrtOpAttr* attrs[MAX_ATTRIBUTES] = {NULL};
+    CreateOpAttrFn create_attr = API(api, CREATE_OP_ATTR, CreateOpAttrFn);
+    OrtStatus* status = NULL;
+    for (int i = 0; i < ints && status == NULL; i++)
+        status = create_attr(names[i], &values[i], 1, OP_ATTR_INT, &attrs[i]);
+    const int count = ints + (scale != NULL);
+    if (status == NULL && scale != NULL) status = create_attr("scale", scale, 1, OP_ATTR_FLOAT, &attrs[ints]);
+    const char* constraint_names[] = {"T", "M"};
+    const int constraint_types[] = {TYPE_FLOAT, TYPE_INT32};
+    const int constraints = strcmp(op, "GroupQueryAttention") == 0 ? 2 : 1;
+    if (status == NULL)
+        status = API(api, CREATE_OP, CreateOpFn)(info, op, "com.microsoft", 1, constraint_names, constraint_types,
+                                                 constraints, (const OrtOpAttr* const*)attrs, count, inputs, outputs,
+                                                 out);
+    for (int i = 0; i < count; i++)
+        if (attrs[i] != NULL) API(api, RELEASE_OP_ATTR, ReleaseOpAttrFn)(attrs[i]);
+    return status;
+}
+
 static void destroy_attention(void* p) {
     Attention* kernel = p;
     if (kernel == NULL) return;
@@ -68,19 +94,8 @@ static OrtStatus* create_attention(const OrtCustomOp* op, OrtApiTable api, const
     /* ONNX Runtime's kernel, given exactly the attributes read above. */
     const char* names[] = {"num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved"};
     const int64_t values[] = {heads, kv_heads, rotary, interleaved};
-    OrtOpAttr* attrs[5] = {NULL};
-    CreateOpAttrFn create_attr = API(api, CREATE_OP_ATTR, CreateOpAttrFn);
-    OrtStatus* status = NULL;
-    for (int i = 0; i < 4 && status == NULL; i++) status = create_attr(names[i], &values[i], 1, OP_ATTR_INT, &attrs[i]);
-    if (status == NULL) status = create_attr("scale", &scale, 1, OP_ATTR_FLOAT, &attrs[4]);
-    const char* constraint_names[] = {"T", "M"};
-    const int constraint_types[] = {TYPE_FLOAT, TYPE_INT32};
-    if (status == NULL)
-        status = API(api, CREATE_OP, CreateOpFn)(info, "GroupQueryAttention", "com.microsoft", 1, constraint_names,
-                                                 constraint_types, 2, (const OrtOpAttr* const*)attrs, 5, INPUTS,
-                                                 OUTPUTS, &kernel->gqa);
-    for (int i = 0; i < 5; i++)
-        if (attrs[i] != NULL) API(api, RELEASE_OP_ATTR, ReleaseOpAttrFn)(attrs[i]);
+    OrtStatus* status = onnxruntime_op(api, info, "GroupQueryAttention", names, values, 4, &scale, INPUTS, OUTPUTS,
+                                       &kernel->gqa);
     if (status != NULL) {
         destroy_attention(kernel);
         return status;
@@ -466,19 +481,9 @@ static OrtStatus* create_multi_head(const OrtCustomOp* op, OrtApiTable api, cons
     MultiHead* kernel = calloc(1, sizeof *kernel);
     if (kernel == NULL) return error(&node, ORT_FAIL, "out of memory");
     *kernel = (MultiHead){node, heads, scale, EdgevlAttentionTiles(), NULL};
-    OrtOpAttr* attrs[2] = {NULL};
-    CreateOpAttrFn create_attr = API(api, CREATE_OP_ATTR, CreateOpAttrFn);
-    OrtStatus* status = create_attr("num_heads", &heads, 1, OP_ATTR_INT, &attrs[0]);
-    const int count = missing == NULL ? 2 : 1;
-    if (status == NULL && count == 2) status = create_attr("scale", &scale, 1, OP_ATTR_FLOAT, &attrs[1]);
-    const char* constraint_names[] = {"T"};  /* the CPU kernel's only one */
-    const int constraint_types[] = {TYPE_FLOAT};
-    if (status == NULL)
-        status = API(api, CREATE_OP, CreateOpFn)(info, "MultiHeadAttention", "com.microsoft", 1, constraint_names,
-                                                 constraint_types, 1, (const OrtOpAttr* const*)attrs, count,
-                                                 MHA_INPUTS, 1, &kernel->mha);
-    for (int i = 0; i < 2; i++)
-        if (attrs[i] != NULL) API(api, RELEASE_OP_ATTR, ReleaseOpAttrFn)(attrs[i]);
+    const char* names[] = {"num_heads"};
+    OrtStatus* status = onnxruntime_op(api, info, "MultiHeadAttention", names, &heads, 1,
+                                       missing == NULL ? &scale : NULL, MHA_INPUTS, 1, &kernel->mha);
     if (status != NULL) {
         destroy_multi_head(kernel);
         return status;
