@@ -492,8 +492,9 @@ def test_attention_rewrite_moves_each_attention_of_its_kind_to_edgevl(op):
 def _mha_session(domain, heads, width, scale, threads=0):
     """One MultiHeadAttention as fuse_vision_attention writes it (query, key, value [B, S, width]), ONNX Runtime's
     (com.microsoft) or edgevl's."""
+    scaled = {} if scale is None else {"scale": scale}  # none: the op's default, 1 / sqrt(head)
     node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain=domain, num_heads=heads,
-                            scale=scale, name="mha.0")
+                            name="mha.0", **scaled)
     tensors = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", width]) for n in "qkvy"]
     model = helper.make_model(helper.make_graph([node], "g", tensors[:3], tensors[3:]),
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(domain, 1)])
@@ -535,33 +536,36 @@ needs_attention_tiles = pytest.mark.skipif(
 
 @needs_attention_tiles
 # 16 x 64 at 1025 rows: an InternViT-300M layer. 37 and 33: rows past a block of 32; 1: one row. 48 and 80: a head
-# past a step of 32 (zeros pad the product's depth) and an odd count of 16-column tiles; 256: the widest head.
-@pytest.mark.parametrize("batch, rows, heads, head", [(1, 1025, 16, 64), (1, 37, 2, 16), (2, 33, 3, 48),
-                                                      (1, 1, 4, 80), (1, 70, 1, 256)])
+# past a step of 32 (zeros pad the product's depth) and an odd count of 16-column tiles; 256: the widest head. One
+# without the scale attribute (the op's default, 1 / sqrt(head)).
+@pytest.mark.parametrize("batch, rows, heads, head, scaled", [(1, 1025, 16, 64, True), (1, 37, 2, 16, False),
+                                                              (2, 33, 3, 48, True), (1, 1, 4, 80, True),
+                                                              (1, 70, 1, 256, True)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_edgevl_multi_head_attention_computes_bf16_attention_on_amx_tiles(batch, rows, heads, head, threads):
+def test_edgevl_multi_head_attention_computes_bf16_attention_on_amx_tiles(batch, rows, heads, head, scaled, threads):
     """Against bf16 attention written out (_bf16_attention) and against ONNX Runtime's fp32 kernel: at least ten times
     nearer the first than the fp32 result is (float sums in another order, and the exp polynomial's last bit moving a
     weight's bf16 rounding: 1e-7 to 3e-4 of the largest output), and 0.1-1% from the second, as bf16's 8 significant
     bits make it."""
     feeds, scale = _mha_feeds(batch, rows, heads * head, seed=rows), 1 / np.sqrt(head)
-    got = _mha_session("edgevl", heads, heads * head, scale, threads).run(None, feeds)[0]
+    attribute = scale if scaled else None
+    got = _mha_session("edgevl", heads, heads * head, attribute, threads).run(None, feeds)[0]
     want = _bf16_attention(feeds["q"], feeds["k"], feeds["v"], heads, scale)
-    fp32 = _mha_session("com.microsoft", heads, heads * head, scale).run(None, feeds)[0]
+    fp32 = _mha_session("com.microsoft", heads, heads * head, attribute).run(None, feeds)[0]
     assert np.abs(got - want).max() <= min(1e-3 * np.abs(want).max(), 0.1 * np.abs(fp32 - want).max())
     error = np.linalg.norm(got - fp32) / np.linalg.norm(fp32)
     assert 1e-4 < error < 1e-2, error  # bf16, so not the fp32 kernel's result
 
 
 @needs_edgevl_matmul
-@pytest.mark.parametrize("head, kernel", [(16, "avx2"), (24, None)])
-def test_edgevl_multi_head_attention_hands_other_calls_to_onnxruntime_bit_for_bit(head, kernel, monkeypatch):
+@pytest.mark.parametrize("head, kernel, scale", [(16, "avx2", 0.25), (16, "avx2", None), (24, None, 0.25)])
+def test_edgevl_multi_head_attention_hands_other_calls_to_onnxruntime_bit_for_bit(head, kernel, scale, monkeypatch):
     """Without the tiles (a CPU without AMX-BF16, EDGEVL_MATMUL_KERNEL naming other kernels) or for a head that is
     not a multiple of 16, edgevl's MultiHeadAttention runs ONNX Runtime's kernel: the same output, bit for bit."""
     if kernel is not None:
         monkeypatch.setenv(MATMUL_KERNEL_ENV, kernel)
     feeds, heads = _mha_feeds(2, 37, 3 * head, seed=head), 3
-    got, want = (_mha_session(d, heads, heads * head, 0.25).run(None, feeds)[0] for d in ("edgevl", "com.microsoft"))
+    got, want = (_mha_session(d, heads, heads * head, scale).run(None, feeds)[0] for d in ("edgevl", "com.microsoft"))
     np.testing.assert_array_equal(got, want)
 
 
