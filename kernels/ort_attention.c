@@ -579,11 +579,8 @@ BF16_TARGET static void configure_tiles(void) {
         config.bytes_per_row[i] = 64;
         config.rows[i] = 16;
     }
-    __asm__ volatile("" : : "r"(&config) : "memory");  /* GCC 12 drops the stores above otherwise (ort_matmul.c) */
-    _tile_loadconfig(&config);
+    tile_configure(&config);
 }
-
-BF16_TARGET static void release_tiles(void) { _tile_release(); }
 
 BF16_TARGET static __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0; }
 
@@ -674,7 +671,7 @@ BF16_TARGET static void attend_task(void* p, size_t task) {
             _tile_stored(3, &o[16][(c + 1) * 16], sizeof o[0]);
         }
     }
-    release_tiles();
+    tile_release();
     float* y = w->y + (b * n + r0) * w->width + h * w->head;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t d = 0; d < w->head; d += 16)

@@ -765,12 +765,8 @@ AMX_TARGET static void amx_configure(int step) {
         config.bytes_per_row[i] = i == 4 || i == 5 ? step : AMX_K;
         config.rows[i] = i >= 6 ? step / 4 : TILE;
     }
-    /* GCC 12 does not count LDTILECFG as reading its operand and drops the stores above as dead: say it reads memory */
-    __asm__ volatile("" : : "r"(&config) : "memory");
-    _tile_loadconfig(&config);
+    tile_configure(&config);
 }
-
-AMX_TARGET static void amx_release(void) { _tile_release(); }
 
 /* Rows [r, r + 32) (a, `stride` bytes apart) by the two tiles of columns whose panels are b0 and b1, over K [k0, k1)
  * in steps of `step`: four C tiles, stored to sums[32][32]. */
@@ -879,7 +875,7 @@ VNNI_TARGET static void panel_multiply_columns(const Work* work, int64_t c0, int
                             halves == 2 ? &sums[1][0][h * TILE] : NULL);
         }
     }
-    if (amx) amx_release();
+    if (amx) tile_release();
     free(panel);
 }
 
@@ -1369,7 +1365,7 @@ VNNI_TARGET static void int4_panel_multiply_groups(const Work4* work, int64_t g0
             }
         }
     }
-    if (kernel->amx) amx_release();
+    if (kernel->amx) tile_release();
     free(panel);
 }
 

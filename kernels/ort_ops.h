@@ -190,6 +190,17 @@ typedef struct {  /* LDTILECFG's 64-byte operand, palette 1 */
     uint8_t rows[16];
 } TileConfig;
 
+/* This thread's tile registers shaped as `config` says; tile_release gives them back, as each task does before it
+ * returns its thread (MLAS's AMX kernels load their own shape when they find another). */
+__attribute__((target("amx-tile"))) static inline void tile_configure(const TileConfig* config) {
+    /* GCC 12 does not count LDTILECFG as reading its operand and drops the stores that fill it as dead: say it reads
+     * memory */
+    __asm__ volatile("" : : "r"(config) : "memory");
+    _tile_loadconfig(config);
+}
+
+__attribute__((target("amx-tile"))) static inline void tile_release(void) { _tile_release(); }
+
 /* A tensor's shape and data. */
 typedef struct {
     int64_t dims[8];
