@@ -38,6 +38,16 @@ def test_bgr_views_and_drawn_labels():
     np.testing.assert_array_equal(labelled[300:448, 600:896], plain[300:448, 600:896])
 
 
+def test_one_lazily_opened_image_for_every_camera_is_each_cameras_view(tmp_path):
+    """The views are resized on threads: a PIL image file opened once and passed for all six cameras is decoded once,
+    not by six threads at the same time, and gives what the six paths give."""
+    path = tmp_path / "view.png"
+    Image.fromarray(_views((320, 180))["CAM_FRONT"]).save(path)
+    with Image.open(path) as image:  # not decoded yet
+        shared = assemble_views({cam: image for cam in CAMERA_ORDER}, draw_labels=True)
+    np.testing.assert_array_equal(shared, assemble_views({cam: path for cam in CAMERA_ORDER}, draw_labels=True))
+
+
 @pytest.mark.parametrize("change, words", [
     (lambda v: v.pop("CAM_BACK"), ["missing CAM_BACK"]),
     (lambda v: v.update(CAM_TOP=v["CAM_FRONT"]), ["unknown 'CAM_TOP'"]),

@@ -68,9 +68,15 @@ def assemble_views(views: dict, channel_order: str = "RGB", draw_labels: bool = 
     out = np.empty((ASSEMBLED_HEIGHT, ASSEMBLED_WIDTH, 3), dtype=np.uint8)
     font = _label_font() if draw_labels else None
     one_label_at_a_time = threading.Lock()  # the views share one FreeType face, which is not thread-safe
+    # One PIL image may stand for several cameras, and loading it is not thread-safe: PIL images are loaded here,
+    # paths (decoded in the threads) and arrays in place.
+    sources = {camera: load_image(image) if isinstance(image, Image.Image) else image
+               for camera, image in views.items()}
 
     def place(camera):
-        view = load_image(views[camera], channel_order).resize((VIEW_WIDTH, VIEW_HEIGHT), Image.BICUBIC)
+        source = sources[camera]
+        image = source if isinstance(source, Image.Image) else load_image(source, channel_order)
+        view = image.resize((VIEW_WIDTH, VIEW_HEIGHT), Image.BICUBIC)
         if font is not None:
             with one_label_at_a_time:
                 ImageDraw.Draw(view).text((0, 0), camera, fill=_LABEL_COLOR, font=font)
