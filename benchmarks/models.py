@@ -122,7 +122,8 @@ def _stale_cpu_graph(out: Path, precision: str, runtime: str, log) -> bool:
     again rather than time what a new export would not run."""
     if runtime != "onnxruntime" or precision not in ("int8", "int4"):
         return False
-    graph = json.loads((out / "manifest.json").read_text()).get("graphs", {}).get("decoder_avx2")
+    graphs = json.loads((out / "manifest.json").read_text()).get("graphs", {})
+    graph = graphs.get("decoder_avx2")
     nodes = _graph_nodes(out / graph) if graph else []
     if not graph:
         why = "no decoder_avx2.onnx"
@@ -132,7 +133,7 @@ def _stale_cpu_graph(out: Path, precision: str, runtime: str, log) -> bool:
         why = "decoder_avx2.onnx without its matmul epilogues"
     elif not any(n.op_type == "MultiHeadAttention" for n in _graph_nodes(out / "vision.onnx")):
         why = "vision.onnx without its fused attention"
-    elif not (out / "vision_amx.onnx").exists():
+    elif not graphs.get("vision_amx"):
         why = "no vision_amx.onnx"
     else:
         return False

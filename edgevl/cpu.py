@@ -37,8 +37,9 @@ from pathlib import Path
 PRECISION_MODE = "session.x64quantprecision"  # ONNX Runtime's u8 x u8 switch; a no-op outside x86
 
 # /proc/cpuinfo flag (x86) -> ISA class, in the order reports print them.
+# AMX-BF16: the tiles int8 vision attention runs on (vision_amx.onnx).
 _X86_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
-              "amx_int8": "AMX"}
+              "amx_int8": "AMX", "amx_bf16": "AMX-BF16"}
 # ARM64: (auxiliary vector entry, bit) -> ISA class; the Linux uapi's HWCAP_ASIMD, HWCAP_ASIMDDP, HWCAP2_I8MM.
 _AT_HWCAP, _AT_HWCAP2 = 16, 26
 _ARM_HWCAPS = {(_AT_HWCAP, 1): "NEON", (_AT_HWCAP, 20): "dot-product", (_AT_HWCAP2, 13): "i8mm"}
@@ -51,7 +52,7 @@ def _is_arm64() -> bool:
 
 @functools.cache
 def isa_classes() -> tuple[str, ...]:
-    """The integer-relevant ISA classes of this CPU ("AVX2", "AVX-512 VNNI", "AMX", "NEON", "dot-product", ...);
+    """The ISA classes of this CPU that pick edgevl's kernels ("AVX2", "AVX-512 VNNI", "AMX", "NEON", ...);
     empty where the OS does not say (not Linux). x86 reads /proc/cpuinfo, which under user-mode emulation (qemu)
     is the host's; ARM64 reads the process's own hardware capabilities."""
     if _is_arm64():

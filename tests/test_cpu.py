@@ -144,11 +144,6 @@ if isa_mask.active_class():
     _VNNI = _VNNI and "avx512_vnni" not in isa_mask.CLASSES[isa_mask.active_class()][0]
 
 
-def _cpuinfo_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return set(next(line for line in f if line.startswith("flags")).partition(":")[2].split())
-
-
 @pytest.mark.skipif(not (_X86 and _VNNI), reason="checks the VNNI/AMX class: this CPU has no VNNI or is not x86")
 @pytest.mark.parametrize("named", [None, "avx2", "avx512-vnni", "amx"])
 def test_vnni_cpus_keep_the_fast_u8s8_kernels(named, monkeypatch):
@@ -174,7 +169,7 @@ def test_vnni_cpus_keep_the_fast_u8s8_kernels(named, monkeypatch):
         if "int8" in expected:
             assert f"Int8MatMul ({kernel} kernels)" in gemm.describe()
         # int8 vision attention in bf16 where the ops take AMX and the CPU has AMX-BF16 (vision_amx.onnx)
-        tiles = kernel == "amx" and "amx_bf16" in _cpuinfo_flags() and cpu.matmul_library() is not None
+        tiles = kernel == "amx" and "AMX-BF16" in cpu.isa_classes() and cpu.matmul_library() is not None
         assert gemm.vision_attention == ("AMX-BF16" if tiles else None)
         assert ("vision attention in bf16" in gemm.describe()) == tiles
     finally:
