@@ -8,7 +8,7 @@ copy of the installed onnxruntime package is made (cached under --dir) whose lib
 by the two-byte UD0, and an LD_PRELOAD shim (isa_mask.c, built with `cc`) answers the resulting fault with the real
 cpuid minus the hidden features. The command gets that copy first on PYTHONPATH (onnxruntime-genai loads its
 runtime from the same package, so its Python needs the same onnxruntime version); edgevl's own Int8MatMul is told
-the class's kernels through EDGEVL_MATMUL_KERNEL. /proc/cpuinfo, and so edgevl's own ISA report, still shows this
+the class's kernels through EDGEVL_MATMUL_KERNEL. edgevl's own ISA report (its library's cpuid) still shows this
 CPU: benchmark reports name the mask from EDGEVL_ISA_MASK. Figures taken under a mask are this CPU running another
 class's kernels, not that class's speed.
 """

@@ -36,7 +36,7 @@ from pathlib import Path
 
 PRECISION_MODE = "session.x64quantprecision"  # ONNX Runtime's u8 x u8 switch; a no-op outside x86
 
-# /proc/cpuinfo flag (x86) -> ISA class, in the order reports print them.
+# /proc/cpuinfo flag (x86) -> ISA class, in the order reports print them and the library's EdgevlIsaClasses bits.
 # AMX-BF16: the tiles int8 vision attention runs on (vision_amx.onnx).
 _X86_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
               "amx_int8": "AMX", "amx_bf16": "AMX-BF16"}
@@ -53,8 +53,9 @@ def _is_arm64() -> bool:
 @functools.cache
 def isa_classes() -> tuple[str, ...]:
     """The ISA classes of this CPU that pick edgevl's kernels ("AVX2", "AVX-512 VNNI", "AMX", "NEON", ...);
-    empty where the OS does not say (not Linux). x86 reads /proc/cpuinfo, which under user-mode emulation (qemu)
-    is the host's; ARM64 reads the process's own hardware capabilities."""
+    empty where the OS does not say (not Linux). x86 asks cpuid through edgevl's library where it is installed (what
+    the kernels and MLAS see: under user-mode emulation, qemu, the emulated CPU), else reads /proc/cpuinfo (under
+    qemu the host's); ARM64 reads the process's own hardware capabilities."""
     if _is_arm64():
         try:
             getauxval = ctypes.CDLL(None).getauxval
@@ -62,6 +63,23 @@ def isa_classes() -> tuple[str, ...]:
             return ()
         getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
         return tuple(name for (entry, bit), name in _ARM_HWCAPS.items() if getauxval(entry) >> bit & 1)
+    return _cpuid_classes() or _cpuinfo_classes()
+
+
+def _cpuid_classes() -> tuple[str, ...] | None:
+    """x86: cpuid's classes through edgevl's library (EdgevlIsaClasses); None without it, or with one built before
+    it said."""
+    library = _library_file()
+    if library is None:
+        return None
+    try:
+        found = ctypes.CDLL(str(library)).EdgevlIsaClasses()
+    except (OSError, AttributeError):
+        return None
+    return tuple(name for bit, name in enumerate(_X86_FLAGS.values()) if found >> bit & 1)
+
+
+def _cpuinfo_classes() -> tuple[str, ...]:
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.partition(":")[2].split() for line in f if line.startswith("flags")), [])
@@ -181,15 +199,24 @@ def _product_is_exact(precision_mode: bool) -> bool:
     return bool(np.array_equal(session.run(None, {"a": a})[0], exact))
 
 
+def _library_file() -> Path | None:
+    """edgevl's custom-op library as installed (kernels/ort_ops.c, built on x86-64), whatever this CPU runs."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("edgevl.kernels._ort_ops")
+    except ModuleNotFoundError:  # edgevl.kernels itself is not there (edgevl/ alone on the path)
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
 @functools.cache
 def matmul_library() -> Path | None:
     """edgevl's ops for ONNX Runtime: Int8MatMul, Int4MatMul and GroupQueryAttention (kernels/ort_ops.c, built with
     the package on x86-64), or None where this install has none (another architecture, or no C compiler when it was
     installed) or this CPU has no AVX2 and FMA."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("edgevl.kernels._ort_ops")
-    return Path(spec.origin) if spec is not None and spec.origin and "AVX2" in isa_classes() else None
+    library = _library_file()
+    return library if library is not None and "AVX2" in isa_classes() else None
 
 
 # "avx2", "avx512-vnni" or "amx": the Int8MatMul / Int4MatMul kernels, where not the widest this CPU runs

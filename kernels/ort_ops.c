@@ -17,3 +17,13 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     RETURN_IF_ERROR(API(api, CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &EDGEVL_MULTI_HEAD_ATTENTION));
     return API(api, ADD_CUSTOM_OP_DOMAIN, AddCustomOpDomainFn)(options, domain);
 }
+
+/* For edgevl.cpu (ctypes): this CPU's x86 ISA classes as cpuid (and the OS's saved state) report them, the view every
+ * kernel here and MLAS's dispatch act on; under user-mode emulation (qemu -cpu Haswell) the emulated CPU's, where
+ * /proc/cpuinfo shows the host's. Bits in edgevl.cpu's order: 1 AVX2 | 2 AVX-512 | 4 AVX-512 VNNI | 8 AVX-VNNI |
+ * 16 AMX (int8) | 32 AMX-BF16. */
+__attribute__((visibility("default"))) int EdgevlIsaClasses(void) {
+    return (__builtin_cpu_supports("avx2") ? 1 : 0) | (__builtin_cpu_supports("avx512f") ? 2 : 0)
+           | (__builtin_cpu_supports("avx512vnni") ? 4 : 0) | (__builtin_cpu_supports("avxvnni") ? 8 : 0)
+           | (__builtin_cpu_supports("amx-int8") ? 16 : 0) | (__builtin_cpu_supports("amx-bf16") ? 32 : 0);
+}

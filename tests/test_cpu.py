@@ -4,7 +4,10 @@ builds its sessions with (edgevl.cpu). On x86 without VNNI the u8 x s8 kernels s
 tests fail there unless edgevl switches ONNX Runtime to its exact u8 x u8 kernels."""
 from __future__ import annotations
 
+import ctypes.util
+import importlib.util
 import platform
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -139,7 +142,7 @@ def test_precision_mode_is_set_exactly_where_u8s8_saturates():
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 _VNNI = bool({"AVX-512 VNNI", "AVX-VNNI", "AMX"} & set(cpu.isa_classes()))
-# Under benchmarks/isa_mask.py ONNX Runtime sees a smaller CPU than /proc/cpuinfo shows: the mask's class.
+# Under benchmarks/isa_mask.py ONNX Runtime sees a smaller CPU than edgevl.cpu does: the mask's class.
 if isa_mask.active_class():
     _VNNI = _VNNI and "avx512_vnni" not in isa_mask.CLASSES[isa_mask.active_class()][0]
 
@@ -210,6 +213,32 @@ def test_isa_classes_come_from_the_kernels_flags():
     assert set(isa) <= set(cpu.ISA_NAMES)
     if _X86 and platform.system() == "Linux":
         assert "AVX2" in isa  # every machine class this project runs on has at least AVX2
+
+
+@pytest.mark.skipif(cpu._cpuid_classes() is None, reason="needs edgevl's library (x86-64), which asks cpuid")
+def test_x86_isa_classes_are_cpuids_where_the_library_is_else_proc_cpuinfos(monkeypatch):
+    """cpuid is what the kernels and MLAS act on; /proc/cpuinfo says the same natively, and the host's CPU under
+    user-mode emulation (qemu -cpu Haswell), where cpuid's classes are the emulated CPU's: fewer."""
+    assert cpu.isa_classes() == cpu._cpuid_classes()
+    assert set(cpu._cpuid_classes()) <= set(cpu._cpuinfo_classes())
+    # a library built before it reported the classes: /proc/cpuinfo's
+    monkeypatch.setattr(cpu, "_library_file", lambda: Path(ctypes.util.find_library("c")))
+    cpu.isa_classes.cache_clear()
+    try:
+        assert cpu._cpuid_classes() is None
+        assert cpu.isa_classes() == cpu._cpuinfo_classes()
+    finally:
+        monkeypatch.undo()
+        cpu.isa_classes.cache_clear()
+
+
+def test_without_the_kernels_package_there_is_no_library(monkeypatch):
+    """edgevl/ alone on the path (as an aarch64 Python running a checkout has it): no library, and no error."""
+    def missing(name, package=None):
+        raise ModuleNotFoundError(f"No module named {name.rpartition('.')[0]!r}")
+
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    assert cpu._library_file() is None
 
 
 def test_int8_backend_records_its_integer_path_and_refuses_an_inexact_one(exported, monkeypatch):
