@@ -63,7 +63,8 @@ def isa_classes() -> tuple[str, ...]:
             return ()
         getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
         return tuple(name for (entry, bit), name in _ARM_HWCAPS.items() if getauxval(entry) >> bit & 1)
-    return _cpuid_classes() or _cpuinfo_classes()
+    cpuid = _cpuid_classes()
+    return cpuid if cpuid is not None else _cpuinfo_classes()
 
 
 def _cpuid_classes() -> tuple[str, ...] | None:
