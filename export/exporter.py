@@ -204,8 +204,8 @@ def _export_fp32(model_dir: Path, checkpoint, out_dir: Path, max_tiles: int, max
 
 
 def _export_vision_graph(model_dir: Path, out_dir: Path, max_tiles: int, external_data_bytes: int) -> None:
-    """In a spawned process; external_data_bytes: the exporting process's graphs.EXTERNAL_DATA_BYTES (this process
-    imports the module afresh)."""
+    """In a stage process (run_in_subprocess); external_data_bytes: the exporting process's
+    graphs.EXTERNAL_DATA_BYTES (a stage process has the module as imported, not as the exporting process set it)."""
     import torch
 
     from edgevl.backends.torch_backend import load_vision
@@ -220,7 +220,7 @@ def _export_vision_graph(model_dir: Path, out_dir: Path, max_tiles: int, externa
 def _export_decoder_graphs(model_dir: Path, out_dir: Path, max_seq: int, fixed_cache_graph: bool,
                            external_data_bytes: int) -> None:
     """decoder.onnx, optionally decoder_fixed.onnx (sharing its external weights), and embed_tokens.npy; in a
-    spawned process, external_data_bytes as for _export_vision_graph."""
+    stage process, external_data_bytes as for _export_vision_graph."""
     import torch
 
     from edgevl.backends.torch_backend import load_language_model

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import signal
+import select
 import sys
+import threading
 import time
 
 from edgevl.cpu import process_memory_bytes
@@ -34,32 +35,54 @@ def export_peak_rss_bytes() -> int | None:
     return max([own, *_overlapping_peaks]) if own is not None else None
 
 
+# What every export stage imports, loaded once by the fork server its processes start from: torch and its ONNX
+# exporter cost ~10 s to import, paid once per exporting process instead of once per stage. Names that a torch
+# release moves are skipped by the fork server (ImportError), costing only that time.
+_STAGE_MODULES = ["__main__", "torch", "torch._dynamo", "torch.export._trace", "torch.onnx._internal.exporter._core",
+                  "onnxscript", "edgevl.checkpoint", "edgevl.backends.torch_backend", "edgevl.export.graphs"]
+
+
 def run_in_subprocess(function, *args):
-    """function(*args) in a fresh Python process (spawned: nothing of this one's memory is shared or copied);
-    its memory is returned whole when it exits."""
+    """function(*args) in a new process that holds nothing of this one's memory: forked from a fork server that has
+    only imported _STAGE_MODULES. Its memory is returned whole when it exits. The fork server starts with this
+    process's environment at the first call and serves every later one."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_STAGE_MODULES)  # read when the server starts; no effect once it runs
     before = current_rss_bytes() or 0
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         result, child_peak = pool.submit(_child, os.getpid(), function, *args).result()
     _overlapping_peaks.append(before + (child_peak or 0))
     return result
 
 
-def _child(parent_pid: int, function, *args):
-    """function(*args) and this process's peak RSS. Dies with its parent (Linux), so that a killed export leaves
-    no process writing into its directory."""
-    try:
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl
-        os._exit(1)
+def _child(exporter_pid: int, function, *args):
+    """function(*args) and this process's peak RSS, exiting as soon as the exporting process does (killed or not):
+    a killed export leaves no process writing into its directory. Its parent is the fork server, which outlives
+    the exporter while this process runs (it holds the server's liveness pipe), so PR_SET_PDEATHSIG would not do."""
+    threading.Thread(target=_exit_after, args=(exporter_pid,), daemon=True).start()
     return function(*args), peak_rss_bytes()
 
 
-_PR_SET_PDEATHSIG = 1
+def _exit_after(pid: int) -> None:
+    try:
+        select.select([os.pidfd_open(pid)], [], [])  # readable once the process has exited, reaped or not
+    except ProcessLookupError:  # it already has
+        pass
+    except OSError:  # no pidfd (Linux before 5.3): ask every half second
+        while _alive(pid):
+            time.sleep(0.5)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def release_memory() -> None:

@@ -7,6 +7,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,31 +107,72 @@ def test_an_interrupted_directory_is_named_as_such(exported, tmp_path):
 
 
 # Lines `edgevl export` prints as it enters each stage of an int8 export.
-KILL_AT = ["[export] vision.onnx", "[export] decoder.onnx", "[export] vision int8", "[export] drift against fp32"]
+STAGES = ["[export] vision.onnx", "[export] decoder.onnx", "[export] vision int8", "[export] drift against fp32"]
 
 
 def test_sigkill_at_any_stage_keeps_the_previous_export(previous, tiny_checkpoint):
-    """A real `edgevl export` process killed with SIGKILL as it enters each stage: the previous export still
-    verifies and runs; the next export succeeds and clears what the killed ones left."""
+    """A real `edgevl export` process, stopped (SIGSTOP) as it enters each stage, which leaves the disk as a SIGKILL
+    there would: the previous export still verifies; SIGKILL at the last stage, and it still runs; the next export
+    succeeds and clears what the killed one left."""
     before = _snapshot(previous)
     command = [sys.executable, "-u", "-m", "edgevl.cli", "export", "--model", str(tiny_checkpoint("qwen2")),
                "--out", str(previous), "--precision", "int8"]
-    for marker in KILL_AT:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        seen = []
-        for line in process.stdout:
-            seen.append(line)
-            if line.startswith(marker):
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen, stages = [], iter(STAGES)
+    stage = next(stages)
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(stage):
+            process.send_signal(signal.SIGSTOP)
+            assert _snapshot(previous) == before, stage
+            read_manifest(previous)  # sizes and checksums
+            stage = next(stages, None)
+            if stage is None:
                 process.send_signal(signal.SIGKILL)
                 break
-        process.wait(timeout=120)
-        assert process.returncode == -signal.SIGKILL, f"never reached {marker!r}: {''.join(seen)}"
-        assert _snapshot(previous) == before, marker
-        read_manifest(previous)  # sizes and checksums
+            process.send_signal(signal.SIGCONT)
+    process.wait(timeout=120)
+    assert process.returncode == -signal.SIGKILL, f"never reached {stage!r}: {''.join(seen)}"
+    assert _snapshot(previous) == before
     assert EdgeVL.from_pretrained(previous).generate("Hi", max_new_tokens=2).token_ids
-    assert _leftovers(previous)  # the killed runs could not clean up after themselves...
+    assert _leftovers(previous)  # the killed run could not clean up after itself...
     assert main(["export", "--model", str(tiny_checkpoint("qwen2")), "--out", str(previous),
                  "--precision", "int8"]) == 0
     assert not _leftovers(previous)  # ...the next export does
     assert read_manifest(previous).precision.decoder == "int8"
+
+
+def test_a_killed_export_leaves_no_stage_process_behind():
+    """The process an export stage runs in (forked from the fork server, not a child of the exporting process)
+    exits when the exporting process is killed, and so does the fork server."""
+    exporter = subprocess.Popen([sys.executable, "-c", "import time\nfrom edgevl.export.memory import run_in_subprocess"
+                                 "\nif __name__ == '__main__':\n    run_in_subprocess(time.sleep, 600)"])
+    deadline = time.monotonic() + 120
+    while not any(depth == 2 for depth in _descendants(exporter.pid).values()):  # exporter -> fork server -> stage
+        assert time.monotonic() < deadline and exporter.poll() is None, "the stage process never started"
+        time.sleep(0.2)
+    left = _descendants(exporter.pid)
+    exporter.kill()
+    exporter.wait()
+    deadline = time.monotonic() + 10
+    while left := [pid for pid in left if os.path.exists(f"/proc/{pid}")]:
+        assert time.monotonic() < deadline, f"still running after the exporter was killed: {left}"
+        time.sleep(0.1)
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """{descendant pid: generations below pid}, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier, depth = {}, {pid}, 0
+    while frontier:
+        depth += 1
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found.update(dict.fromkeys(frontier, depth))
+    return found

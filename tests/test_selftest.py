@@ -86,21 +86,15 @@ def test_without_pytorch_the_kept_exports_are_checked_against_each_other(result,
     assert not list(work.glob("*/checkpoint*"))  # nothing was re-made from a checkpoint
 
 
-def test_a_corrupted_graph_fails_and_names_the_component(monkeypatch, tmp_path):
-    import edgevl.export as export
-
-    real_export = export.export_model
-
-    def corrupted_export(model_dir, out_dir, **kwargs):
-        real_export(model_dir, out_dir, **kwargs)
-        model = onnx.load(out_dir / "vision.onnx")
-        weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))  # a projector/fc weight
-        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
-        onnx.save(model, out_dir / "vision.onnx")
-        write_manifest(out_dir, manifest_from_dict(json.loads((out_dir / "manifest.json").read_text())))  # checksums match again: only the comparison can catch it
-        return out_dir / "manifest.json"
-
-    monkeypatch.setattr(export, "export_model", corrupted_export)
+def test_a_corrupted_graph_fails_and_names_the_component(kept_selftest_exports, tmp_path):
+    kept_selftest_exports(tmp_path / "work", ("qwen2",))
+    export = tmp_path / "work" / "qwen2" / "export-fp32"
+    model = onnx.load(export / "vision.onnx")
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))  # a projector/fc weight
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+    onnx.save(model, export / "vision.onnx")
+    # checksums match again: only the comparison can catch it
+    write_manifest(export, manifest_from_dict(json.loads((export / "manifest.json").read_text())))
     assert main(["selftest", "--backends", "onnxruntime-cpu", "--families", "qwen2", "--keep", str(tmp_path / "work"),
                  "--json", str(tmp_path / "selftest.json")]) == 1
     report = json.loads((tmp_path / "selftest.json").read_text())
