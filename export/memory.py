@@ -71,7 +71,7 @@ def _exit_after(pid: int) -> None:
         select.select([os.pidfd_open(pid)], [], [])  # readable once the process has exited, reaped or not
     except ProcessLookupError:  # it already has
         pass
-    except OSError:  # no pidfd (Linux before 5.3): ask every half second
+    except (OSError, AttributeError):  # no pidfd (Linux before 5.3, not Linux): ask every half second
         while _alive(pid):
             time.sleep(0.5)
     os._exit(1)

@@ -176,3 +176,17 @@ def _descendants(pid: int) -> dict[int, int]:
         frontier = {child for child, parent in parents.items() if parent in frontier}
         found.update(dict.fromkeys(frontier, depth))
     return found
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_a_stage_process_watches_the_exporter_with_or_without_pidfd(pidfd):
+    """The watch behind the test above, on both of its ways to learn that the exporter has exited."""
+    exporter = subprocess.Popen(["sleep", "60"])
+    setup = "" if pidfd else "del os.pidfd_open\n"
+    watcher = subprocess.Popen([sys.executable, "-c", f"import os\n{setup}from edgevl.export.memory import _exit_after"
+                                f"\n_exit_after({exporter.pid})\nos._exit(0)"])
+    time.sleep(1)
+    assert watcher.poll() is None  # still watching
+    exporter.kill()
+    exporter.wait()
+    assert watcher.wait(timeout=10) == 1
