@@ -5,10 +5,13 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import pickle
 import select
+import signal
 import sys
 import threading
 import time
+import traceback
 
 from edgevl.cpu import process_memory_bytes
 
@@ -38,32 +41,66 @@ def export_peak_rss_bytes() -> int | None:
 # What every export stage imports, loaded once by the fork server its processes start from: torch and its ONNX
 # exporter cost ~10 s to import, paid once per exporting process instead of once per stage. Names that a torch
 # release moves are skipped by the fork server (ImportError), costing only that time.
-_STAGE_MODULES = ["__main__", "torch", "torch._dynamo", "torch.export._trace", "torch.onnx._internal.exporter._core",
-                  "onnxscript", "edgevl.checkpoint", "edgevl.backends.torch_backend", "edgevl.export.graphs"]
+_STAGE_MODULES = ["torch", "torch._dynamo", "torch.export._trace", "torch.onnx._internal.exporter._core", "onnxscript",
+                  "edgevl.checkpoint", "edgevl.backends.torch_backend", "edgevl.export.graphs"]
 
 
 def run_in_subprocess(function, *args):
     """function(*args) in a new process that holds nothing of this one's memory: forked from a fork server that has
     only imported _STAGE_MODULES. Its memory is returned whole when it exits. The fork server starts with this
-    process's environment at the first call and serves every later one."""
+    process's environment at the first call and serves every later one. A process that ends without an answer
+    (killed for memory, crashed) raises RuntimeError naming how it ended."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_STAGE_MODULES)  # read when the server starts; no effect once it runs
     before = current_rss_bytes() or 0
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        result, child_peak = pool.submit(_child, os.getpid(), function, *args).result()
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(send, os.getpid(), function, *args), name=function.__name__,
+                              daemon=True)  # ended, not waited for, if this process exits first (Ctrl-C)
+    process.start()
+    send.close()  # the child's copy is then the only one: EOF here once it exits
+    try:
+        failed, value, child_peak = receive.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"the process running {function.__name__} ended without an answer: "
+                           f"{_how_it_ended(process.exitcode)}") from None
+    finally:
+        receive.close()
+    process.join()
+    if failed:
+        exception, remote_traceback = value
+        raise exception from RuntimeError(f"in the process running {function.__name__}:\n{remote_traceback}")
     _overlapping_peaks.append(before + (child_peak or 0))
-    return result
+    return value
 
 
-def _child(exporter_pid: int, function, *args):
-    """function(*args) and this process's peak RSS, exiting as soon as the exporting process does (killed or not):
-    a killed export leaves no process writing into its directory. Its parent is the fork server, which outlives
-    the exporter while this process runs (it holds the server's liveness pipe), so PR_SET_PDEATHSIG would not do."""
+def _how_it_ended(exitcode: int) -> str:
+    if exitcode == -signal.SIGKILL:
+        return ("killed by SIGKILL, most often the kernel's out-of-memory killer (`dmesg` names it); the export's "
+                f"peak so far was {(export_peak_rss_bytes() or 0) / GIB:.1f} GiB")
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return (f"exit code {exitcode}, its error above (a script that calls export_model needs "
+            "`if __name__ == \"__main__\":` around the call: the process imports the script first)")
+
+
+def _child(send, exporter_pid: int, function, *args) -> None:
+    """Send (failed, function(*args) or (exception, traceback text), this process's peak RSS), exiting as soon as
+    the exporting process does (killed or not): a killed export leaves no process writing into its directory. Its
+    parent is the fork server, which outlives the exporter while this process runs (it holds the server's liveness
+    pipe), so PR_SET_PDEATHSIG would not do."""
     threading.Thread(target=_exit_after, args=(exporter_pid,), daemon=True).start()
-    return function(*args), peak_rss_bytes()
+    try:
+        answer = (False, function(*args), peak_rss_bytes())
+    except Exception as e:  # noqa: BLE001  raised again in the exporting process
+        answer = (True, (e, traceback.format_exc()), None)
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001  an exception that does not pickle: its text instead
+            answer = (True, (RuntimeError(f"{type(e).__name__}: {e}"), answer[1][1]), None)
+    send.send(answer)
 
 
 def _exit_after(pid: int) -> None:

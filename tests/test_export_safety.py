@@ -190,3 +190,17 @@ def test_a_stage_process_watches_the_exporter_with_or_without_pidfd(pidfd):
     exporter.kill()
     exporter.wait()
     assert watcher.wait(timeout=10) == 1
+
+
+def test_a_stage_process_answers_raises_or_says_how_it_died():
+    from edgevl.export.memory import run_in_subprocess
+
+    assert run_in_subprocess(max, 3, 7) == 7
+    with pytest.raises(ValueError, match="invalid literal") as raised:
+        run_in_subprocess(int, "seven")
+    assert "in the process running int" in str(raised.value.__cause__)  # with the stage process's traceback
+    with pytest.raises(RuntimeError, match="running raise_signal ended without an answer: killed by SIGKILL, most "
+                                           "often the kernel's out-of-memory killer"):
+        run_in_subprocess(signal.raise_signal, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="killed by SIGSEGV"):
+        run_in_subprocess(signal.raise_signal, signal.SIGSEGV)
