@@ -34,7 +34,7 @@ from edgevl.manifest import (CONCAT_KV, FIXED_KV, MANIFEST_NAME, SHARED_KV, Expo
 from edgevl.precisions import EXPORT_PRECISIONS
 from edgevl.prompts import IMG_CONTEXT, IMG_END, IMG_START, checkpoint_system_message
 
-from .memory import GIB, export_peak_rss_bytes, release_memory, run_in_subprocess
+from .memory import GIB, export_peak_rss_bytes, release_memory, stage_processes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt")
@@ -176,12 +176,13 @@ def _export_fp32(model_dir: Path, checkpoint, out_dir: Path, max_tiles: int, max
 
     tokenizer = load_tokenizer(model_dir)
     spec = checkpoint.spec
-    with _stage(log, f"vision.onnx (tiles 1..{max_tiles})"):
-        run_in_subprocess(_export_vision_graph, model_dir, out_dir, max_tiles, graphs.EXTERNAL_DATA_BYTES)
-    decoders = "decoder.onnx and decoder_fixed.onnx (TensorRT's fixed KV cache)" if fixed_cache_graph else "decoder.onnx"
-    with _stage(log, f"{decoders} (max_seq {max_seq}, {spec.decoder.num_layers} layers)"):
-        run_in_subprocess(_export_decoder_graphs, model_dir, out_dir, max_seq, fixed_cache_graph,
-                          graphs.EXTERNAL_DATA_BYTES)
+    with stage_processes() as run:
+        with _stage(log, f"vision.onnx (tiles 1..{max_tiles})"):
+            run(_export_vision_graph, model_dir, out_dir, max_tiles, graphs.EXTERNAL_DATA_BYTES)
+        decoders = ("decoder.onnx and decoder_fixed.onnx (TensorRT's fixed KV cache)" if fixed_cache_graph
+                    else "decoder.onnx")
+        with _stage(log, f"{decoders} (max_seq {max_seq}, {spec.decoder.num_layers} layers)"):
+            run(_export_decoder_graphs, model_dir, out_dir, max_seq, fixed_cache_graph, graphs.EXTERNAL_DATA_BYTES)
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)
@@ -204,7 +205,7 @@ def _export_fp32(model_dir: Path, checkpoint, out_dir: Path, max_tiles: int, max
 
 
 def _export_vision_graph(model_dir: Path, out_dir: Path, max_tiles: int, external_data_bytes: int) -> None:
-    """In a stage process (run_in_subprocess); external_data_bytes: the exporting process's
+    """In a stage process (memory.stage_processes); external_data_bytes: the exporting process's
     graphs.EXTERNAL_DATA_BYTES (a stage process has the module as imported, not as the exporting process set it)."""
     import torch
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import os
 import pickle
-import select
 import signal
 import sys
-import threading
 import time
 import traceback
+from contextlib import contextmanager
 
 from edgevl.cpu import process_memory_bytes
 
@@ -32,48 +32,121 @@ _overlapping_peaks: list[int] = []
 
 
 def export_peak_rss_bytes() -> int | None:
-    """The most this process and the children it ran through run_in_subprocess held at one time: its own peak,
+    """The most this process and the stage processes it ran (stage_processes) held at one time: its own peak,
     or a child's peak on top of what this process held while waiting for it, whichever is larger."""
     own = peak_rss_bytes()
     return max([own, *_overlapping_peaks]) if own is not None else None
 
 
-# What every export stage imports, loaded once by the fork server its processes start from: torch and its ONNX
-# exporter cost ~10 s to import, paid once per exporting process instead of once per stage. Names that a torch
-# release moves are skipped by the fork server (ImportError), costing only that time.
+# What every export stage imports, loaded once by the helper its processes fork from: torch and its ONNX exporter
+# cost ~10 s to import, paid once per export instead of once per stage. A name a torch release moves is skipped.
 _STAGE_MODULES = ["torch", "torch._dynamo", "torch.export._trace", "torch.onnx._internal.exporter._core", "onnxscript",
                   "edgevl.checkpoint", "edgevl.backends.torch_backend", "edgevl.export.graphs"]
 
 
-def run_in_subprocess(function, *args):
-    """function(*args) in a new process that holds nothing of this one's memory: forked from a fork server that has
-    only imported _STAGE_MODULES. Its memory is returned whole when it exits. The fork server starts with this
-    process's environment at the first call and serves every later one. A process that ends without an answer
-    (killed for memory, crashed) raises RuntimeError naming how it ended."""
+@contextmanager
+def stage_processes():
+    """Yield run(function, *args) -> function(*args), run in a process of its own that holds nothing of this one's
+    memory: forked from a helper process, spawned here, that has only imported _STAGE_MODULES. Each stage's
+    memory is returned whole when its process exits; the helper's (~0.4 GB) when the block ends. Every process
+    dies with the one that started it (Linux), so a killed export leaves none writing into its directory. A stage
+    process that ends without an answer (killed for memory, crashed) raises RuntimeError saying how it ended; an
+    exception it raised is raised here, with its traceback as the cause."""
     import multiprocessing
 
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_STAGE_MODULES)  # read when the server starts; no effect once it runs
-    before = current_rss_bytes() or 0
-    receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(send, os.getpid(), function, *args), name=function.__name__,
-                              daemon=True)  # ended, not waited for, if this process exits first (Ctrl-C)
-    process.start()
-    send.close()  # the child's copy is then the only one: EOF here once it exits
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    helper = context.Process(target=_helper, args=(theirs, os.getpid()), name="edgevl-export-stages", daemon=True)
+    helper.start()
+    theirs.close()
+
+    def run(function, *args):
+        before = current_rss_bytes() or 0
+        try:
+            ours.send((function, args))
+            how, value, child_peak = ours.recv()
+        except (EOFError, ConnectionError):  # the helper itself is gone
+            helper.join()
+            how, value = "ended", helper.exitcode
+        if how == "ended":
+            raise RuntimeError(f"the process running {function.__name__} ended without an answer: "
+                               f"{_how_it_ended(value)}")
+        if how == "raised":
+            exception, remote_traceback = value
+            raise exception from RuntimeError(f"in the process running {function.__name__}:\n{remote_traceback}")
+        _overlapping_peaks.append(before + (child_peak or 0))
+        return value
+
     try:
-        failed, value, child_peak = receive.recv()
-    except EOFError:
-        process.join()
-        raise RuntimeError(f"the process running {function.__name__} ended without an answer: "
-                           f"{_how_it_ended(process.exitcode)}") from None
+        yield run
+    except BaseException:
+        helper.terminate()  # its stage process, if one runs (Ctrl-C), dies with it
+        raise
     finally:
-        receive.close()
-    process.join()
-    if failed:
-        exception, remote_traceback = value
-        raise exception from RuntimeError(f"in the process running {function.__name__}:\n{remote_traceback}")
-    _overlapping_peaks.append(before + (child_peak or 0))
-    return value
+        ours.close()  # an idle helper exits at EOF
+        helper.join()
+
+
+def _helper(conn, exporter_pid: int) -> None:
+    """stage_processes' helper: import the stage modules, then fork one process per (function, args) received and
+    send back ("returned", value, its peak RSS), ("raised", (exception, traceback text), None) or ("ended",
+    exit code, None)."""
+    _die_with_parent(exporter_pid)
+    for name in _STAGE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    helper_pid = os.getpid()
+    while True:
+        try:
+            function, args = conn.recv()
+        except EOFError:
+            return
+        receive, send = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the stage process: it never returns into this loop
+            code = 1
+            try:
+                os.close(receive)
+                conn.close()
+                _die_with_parent(helper_pid)
+                with os.fdopen(send, "wb") as out:
+                    pickle.dump(_answer(function, args), out)
+                code = 0
+            except BaseException:  # noqa: BLE001  an answer that does not pickle, Ctrl-C: shown, then "ended"
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(send)
+        with os.fdopen(receive, "rb") as answer:
+            data = answer.read()
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        conn.send(pickle.loads(data) if code == 0 and data else ("ended", code, None))
+
+
+def _answer(function, args) -> tuple:
+    try:
+        return "returned", function(*args), peak_rss_bytes()
+    except Exception as e:  # noqa: BLE001  raised again in the exporting process
+        text = traceback.format_exc()
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001  an exception that does not pickle: its text instead
+            e = RuntimeError(f"{type(e).__name__}: {e}")
+        return "raised", (e, text), None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _how_it_ended(exitcode: int) -> str:
@@ -84,42 +157,6 @@ def _how_it_ended(exitcode: int) -> str:
         return f"killed by {signal.Signals(-exitcode).name}"
     return (f"exit code {exitcode}, its error above (a script that calls export_model needs "
             "`if __name__ == \"__main__\":` around the call: the process imports the script first)")
-
-
-def _child(send, exporter_pid: int, function, *args) -> None:
-    """Send (failed, function(*args) or (exception, traceback text), this process's peak RSS), exiting as soon as
-    the exporting process does (killed or not): a killed export leaves no process writing into its directory. Its
-    parent is the fork server, which outlives the exporter while this process runs (it holds the server's liveness
-    pipe), so PR_SET_PDEATHSIG would not do."""
-    threading.Thread(target=_exit_after, args=(exporter_pid,), daemon=True).start()
-    try:
-        answer = (False, function(*args), peak_rss_bytes())
-    except Exception as e:  # noqa: BLE001  raised again in the exporting process
-        answer = (True, (e, traceback.format_exc()), None)
-        try:
-            pickle.dumps(e)
-        except Exception:  # noqa: BLE001  an exception that does not pickle: its text instead
-            answer = (True, (RuntimeError(f"{type(e).__name__}: {e}"), answer[1][1]), None)
-    send.send(answer)
-
-
-def _exit_after(pid: int) -> None:
-    try:
-        select.select([os.pidfd_open(pid)], [], [])  # readable once the process has exited, reaped or not
-    except ProcessLookupError:  # it already has
-        pass
-    except (OSError, AttributeError):  # no pidfd (Linux before 5.3, not Linux): ask every half second
-        while _alive(pid):
-            time.sleep(0.5)
-    os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def release_memory() -> None:

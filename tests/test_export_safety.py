@@ -144,12 +144,12 @@ def test_sigkill_at_any_stage_keeps_the_previous_export(previous, tiny_checkpoin
 
 
 def test_a_killed_export_leaves_no_stage_process_behind():
-    """The process an export stage runs in (forked from the fork server, not a child of the exporting process)
-    exits when the exporting process is killed, and so does the fork server."""
-    exporter = subprocess.Popen([sys.executable, "-c", "import time\nfrom edgevl.export.memory import run_in_subprocess"
-                                 "\nif __name__ == '__main__':\n    run_in_subprocess(time.sleep, 600)"])
+    """The process an export stage runs in, and the helper it forks from, exit when the exporting process is killed."""
+    exporter = subprocess.Popen([sys.executable, "-c", "import time\nfrom edgevl.export.memory import stage_processes"
+                                 "\nif __name__ == '__main__':\n    with stage_processes() as run:\n"
+                                 "        run(time.sleep, 600)"])
     deadline = time.monotonic() + 120
-    while not any(depth == 2 for depth in _descendants(exporter.pid).values()):  # exporter -> fork server -> stage
+    while not any(depth == 2 for depth in _descendants(exporter.pid).values()):  # exporter -> helper -> stage
         assert time.monotonic() < deadline and exporter.poll() is None, "the stage process never started"
         time.sleep(0.2)
     left = _descendants(exporter.pid)
@@ -178,29 +178,17 @@ def _descendants(pid: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
-def test_a_stage_process_watches_the_exporter_with_or_without_pidfd(pidfd):
-    """The watch behind the test above, on both of its ways to learn that the exporter has exited."""
-    exporter = subprocess.Popen(["sleep", "60"])
-    setup = "" if pidfd else "del os.pidfd_open\n"
-    watcher = subprocess.Popen([sys.executable, "-c", f"import os\n{setup}from edgevl.export.memory import _exit_after"
-                                f"\n_exit_after({exporter.pid})\nos._exit(0)"])
-    time.sleep(1)
-    assert watcher.poll() is None  # still watching
-    exporter.kill()
-    exporter.wait()
-    assert watcher.wait(timeout=10) == 1
-
-
 def test_a_stage_process_answers_raises_or_says_how_it_died():
-    from edgevl.export.memory import run_in_subprocess
+    from edgevl.export.memory import stage_processes
 
-    assert run_in_subprocess(max, 3, 7) == 7
-    with pytest.raises(ValueError, match="invalid literal") as raised:
-        run_in_subprocess(int, "seven")
-    assert "in the process running int" in str(raised.value.__cause__)  # with the stage process's traceback
-    with pytest.raises(RuntimeError, match="running raise_signal ended without an answer: killed by SIGKILL, most "
-                                           "often the kernel's out-of-memory killer"):
-        run_in_subprocess(signal.raise_signal, signal.SIGKILL)
-    with pytest.raises(RuntimeError, match="killed by SIGSEGV"):
-        run_in_subprocess(signal.raise_signal, signal.SIGSEGV)
+    with stage_processes() as run:
+        assert run(max, 3, 7) == 7
+        with pytest.raises(ValueError, match="invalid literal") as raised:
+            run(int, "seven")
+        assert "in the process running int" in str(raised.value.__cause__)  # with the stage process's traceback
+        with pytest.raises(RuntimeError, match="running raise_signal ended without an answer: killed by SIGKILL, "
+                                               "most often the kernel's out-of-memory killer"):
+            run(signal.raise_signal, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="killed by SIGSEGV"):
+            run(signal.raise_signal, signal.SIGSEGV)
+        assert run(min, 3, 7) == 3  # the helper outlives its stage processes' ends
