@@ -56,7 +56,7 @@ def stage_processes():
 
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    helper = context.Process(target=_helper, args=(theirs, os.getpid()), name="edgevl-export-stages", daemon=True)
+    helper = context.Process(target=_helper, args=(theirs, os.getpid()), name="edgevl-export-stages")
     helper.start()
     theirs.close()
 
@@ -91,38 +91,36 @@ def _helper(conn, exporter_pid: int) -> None:
     """stage_processes' helper: import the stage modules, then fork one process per (function, args) received and
     send back ("returned", value, its peak RSS), ("raised", (exception, traceback text), None) or ("ended",
     exit code, None)."""
+    import multiprocessing
+
     _die_with_parent(exporter_pid)
     for name in _STAGE_MODULES:
         try:
             importlib.import_module(name)
         except ImportError:
             pass
-    helper_pid = os.getpid()
+    fork = multiprocessing.get_context("fork")  # this process has no threads to break
     while True:
         try:
             function, args = conn.recv()
         except EOFError:
             return
-        receive, send = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the stage process: it never returns into this loop
-            code = 1
-            try:
-                os.close(receive)
-                conn.close()
-                _die_with_parent(helper_pid)
-                with os.fdopen(send, "wb") as out:
-                    pickle.dump(_answer(function, args), out)
-                code = 0
-            except BaseException:  # noqa: BLE001  an answer that does not pickle, Ctrl-C: shown, then "ended"
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        os.close(send)
-        with os.fdopen(receive, "rb") as answer:
-            data = answer.read()
-        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        conn.send(pickle.loads(data) if code == 0 and data else ("ended", code, None))
+        receive, send = fork.Pipe(duplex=False)
+        stage = fork.Process(target=_stage, args=(send, os.getpid(), function, args), name=function.__name__)
+        stage.start()
+        send.close()
+        try:
+            answer = receive.recv()
+        except EOFError:
+            answer = None
+        receive.close()
+        stage.join()
+        conn.send(answer if answer is not None and stage.exitcode == 0 else ("ended", stage.exitcode, None))
+
+
+def _stage(send, helper_pid: int, function, args) -> None:
+    _die_with_parent(helper_pid)
+    send.send(_answer(function, args))  # an answer that does not pickle: the traceback, exit code 1
 
 
 def _answer(function, args) -> tuple:
