@@ -143,6 +143,30 @@ def test_sigkill_at_any_stage_keeps_the_previous_export(previous, tiny_checkpoin
     assert read_manifest(previous).precision.decoder == "int8"
 
 
+def test_ctrl_c_ends_an_export_at_once_and_cleans_up(previous, tiny_checkpoint):
+    """SIGINT to the whole process group (a terminal's Ctrl-C) during a torch export stage: `edgevl export` exits
+    130 within seconds, its stage processes and partial directory are gone, the previous export is untouched."""
+    before = _snapshot(previous)
+    process = subprocess.Popen([sys.executable, "-u", "-m", "edgevl.cli", "export", "--model",
+                                str(tiny_checkpoint("qwen2")), "--out", str(previous)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not inherited ignored
+    left = None
+    for line in process.stdout:
+        if line.startswith("[export] decoder.onnx"):
+            time.sleep(2)  # into the stage's torch export
+            left = _descendants(process.pid)
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    assert left is not None, "the export never reached decoder.onnx"
+    assert process.wait(timeout=30) == 130 and "edgevl export: interrupted" in process.stdout.read()
+    deadline = time.monotonic() + 10
+    while [pid for pid in left if os.path.exists(f"/proc/{pid}")]:
+        assert time.monotonic() < deadline, "stage processes outlived the interrupted export"
+        time.sleep(0.1)
+    assert _snapshot(previous) == before and not _leftovers(previous)
+
+
 def test_a_killed_export_leaves_no_stage_process_behind():
     """The process an export stage runs in, and the helper it forks from, exit when the exporting process is killed."""
     exporter = subprocess.Popen([sys.executable, "-c", "import time\nfrom edgevl.export.memory import stage_processes"
