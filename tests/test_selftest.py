@@ -32,12 +32,17 @@ def test_kept_exports_are_checked_not_made_again(result):
 
 
 def test_a_kept_export_another_edgevl_made_is_made_again(kept_selftest_exports, tmp_path):
+    """The fp32 export (from the checkpoint, through export_model) and the int4 one (quantized from it): the paths a
+    first `edgevl selftest` takes."""
     work = tmp_path / "work"
-    kept_selftest_exports(work, ("qwen2",))
-    manifest = work / "qwen2" / "export-int4" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"edgevl_version": "', '"edgevl_version": "0.0.0-older-'))
+    kept = kept_selftest_exports(work, ("qwen2",))
+    older = [work / "qwen2" / f"export-{precision}" / "manifest.json" for precision in ("fp32", "int4")]
+    for manifest in older:
+        manifest.write_text(manifest.read_text().replace('"edgevl_version": "', '"edgevl_version": "0.0.0-older-'))
     assert main(["selftest", "--backends", "onnxruntime-cpu", "--families", "qwen2", "--keep", str(work)]) == 0
-    assert json.loads(manifest.read_text())["edgevl_version"] == __version__
+    assert all(json.loads(manifest.read_text())["edgevl_version"] == __version__ for manifest in older)
+    int8 = work / "qwen2" / "export-int8"
+    assert (int8 / "manifest.json").stat().st_mtime_ns == kept[int8]  # this edgevl's: kept
 
 
 def test_passes_and_exits_zero(result):
