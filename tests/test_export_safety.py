@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from edgevl import EdgeVL
@@ -161,7 +161,7 @@ def test_ctrl_c_ends_an_export_at_once_and_cleans_up(previous, tiny_checkpoint):
     assert left is not None, "the export never reached decoder.onnx"
     assert process.wait(timeout=30) == 130 and "edgevl export: interrupted" in process.stdout.read()
     deadline = time.monotonic() + 10
-    while [pid for pid in left if os.path.exists(f"/proc/{pid}")]:
+    while any(p.is_running() for p in left):
         assert time.monotonic() < deadline, "stage processes outlived the interrupted export"
         time.sleep(0.1)
     assert _snapshot(previous) == before and not _leftovers(previous)
@@ -173,33 +173,20 @@ def test_a_killed_export_leaves_no_stage_process_behind():
                                  "\nif __name__ == '__main__':\n    with stage_processes() as run:\n"
                                  "        run(time.sleep, 600)"])
     deadline = time.monotonic() + 120
-    while not any(depth == 2 for depth in _descendants(exporter.pid).values()):  # exporter -> helper -> stage
+    while not any(p.ppid() != exporter.pid for p in _descendants(exporter.pid)):  # exporter -> helper -> stage
         assert time.monotonic() < deadline and exporter.poll() is None, "the stage process never started"
         time.sleep(0.2)
     left = _descendants(exporter.pid)
     exporter.kill()
     exporter.wait()
     deadline = time.monotonic() + 10
-    while left := [pid for pid in left if os.path.exists(f"/proc/{pid}")]:
+    while left := [p for p in left if p.is_running()]:
         assert time.monotonic() < deadline, f"still running after the exporter was killed: {left}"
         time.sleep(0.1)
 
 
-def _descendants(pid: int) -> dict[int, int]:
-    """{descendant pid: generations below pid}, from /proc."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier, depth = {}, {pid}, 0
-    while frontier:
-        depth += 1
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found.update(dict.fromkeys(frontier, depth))
-    return found
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
 
 
 def test_a_stage_process_answers_raises_or_says_how_it_died():
